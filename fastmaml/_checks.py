@@ -1,0 +1,82 @@
+"""Input validation shared by every op. Each check names the argument, the expected
+and the actual value, and raises ``TypeError`` (wrong kind of object or dtype) or
+``ValueError`` (wrong shape, device, layout, value). Nothing reaches a kernel before
+these have passed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def tensor_list(name: str, ts: object, *, min_len: int = 1) -> list[torch.Tensor]:
+    if isinstance(ts, torch.Tensor) or not isinstance(ts, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(ts).__name__}")
+    out = [tensor(f"{name}[{i}]", t) for i, t in enumerate(ts)]
+    if len(out) < min_len:
+        raise ValueError(f"{name} must hold at least {min_len} tensor(s), got {len(out)}")
+    return out
+
+
+def float_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} like the other inputs, got {t.dtype}")
+
+
+def same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+
+
+def contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(t.stride())} for shape {tuple(t.shape)}")
+
+
+def shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range [lo, hi) that tensor ``t`` can touch in its storage."""
+    if t.numel() == 0:
+        return (0, 0)
+    lo = t.data_ptr()
+    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+    return lo, lo + extent * t.element_size()
+
+
+def no_overlap(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Raise when ``a`` and ``b`` share memory (a kernel reading one while writing or
+    reading the other through a different view would give wrong results)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return
+    la, ha = _span(a)
+    lb, hb = _span(b)
+    if la < hb and lb < ha:
+        raise ValueError(f"{name_a} and {name_b} overlap in memory; pass separate tensors (e.g. {name_b}.clone())")
+
+
+def positive_int(name: str, v: object, *, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v

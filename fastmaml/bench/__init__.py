@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m fastmaml.bench`` (the main job)."""

@@ -1,0 +1,63 @@
+"""The backend registry, the extension's import on a machine without a GPU, and
+``python -m fastmaml info``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmaml
+from fastmaml import _ext, backends
+
+
+def test_extension_imports_and_reports_features():
+    C = _ext.ext()
+    assert isinstance(C.cuda_compiled, bool)
+    assert C.openmp_max_threads() >= 1
+    n, err = C.cuda_device_count()
+    assert n >= 0
+    if n == 0:
+        assert err  # it says why there is no device
+
+
+def test_reference_and_cpu_available():
+    assert backends.status("reference").available
+    assert backends.status("cpu").available, backends.status("cpu").reason
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.resolve("tpu", torch.device("cpu"), "sgd_step")
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("FASTMAML_BACKEND", "reference")
+    assert backends.resolve(None, torch.device("cpu"), "sgd_step") == "reference"
+    monkeypatch.setenv("FASTMAML_BACKEND", "cpu")
+    assert backends.resolve(None, torch.device("cpu"), "sgd_step") == "cpu"
+    # the explicit argument wins over the environment
+    assert backends.resolve("reference", torch.device("cpu"), "sgd_step") == "reference"
+
+
+def test_auto_on_cpu_prefers_compiled(monkeypatch):
+    monkeypatch.delenv("FASTMAML_BACKEND", raising=False)
+    assert backends.resolve(None, torch.device("cpu"), "sgd_step") == "cpu"
+    assert backends.resolve("auto", torch.device("cpu"), "sgd_step") == "cpu"
+
+
+def test_cuda_backend_refuses_cpu_tensors_or_is_unavailable():
+    st = backends.status("cuda")
+    with pytest.raises((ValueError, RuntimeError), match="cuda"):
+        backends.resolve("cuda", torch.device("cpu"), "sgd_step")
+    if not torch.cuda.is_available():
+        assert not st.available and st.reason
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "fastmaml", "info"], capture_output=True, text=True, check=True).stdout
+    assert "fastmaml" in out and fastmaml.__version__ in out
+    for name in backends.BACKENDS:
+        assert name in out
