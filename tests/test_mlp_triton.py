@@ -98,19 +98,44 @@ def check_all(T, dims, N, dtype, activation, loss, *, seed=0, device="cpu", with
     return worst
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+# N = 11 fits one 16-row tile: the head kernel also does the last layer's backward;
+# N = 19 spans two: the head writes δ_L and a separate backward launch follows.
+@pytest.mark.parametrize("dtype,N", [(torch.float64, 11), (torch.float64, 19), (torch.float32, 19)], ids=["f64-fused", "f64", "f32"])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
-def test_mlp_triton_matches_reference(activation, loss, dtype):
-    # widths 40 (3 tiles of 16), 17 (2), 3; N = 19 (2 row tiles): nothing a tile multiple
-    worst = check_all(2, [5, 40, 17, 3], 19, dtype, activation, loss, seed=1)
-    print(f"{activation}/{loss}/{dtype}: worst |err| {worst:.3g}")
+def test_mlp_triton_matches_reference(activation, loss, dtype, N):
+    # widths 24, 17 (2 tiles of 16 each), 3: none a tile multiple
+    worst = check_all(2, [5, 24, 17, 3], N, dtype, activation, loss, seed=1)
+    print(f"{activation}/{loss}/{dtype}/N={N}: worst |err| {worst:.3g}")
 
 
+@pytest.mark.parametrize("N", [1, 19])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-def test_mlp_triton_single_task_single_layer(loss):
-    # T = 1; L = 1 (a linear model: no hidden layer, no δ_0); N = 1
-    check_all(1, [7, 4], 1, torch.float64, "relu", loss, seed=2)
+def test_mlp_triton_single_task_single_layer(loss, N):
+    # T = 1; L = 1 (a linear model: no hidden layer, no δ_0)
+    check_all(1, [7, 4], N, torch.float64, "relu", loss, seed=2)
+
+
+@pytest.mark.parametrize("N,expected", [(4, 5), (19, 6)])
+def test_mlp_triton_launch_count(monkeypatch, N, expected):
+    # L = 3: 2 hidden-layer forwards + head + backward launches; the head does layer L's
+    # backward too when one row tile covers N (2L − 1 launches), else 2L
+    launches = []
+    for name in ("_mlp_fwd_kernel", "_mlp_head_kernel", "_mlp_bwd_kernel"):
+        kernel = getattr(tmlp, name)
+        orig = kernel.run
+
+        def run(*args, _orig=orig, _name=name, **kwargs):
+            launches.append(_name)
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    ws, bs, x, y, vws, vbs = make_problem(1, [3, 5, 4, 2], N, torch.float32, "mse")
+    tmlp.mlp_loss_and_grad(ws, bs, x, y)
+    assert len(launches) == expected, launches
+    launches.clear()
+    tmlp.mlp_hvp(ws, bs, x, y, vws, vbs)
+    assert len(launches) == expected, launches
 
 
 def test_mlp_triton_deep_exact_tiles_and_many_classes():
@@ -171,7 +196,58 @@ def test_mlp_triton_bad_inputs():
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_mlp_triton_cuda_wide(activation, loss, dtype):
-    # Omniglot's non-convolutional MAML net, 5-way: support N = 5, query N = 75, T = 32
-    for N in (5, 75):
+    # Omniglot's non-convolutional MAML net, 5-way: support N = 5, query N = 75, T = 32;
+    # N = 200 spans several head row tiles (unfused last-layer backward)
+    for N in (5, 75, 200):
         worst = check_all(32, [784, 256, 128, 64, 64, 5], N, dtype, activation, loss, device="cuda")
         print(f"cuda {activation}/{loss}/{dtype} N={N}: worst |err| {worst:.3g}")
+
+
+# Compiles the GPU form of the kernels (Triton front end, LLVM, ptxas) for sm_90 without a
+# GPU, in a subprocess without TRITON_INTERPRET: catches code that only the interpreter
+# accepts. The variants chosen hold every code path (HVP, tanh's σ'' terms, both losses,
+# the fused and unfused head, float32 tl.dot and the float64 broadcast product); all 192
+# variants (sm_80 and sm_90) were compiled this way during development.
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastmaml.triton import mlp as m
+
+def compile_(fn, ptrs, ints, const):
+    sig = dict(ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in const})
+    triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32))
+
+n = 0
+for ty, fp64, (bm, bn, bk) in (("*fp32", False, (64, 64, 32)), ("*fp64", True, (16, 16, 16))):
+    common = dict(ACT=1, PREV_ACT=True, HVP=True, IS_FP64=fp64)
+    if not fp64:
+        compile_(m._mlp_fwd_kernel, {k: ty for k in "hp_ptr rzp_ptr w_ptr b_ptr vw_ptr vb_ptr h_ptr rz_ptr".split()},
+                 ["N", "K", "M"], dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+        n += 1
+    compile_(m._mlp_bwd_kernel, {k: ty for k in "d_ptr rd_ptr w_ptr vw_ptr hp_ptr rzp_ptr gw_ptr gb_ptr dp_ptr rdp_ptr".split()},
+             ["N", "K", "M", "n_gw_tiles"], dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+    n += 1
+    for loss, fuse in ((1, True),) if fp64 else ((0, False), (1, True)):
+        ptrs = {k: ty for k in "hp_ptr rzp_ptr w_ptr b_ptr vw_ptr vb_ptr y_ptr part_ptr d_ptr rd_ptr gw_ptr gb_ptr dp_ptr rdp_ptr".split()}
+        if loss == 1:
+            ptrs["y_ptr"] = "*i64"
+        compile_(m._mlp_head_kernel, ptrs, ["N", "K", "C"],
+                 dict(common, LOSS=loss, FUSE_BWD=fuse, BLOCK_M=bm, BLOCK_C=16, BLOCK_K=bk))
+        n += 1
+print("compiled", n)
+"""
+
+
+def test_mlp_triton_kernels_compile_for_gpu():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "compiled 6" in r.stdout, r.stdout

@@ -15,7 +15,10 @@ elementwise work is fused into the prologues/epilogues of those products:
   with ``R{h} = σ'(z_prev) R{z_prev}`` formed in the prologue from the stored activation.
 - ``_mlp_head_kernel`` (last layer + loss): ``z_L = h Wᵀ + b`` (and ``R{z_L}``) with the
   whole class/output row in one tile, then the per-task partial loss, ``δ_L = ∂ℓ/∂z_L``
-  and ``R{δ_L} = ∂²ℓ/∂z_L² R{z_L}`` in the epilogue. ``z_L`` is never written to memory.
+  and ``R{δ_L} = ∂²ℓ/∂z_L² R{z_L}`` in the epilogue; ``z_L`` is never written to memory.
+  When one row tile covers all N points of a task (N ≤ 16 under the interpreter and in
+  float64; in float32 on a GPU N ≤ 128 for ≤ 64 outputs, fewer for wider heads), the program holds the task's whole δ_L and also does layer
+  L's backward (``dW_L``, ``db_L``, ``δ_{L−1}`` and their R-terms): δ_L never touches memory.
 - ``_mlp_bwd_kernel`` (layer l, one launch): its grid holds two kinds of tiles, the
   weight-gradient tiles ``dW = δᵀ h``, ``db = Σ_n δ`` (HVP: ``R{dW} = R{δ}ᵀ h + δᵀ R{h}``,
   ``R{db} = Σ_n R{δ}``) and the tiles of the next delta
@@ -24,11 +27,13 @@ elementwise work is fused into the prologues/epilogues of those products:
 
 Only ``h_l`` (post-activation) is stored per hidden layer: ``σ'`` and ``σ''`` are
 recomputed from it (ReLU: ``σ' = [h > 0]``, ``σ'' = 0``; tanh: ``σ' = 1 − h²``,
-``σ'' = −2h(1 − h²)``); the HVP stores ``R{z_l}`` as well. Launches per call for an
-L-layer MLP: ``(L − 1)`` forward + 1 head + ``L`` backward = ``2L`` (plus one small
-torch sum of the per-row-block partial losses when N spans more than one row tile).
-The gradient and the HVP cost one launch sequence each; the HVP does not recompute the
-gradient, only the deltas it needs.
+``σ'' = −2h(1 − h²)``); the HVP stores ``R{z_l}`` as well, and forms ``R{h} = σ' R{z}``
+in the prologues that read it. Launches per call for an L-layer MLP: ``(L − 1)``
+forward + 1 head + ``(L − 1)`` backward = ``2L − 1`` when the head does layer L's
+backward, else ``2L`` (plus one small torch sum of the per-row-tile partial losses when
+N spans several row tiles). ``mlp_hvp`` is one such sequence too (forward and R-forward
+share tiles, as do backward and R-backward); it does not compute the gradient itself,
+only the deltas the R-terms need.
 
 Precision. float32 inputs: ``tl.dot`` on float32 tiles with ``input_precision="ieee"``
 (no TF32), float32 accumulation. float64 inputs: ``tl.dot`` is not used; the tile
@@ -36,7 +41,9 @@ product is ``tl.sum(a[:, :, None] * b[None, :, :], axis=1)`` in float64, so resu
 with float64 PyTorch to rounding (slow on a GPU: float64 is a correctness path).
 
 Limits. The last layer's width (outputs/classes) is held in one tile:
-``out_L ≤ MAX_HEAD_WIDTH`` (1024). Hidden widths, N and T are unbounded (int64 offsets).
+``out_L ≤ MAX_HEAD_WIDTH`` (1024). Hidden widths, N and T are otherwise unbounded (task
+offsets are int64; offsets within a task are int32, so each per-task tensor must hold
+< 2³¹ elements).
 CPU tensors run only under ``TRITON_INTERPRET=1`` (tests). tanh is written with ``exp``
 (no libdevice).
 """
@@ -167,11 +174,60 @@ def _mlp_fwd_kernel(
         tl.store(rz_ptr + o_off, rz.to(rz_ptr.dtype.element_ty), mask=omask)
 
 
+@_device_fn
+def _head_bwd(
+    t, rows, cols, d, rd, hp_ptr, rzp_ptr, w_ptr, vw_ptr, gw_ptr, gb_ptr, dp_ptr, rdp_ptr, N, K, C,
+    ACT: tl.constexpr, PREV_ACT: tl.constexpr, HVP: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Layer L's backward from the task's whole δ_L ``[rows × cols]`` held in registers
+    (only when one row block covers all N points): dW_L, db_L and δ_{L−1} (HVP: their
+    R{·}). hp/rzp: ``[N, K]``, W: ``[C, K]`` per task."""
+    rmask = rows < N
+    cmask = cols < C
+    dt = tl.trans(d)  # δ_Lᵀ [C, N]
+    if HVP:
+        rdt = tl.trans(rd)
+        gb = tl.sum(rd, axis=0)  # R{db_L} = Σ_n R{δ_L}
+    else:
+        gb = tl.sum(d, axis=0)  # db_L = Σ_n δ_L
+    tl.store(gb_ptr + t * C + cols, gb.to(gb_ptr.dtype.element_ty), mask=cmask)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        h_off = t * N * K + rows[:, None] * K + ks[None, :]
+        h_msk = rmask[:, None] & kmask[None, :]
+        w_off = t * C * K + cols[:, None] * K + ks[None, :]
+        w_msk = cmask[:, None] & kmask[None, :]
+        h = tl.load(hp_ptr + h_off, mask=h_msk, other=0.0)
+        if HVP:
+            g = _mm(rdt, h, IS_FP64)  # R{dW_L} = R{δ_L}ᵀ h_{L−1}
+            if PREV_ACT:
+                rz = tl.load(rzp_ptr + h_off, mask=h_msk, other=0.0)
+                g += _mm(dt, _act_grad(h, ACT) * rz, IS_FP64)  # + δ_Lᵀ R{h_{L−1}}, R{h} = σ' R{z}
+        else:
+            g = _mm(dt, h, IS_FP64)  # dW_L = δ_Lᵀ h_{L−1}
+        tl.store(gw_ptr + w_off, g.to(gw_ptr.dtype.element_ty), mask=w_msk)
+        if PREV_ACT:
+            w = tl.load(w_ptr + w_off, mask=w_msk, other=0.0)
+            a = _mm(d, w, IS_FP64)  # δ_L W_L
+            s1 = _act_grad(h, ACT)
+            tl.store(dp_ptr + h_off, (a * s1).to(dp_ptr.dtype.element_ty), mask=h_msk)  # δ_{L−1} = (δ_L W_L) ⊙ σ'
+            if HVP:
+                vw = tl.load(vw_ptr + w_off, mask=w_msk, other=0.0)
+                ra = _mm(rd, w, IS_FP64) + _mm(d, vw, IS_FP64)  # R{δ_L} W_L + δ_L R{W_L}
+                rdp = ra * s1
+                if ACT == 1:
+                    rdp += a * (-2.0 * h * s1) * rz  # + (δ_L W_L) ⊙ σ'' ⊙ R{z_{L−1}}, tanh'' = −2 tanh (1 − tanh²)
+                tl.store(rdp_ptr + h_off, rdp.to(rdp_ptr.dtype.element_ty), mask=h_msk)  # R{δ_{L−1}}
+
+
 @triton.jit
 def _mlp_head_kernel(
-    hp_ptr, rzp_ptr, w_ptr, b_ptr, vw_ptr, vb_ptr, y_ptr, part_ptr, d_ptr, rd_ptr, N, K, C,
+    hp_ptr, rzp_ptr, w_ptr, b_ptr, vw_ptr, vb_ptr, y_ptr, part_ptr, d_ptr, rd_ptr,
+    gw_ptr, gb_ptr, dp_ptr, rdp_ptr, N, K, C,
     LOSS: tl.constexpr, ACT: tl.constexpr, PREV_ACT: tl.constexpr, HVP: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSE_BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
@@ -184,21 +240,14 @@ def _mlp_head_kernel(
     rmask = rows < N
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
-    o_off = t * N * C + rows[:, None] * C + cols[None, :]
     z = acc + tl.load(b_ptr + t * C + cols, mask=cmask, other=0.0)[None, :]  # z_L = h_{L−1} W_Lᵀ + b_L
-    if HVP:
-        rz = racc + tl.load(vb_ptr + t * C + cols, mask=cmask, other=0.0)[None, :]  # R{z_L}
-        rz = tl.where(mask, rz, 0.0)
+    rz = tl.where(mask, racc + tl.load(vb_ptr + t * C + cols, mask=cmask, other=0.0)[None, :], 0.0)  # R{z_L}
     if LOSS == 0:
-        y = tl.load(y_ptr + o_off, mask=mask, other=0.0)
-        diff = tl.where(mask, z - y, 0.0)
-        if not HVP:
-            part = tl.sum(tl.sum(diff * diff, axis=1), axis=0) / (N * C)  # Σ (z − y)² / (N·C), this row block
-            tl.store(part_ptr + t * tl.num_programs(1) + pid_m, part)
-            tl.store(d_ptr + o_off, (diff * 2.0 / (N * C)).to(d_ptr.dtype.element_ty), mask=mask)  # δ_L = 2(z − y)/(N·C)
-        else:
-            tl.store(d_ptr + o_off, (diff * 2.0 / (N * C)).to(d_ptr.dtype.element_ty), mask=mask)
-            tl.store(rd_ptr + o_off, (rz * 2.0 / (N * C)).to(rd_ptr.dtype.element_ty), mask=mask)  # R{δ_L} = 2 R{z_L}/(N·C)
+        o_off = t * N * C + rows[:, None] * C + cols[None, :]
+        diff = tl.where(mask, z - tl.load(y_ptr + o_off, mask=mask, other=0.0), 0.0)  # z − y
+        loss = tl.sum(tl.sum(diff * diff, axis=1), axis=0) / (N * C)  # Σ (z − y)² / (N·C), this row block
+        d = diff * 2.0 / (N * C)  # δ_L = ∂ℓ/∂z_L = 2(z − y)/(N·C)
+        rd = rz * 2.0 / (N * C)  # R{δ_L} = (2/(N·C)) I · R{z_L}
     else:
         lbl = tl.load(y_ptr + t * N + rows, mask=rmask, other=0)
         zm = tl.where(cmask[None, :], z, float("-inf"))
@@ -207,16 +256,23 @@ def _mlp_head_kernel(
         s = tl.sum(e, axis=1)
         p = e / s[:, None]  # p = softmax(z_L) per point
         onehot = (cols[None, :] == lbl[:, None]).to(p.dtype)
+        zy = tl.sum(tl.where(mask, z * onehot, 0.0), axis=1)  # z_n[y_n]
+        lrow = mx + tl.log(s) - zy  # ℓ_n = logsumexp(z_n) − z_n[y_n]
+        loss = tl.sum(tl.where(rmask, lrow, 0.0), axis=0) / N  # Σ_n ℓ_n / N, this row block
         d = tl.where(mask, (p - onehot) / N, 0.0)  # δ_L = (p − onehot(y)) / N
+        prz = tl.sum(p * rz, axis=1)  # pᵀ R{z_L}
+        rd = tl.where(mask, p * (rz - prz[:, None]) / N, 0.0)  # R{δ_L} = (diag(p) − p pᵀ) R{z_L} / N
+    if not HVP:
+        tl.store(part_ptr + t * tl.num_programs(1) + pid_m, loss)
+    if FUSE_BWD:
+        _head_bwd(
+            t, rows, cols, d, rd, hp_ptr, rzp_ptr, w_ptr, vw_ptr, gw_ptr, gb_ptr, dp_ptr, rdp_ptr, N, K, C,
+            ACT, PREV_ACT, HVP, IS_FP64, BLOCK_K,
+        )
+    else:
+        o_off = t * N * C + rows[:, None] * C + cols[None, :]
         tl.store(d_ptr + o_off, d.to(d_ptr.dtype.element_ty), mask=mask)
-        if not HVP:
-            zy = tl.sum(tl.where(mask, z * onehot, 0.0), axis=1)
-            lrow = mx + tl.log(s) - zy  # ℓ_n = logsumexp(z_n) − z_n[y_n]
-            part = tl.sum(tl.where(rmask, lrow, 0.0), axis=0) / N  # Σ_n ℓ_n / N, this row block
-            tl.store(part_ptr + t * tl.num_programs(1) + pid_m, part)
-        else:
-            prz = tl.sum(p * rz, axis=1)  # pᵀ R{z}
-            rd = tl.where(mask, p * (rz - prz[:, None]) / N, 0.0)  # R{δ_L} = (diag(p) − p pᵀ) R{z_L} / N
+        if HVP:
             tl.store(rd_ptr + o_off, rd.to(rd_ptr.dtype.element_ty), mask=mask)
 
 
@@ -349,12 +405,14 @@ def _blocks(device: torch.device, dtype: torch.dtype, rows: int, cols: int) -> t
 
 
 def _head_blocks(device: torch.device, dtype: torch.dtype, n: int, c: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, BLOCK_K) of the head: a row holds all C outputs; on a GPU the
+    row block grows to 128 points when C is small, so that one block covers a task."""
     bc = max(16, triton.next_power_of_2(c))
     if device.type != "cuda":
         return 16, bc, 16
     if dtype == torch.float64:
         return 16, bc, max(1, 4096 // (16 * bc))  # keep the broadcast product at ≤ 4096 elements
-    bm = min(64, max(16, triton.next_power_of_2(n)), max(16, 8192 // bc))
+    bm = min(128, max(16, triton.next_power_of_2(n)), max(16, 8192 // bc))
     return bm, bc, 32 if bc <= 128 else 16
 
 
@@ -376,25 +434,42 @@ def _fwd(hp, rzp, W, b, vW, vb, act: int, prev_act: bool, hvp: bool):
 
 
 def _head(hp, rzp, W, b, vW, vb, y, act: int, prev_act: bool, hvp: bool, loss: int):
-    """Last layer + loss. Returns (loss ``[T]`` or None when hvp, δ_L ``[T, N, C]``,
-    R{δ_L} ``[T, N, C]`` or None). hp/rzp ``[T, N, K]``, W/vW ``[T, C, K]``, b/vb ``[T, C]``,
-    y ``[T, N, C]`` float (mse) or ``[T, N]`` int64 (cross_entropy)."""
+    """Last layer + loss (+ layer L's backward when one row block covers the N points).
+
+    hp/rzp ``[T, N, K]``, W/vW ``[T, C, K]``, b/vb ``[T, C]``, y ``[T, N, C]`` float (mse)
+    or ``[T, N]`` int64 (cross_entropy). Returns ``(loss [T] or None when hvp, δ_L,
+    R{δ_L}, fused)``: δ_L/R{δ_L} ``[T, N, C]`` (None when fused); fused is None, or
+    ``(dW_L, db_L, δ_{L−1}, R{δ_{L−1}})`` (HVP: R{dW_L}, R{db_L}) made by this launch.
+    """
     T, N, K = hp.shape
     C = W.shape[1]
     bm, bc, bk = _head_blocks(hp.device, hp.dtype, N, C)
     n_rb = triton.cdiv(N, bm)
-    d = torch.empty(T, N, C, device=hp.device, dtype=hp.dtype)
-    rd = torch.empty_like(d) if hvp else d
+    fuse = n_rb == 1  # the program holds the task's whole δ_L: finish layer L here
     part = torch.empty(T, n_rb, device=hp.device, dtype=hp.dtype)
+    if fuse:
+        d = rd = None
+        gw, gb = torch.empty_like(W), torch.empty_like(b)
+        dp = torch.empty_like(hp) if prev_act else None
+        rdp = torch.empty_like(hp) if prev_act and hvp else None
+    else:
+        d = torch.empty(T, N, C, device=hp.device, dtype=hp.dtype)
+        rd = torch.empty_like(d) if hvp else None
+        gw = gb = dp = rdp = None
+    dummy = part  # any tensor of the dtype for pointers a variant never touches
     _mlp_head_kernel[(T, n_rb)](
-        hp, rzp if rzp is not None else hp, W, b, vW if hvp else W, vb if hvp else b, y, part, d, rd, N, K, C,
+        hp, rzp if rzp is not None else hp, W, b, vW if hvp else W, vb if hvp else b, y, part,
+        d if d is not None else dummy, rd if rd is not None else dummy,
+        gw if gw is not None else dummy, gb if gb is not None else dummy,
+        dp if dp is not None else dummy, rdp if rdp is not None else dummy, N, K, C,
         LOSS=loss, ACT=act, PREV_ACT=prev_act, HVP=hvp, IS_FP64=hp.dtype == torch.float64,
-        BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk,
+        FUSE_BWD=fuse, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk,
     )
-    if hvp:
-        return None, d, rd
-    # per-row-block partial losses, summed in a fixed order (deterministic)
-    return (part[:, 0] if n_rb == 1 else part.sum(1)), d, None
+    lt = None
+    if not hvp:
+        # per-row-block partial losses, summed in a fixed order (deterministic)
+        lt = part[:, 0] if n_rb == 1 else part.sum(1)
+    return lt, d, rd, ((gw, gb, dp, rdp) if fuse else None)
 
 
 def _bwd(d, rd, W, vW, hp, rzp, act: int, prev_act: bool, hvp: bool):
@@ -468,6 +543,10 @@ def _prepare(weights, biases, x, y, activation, loss, v_weights=None, v_biases=N
                 _checks.shape(name, v, p.shape)
         width = W.shape[1]
     C = width
+    widths = [x.shape[2]] + [W.shape[1] for W in ws]
+    biggest = max([N * w for w in widths] + [W.shape[1] * W.shape[2] for W in ws])
+    if biggest >= 2**31:  # offsets inside one task are int32 in the kernels
+        raise ValueError(f"each task's tensors must hold < 2**31 elements on the triton backend, got {biggest}")
     if C > MAX_HEAD_WIDTH:
         raise ValueError(f"the last layer's width must be <= {MAX_HEAD_WIDTH} (one tile) on the triton backend, got {C}")
     _checks.same_device("y", y, dev)
@@ -499,9 +578,13 @@ def _run(ws, bs, x, y, vws, vbs, activation: str, loss: str):
         h, rz = _fwd(hs[-1], rzs[-1], ws[l], bs[l], vws[l], vbs[l], act, l > 0, hvp)
         hs.append(h)
         rzs.append(rz)
-    lt, d, rd = _head(hs[-1], rzs[-1], ws[-1], bs[-1], vws[-1], vbs[-1], y, act, L > 1, hvp, lo)
+    lt, d, rd, fused = _head(hs[-1], rzs[-1], ws[-1], bs[-1], vws[-1], vbs[-1], y, act, L > 1, hvp, lo)
     gws, gbs = [None] * L, [None] * L
-    for l in range(L - 1, -1, -1):
+    top = L - 1
+    if fused is not None:  # layer L's backward was done by the head
+        gws[top], gbs[top], d, rd = fused
+        top -= 1
+    for l in range(top, -1, -1):
         gws[l], gbs[l], d, rd = _bwd(d, rd, ws[l], vws[l], hs[l], rzs[l], act, l > 0, hvp)
     return lt, gws, gbs
 
@@ -519,7 +602,8 @@ def mlp_loss_and_grad(
 
     weights[l]: ``[T, out_l, in_l]``, biases[l]: ``[T, out_l]``, x: ``[T, N, in_1]``,
     y: ``[T, N, out_L]`` float (mse) or ``[T, N]`` int64 (cross_entropy); float32 or
-    float64, all on one CUDA device (CPU under ``TRITON_INTERPRET=1``). ``2L`` launches.
+    float64, all on one CUDA device (CPU under ``TRITON_INTERPRET=1``). ``2L − 1`` launches
+    (``2L`` when N exceeds one head row tile).
     """
     ws, bs, x, y, _, _ = _prepare(weights, biases, x, y, activation, loss)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
@@ -541,7 +625,8 @@ def mlp_hvp(
 
     Shapes as :func:`mlp_loss_and_grad`; v_weights/v_biases have the shapes of
     weights/biases. Returns (Hv for each weight ``[T, out, in]``, for each bias
-    ``[T, out]``). ``2L`` launches (forward and R-forward fused, backward and R-backward fused).
+    ``[T, out]``). ``2L − 1`` (or ``2L``) launches, as :func:`mlp_loss_and_grad`: forward and
+    R-forward share tiles, as do backward and R-backward.
     """
     ws, bs, x, y, vws, vbs = _prepare(weights, biases, x, y, activation, loss, v_weights, v_biases)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
