@@ -29,6 +29,10 @@ LR_VALUE, LR_SCALAR, LR_PER_TENSOR, LR_PER_ELEMENT = 0, 1, 2, 3
 _KERNEL_LR_MODE = (0, 1, 1, 2)
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 
+# Test hook: run the CUDA kernels with 64-bit indexing even for small tensors (the
+# path otherwise taken only when some tensor has T·N >= 2^31 elements).
+FORCE_INDEX64 = False
+
 
 class Spec(NamedTuple):
     """Validated structure of one call (no tensors): what the launchers need."""
@@ -212,7 +216,7 @@ def _launch_forward(
     if backend == "cpu":
         C.sgd_step_fwd_cpu(*args)  # also checks that no two inputs overlap (ValueError)
     else:
-        C.sgd_step_fwd_cuda(*args, *_cuda_stream(spec.device))
+        C.sgd_step_fwd_cuda(*args, *_cuda_stream(spec.device), FORCE_INDEX64)
     return outs
 
 
@@ -277,7 +281,7 @@ def _launch_backward(
         if backend == "cpu":
             _ext.ext().sgd_step_bwd_cpu(*args)
         else:
-            _ext.ext().sgd_step_bwd_cuda(*args, *_cuda_stream(spec.device))
+            _ext.ext().sgd_step_bwd_cuda(*args, *_cuda_stream(spec.device), FORCE_INDEX64)
     if need_lr and spec.lr_kind == LR_SCALAR:
         dlr = dlr_buffers[0].sum()
     return dtheta, dgrad, dlr
