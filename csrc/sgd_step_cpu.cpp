@@ -1,10 +1,9 @@
 // sgd_step on CPU tensors: C++17 + OpenMP, 64-bit indexing throughout.
 //
-// Work is split into items (tensor i, column range [j0, j1)); an item walks the rows
-// (tasks) t = 0..T−1 and, for each, a contiguous run of columns, so the inner loop is
-// a unit-stride loop the compiler vectorises. The column chunking depends only on the
-// sizes (never on the thread count), so the reductions of the backward are
-// deterministic. Small calls (the sinusoid MLP: 6 tiny tensors) run serially: the
+// Work is split into items (tensor i, rows [t0, t1), columns [j0, j1)); an item walks
+// its rows (tasks) and, for each, a contiguous run of columns, so the inner loop is a
+// unit-stride loop the compiler vectorises. The chunking depends only on the sizes
+// (never on the thread count), so the reductions of the backward are deterministic. Small calls (the sinusoid MLP: 6 tiny tensors) run serially: the
 // `if` clause keeps them from paying for a parallel region.
 #include <algorithm>
 #include <cstdint>
@@ -25,30 +24,50 @@ using sgd_step::kLrValue;
 
 // Below this many output elements a call runs on one thread.
 constexpr int64_t kParallelMinElements = int64_t(1) << 16;
-// Elements (rows × columns) per work item of the forward, and the column-range cap of
-// the backward (its per-column accumulators live on the stack).
+// Elements (rows × columns) per work item.
 constexpr int64_t kItemElements = int64_t(1) << 15;
-constexpr int64_t kBwdMaxCols = 512;
+// Column-range cap of a backward item (its per-column accumulators live on the stack).
+constexpr int64_t kBwdMaxCols = 2048;
 
 struct Item {
   int tensor;
-  int64_t j0, j1;
+  int64_t t0, t1;  // rows (tasks)
+  int64_t j0, j1;  // columns (elements within a task)
 };
 
-// Fixed, size-only chunking of every tensor's columns into items of about
-// `target` elements (at most `max_cols` columns).
-std::vector<Item> make_items(const SgdStepArgs& a, int64_t target, int64_t max_cols, std::vector<int64_t>* first) {
+int64_t round_up16(int64_t x) { return (x + 15) / 16 * 16; }
+
+// Forward items: long contiguous column runs (whole rows when they fit), several rows
+// per item for small tensors, so each item streams memory with few page-boundary
+// restarts of the hardware prefetcher.
+std::vector<Item> make_fwd_items(const SgdStepArgs& a) {
+  std::vector<Item> items;
+  for (int i = 0; i < static_cast<int>(a.numel.size()); ++i) {
+    const int64_t N = a.numel[i], T = a.tasks;
+    if (N == 0) continue;
+    const int64_t col_chunks = (N + kItemElements - 1) / kItemElements;
+    const int64_t cols = std::min(N, round_up16((N + col_chunks - 1) / col_chunks));
+    const int64_t rows = std::max<int64_t>(1, kItemElements / cols);
+    for (int64_t t0 = 0; t0 < T; t0 += rows)
+      for (int64_t j0 = 0; j0 < N; j0 += cols) items.push_back({i, t0, std::min(T, t0 + rows), j0, std::min(N, j0 + cols)});
+  }
+  return items;
+}
+
+// Backward items: all T rows (the sums over tasks stay in one item, in task order) and
+// a column range sized to about kItemElements elements. The chunking depends only on
+// the sizes, never on the thread count: the reductions are deterministic.
+std::vector<Item> make_bwd_items(const SgdStepArgs& a, std::vector<int64_t>* first) {
   std::vector<Item> items;
   const int n = static_cast<int>(a.numel.size());
-  if (first) first->assign(n + 1, 0);
+  first->assign(n + 1, 0);
   for (int i = 0; i < n; ++i) {
-    if (first) (*first)[i] = static_cast<int64_t>(items.size());
+    (*first)[i] = static_cast<int64_t>(items.size());
     const int64_t N = a.numel[i];
-    int64_t cols = std::max<int64_t>(16, (target / a.tasks + 15) / 16 * 16);
-    cols = std::min(cols, max_cols);
-    for (int64_t j0 = 0; j0 < N; j0 += cols) items.push_back({i, j0, std::min(N, j0 + cols)});
+    const int64_t cols = std::min(kBwdMaxCols, std::max<int64_t>(16, round_up16(kItemElements / a.tasks)));
+    for (int64_t j0 = 0; j0 < N; j0 += cols) items.push_back({i, 0, a.tasks, j0, std::min(N, j0 + cols)});
   }
-  if (first) (*first)[n] = static_cast<int64_t>(items.size());
+  (*first)[n] = static_cast<int64_t>(items.size());
   return items;
 }
 
@@ -56,14 +75,14 @@ template <class S, int Mode>
 void fwd_item(const SgdStepArgs& a, const std::vector<std::uintptr_t>& out, const Item& it) {
   const sgd_step::Forward<S> f;
   const int i = it.tensor;
-  const int64_t N = a.numel[i], T = a.tasks;
+  const int64_t N = a.numel[i];
   const S* theta = reinterpret_cast<const S*>(a.theta[i]);
   const S* g = reinterpret_cast<const S*>(a.grad[i]);
   S* o = reinterpret_cast<S*>(out[i]);
   const S* lr = Mode == kLrValue ? nullptr : reinterpret_cast<const S*>(a.lr[i]);
   const S value = static_cast<S>(a.lr_value);
-  const int64_t theta_row = a.shared[i] ? 0 : N;  // a shared θ is read again for every task
-  for (int64_t t = 0; t < T; ++t) {
+  const int64_t theta_row = a.shared[i] ? 0 : N;  // a shared θ is read again for every task (cache-resident)
+  for (int64_t t = it.t0; t < it.t1; ++t) {
     const S* th = theta + t * theta_row;
     const S* gt = g + t * N;
     S* ot = o + t * N;
@@ -80,7 +99,7 @@ void fwd_item(const SgdStepArgs& a, const std::vector<std::uintptr_t>& out, cons
 
 template <class S, int Mode>
 void fwd(const SgdStepArgs& a, const std::vector<std::uintptr_t>& out) {
-  const std::vector<Item> items = make_items(a, kItemElements, INT64_MAX, nullptr);
+  const std::vector<Item> items = make_fwd_items(a);
   int64_t total = 0;
   for (int64_t N : a.numel) total += N * a.tasks;
   const int64_t n_items = static_cast<int64_t>(items.size());
@@ -150,7 +169,7 @@ template <class S, int Mode>
 void bwd(const SgdStepArgs& a, const std::vector<std::uintptr_t>& v, const std::vector<std::uintptr_t>& dtheta,
          const std::vector<std::uintptr_t>& dgrad, const std::vector<std::uintptr_t>& dlr) {
   std::vector<int64_t> first;
-  const std::vector<Item> items = make_items(a, kItemElements, kBwdMaxCols, &first);
+  const std::vector<Item> items = make_bwd_items(a, &first);
   int64_t total = 0;
   for (int64_t N : a.numel) total += N * a.tasks;
   const int64_t n_items = static_cast<int64_t>(items.size());
