@@ -45,6 +45,7 @@ class Spec(NamedTuple):
     numel: tuple[int, ...]  # N_i = numel(shape_i)
     lr_kind: int  # LR_VALUE | LR_SCALAR | LR_PER_TENSOR | LR_PER_ELEMENT
     lr_value: float  # the Python float of LR_VALUE (0.0 otherwise)
+    requires_grad: bool  # some input requires grad
 
 
 def _lr_tensors(lr: LR, kind: int) -> list[torch.Tensor]:
@@ -83,6 +84,7 @@ def _validate(params: object, grads: object, lr: object, strict_layout: bool) ->
         raise ValueError("grads[0] has T = 0 tasks (shape (0, ...)); T must be >= 1")
     shared = []
     numel = []
+    rg = False
     for i in range(n):
         p = params[i]
         g = grads[i]
@@ -104,9 +106,9 @@ def _validate(params: object, grads: object, lr: object, strict_layout: bool) ->
                 f"grads[{i}] must have shape [T, *shape] with T = {tasks} (from grads[0]), got {tuple(gs)}"
             )
         ps = p.shape
-        if ps == gs:
+        if len(ps) == len(gs) and ps == gs:
             shared.append(0)
-        elif ps == gs[1:]:
+        elif len(ps) + 1 == len(gs) and ps == gs[1:]:
             shared.append(1)
         else:
             raise ValueError(
@@ -119,6 +121,7 @@ def _validate(params: object, grads: object, lr: object, strict_layout: bool) ->
             if not g.is_contiguous():
                 _checks.contiguous(f"grads[{i}]", g)
         numel.append(p.numel() if shared[-1] else p.numel() // tasks)
+        rg = rg or p.requires_grad or g.requires_grad
 
     lr_value = 0.0
     if isinstance(lr, float) or (isinstance(lr, int) and not isinstance(lr, bool)):
@@ -135,6 +138,7 @@ def _validate(params: object, grads: object, lr: object, strict_layout: bool) ->
                 f"lr as a tensor must be 0-d (one rate) or of shape ({n},) (one rate per tensor), got "
                 f"{tuple(lr.shape)}; per-element rates are a list of tensors shaped like params"
             )
+        rg = rg or lr.requires_grad
     elif isinstance(lr, (list, tuple)):
         kind = LR_PER_ELEMENT
         if len(lr) != n:
@@ -145,12 +149,13 @@ def _validate(params: object, grads: object, lr: object, strict_layout: bool) ->
             _check_lr_tensor(f"lr[{i}]", a, dtype, device, strict_layout)
             if a.shape != grads[i].shape[1:]:
                 raise ValueError(f"lr[{i}] must have shape {tuple(grads[i].shape[1:])} like params[{i}], got {tuple(a.shape)}")
+            rg = rg or a.requires_grad
     else:
         raise TypeError(
             "lr must be a float, a 0-d tensor, a 1-d tensor [len(params)] or a list of per-element tensors, got "
             f"{type(lr).__name__}"
         )
-    return Spec(n, tasks, dtype, device, tuple(shared), tuple(numel), kind, lr_value)
+    return Spec(n, tasks, dtype, device, tuple(shared), tuple(numel), kind, lr_value, rg)
 
 
 def _check_lr_tensor(name: str, a: torch.Tensor, dtype: torch.dtype, device: torch.device, strict: bool) -> None:
@@ -189,26 +194,53 @@ def _cuda_stream(device: torch.device) -> tuple[int, int]:
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
+# Outputs up to this many bytes in total are allocated one by one (fewer torch calls);
+# larger ones are carved out of one buffer (see _alloc_like).
+_ONE_BUFFER_MIN_BYTES = 1 << 20
+
+
 def _alloc_like(spec: Spec, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """New contiguous tensors shaped like ``like[i]`` ([T, *shape_i]), carved out of ONE
-    allocation: many large separate allocations would each be fresh memory from the
-    OS (a page fault per 4 KiB on first write, several times the kernel's own cost on
-    CPU), while one buffer is recycled by the allocator from call to call."""
-    flat = torch.empty(spec.tasks * sum(spec.numel), dtype=spec.dtype, device=spec.device)
-    out = []
-    off = 0
+    """New contiguous tensors shaped like ``like[i]`` ([T, *shape_i]). Large outputs are
+    carved out of ONE allocation: many large separate allocations are each fresh memory
+    from the OS (a page fault per 4 KiB on first write, several times the kernel's own
+    cost on CPU), while one buffer is recycled by the allocator from call to call."""
+    return _alloc_like_ptrs(spec, like)[0]
+
+
+def _alloc_like_ptrs(spec: Spec, like: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """:func:`_alloc_like` and the new tensors' data pointers."""
     T = spec.tasks
+    total = T * sum(spec.numel)
+    es = 8 if spec.dtype is torch.float64 else 4
+    if total * es < _ONE_BUFFER_MIN_BYTES:
+        out = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in like]
+        return out, [o.data_ptr() for o in out]
+    flat = torch.empty(total, dtype=spec.dtype, device=spec.device)
+    base = flat.data_ptr()
+    out = []
+    ptrs = []
+    off = 0
     for x, N in zip(like, spec.numel):
-        out.append(flat.as_strided(x.shape, x.stride(), off))
+        out.append(flat.as_strided(x.shape, x.stride() if x.is_contiguous() else _contiguous_strides(x.shape), off))
+        ptrs.append(base + off * es)
         off += T * N
-    return out
+    return out, ptrs
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides = []
+    acc = 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def _launch_forward(
     backend: str, spec: Spec, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lrs: list[torch.Tensor]
 ) -> list[torch.Tensor]:
     """out_i = θ_i − α_i ⊙ g_i on the chosen compiled/Triton backend; new tensors."""
-    outs = _alloc_like(spec, grads)
+    outs, out_ptrs = _alloc_like_ptrs(spec, grads)
     if backend == "triton":
         from fastmaml.triton import sgd_step as tri
 
@@ -219,7 +251,7 @@ def _launch_forward(
     args = (
         [p.data_ptr() for p in params],
         [g.data_ptr() for g in grads],
-        [o.data_ptr() for o in outs],
+        out_ptrs,
         spec.numel,
         spec.shared,
         spec.tasks,
@@ -477,9 +509,6 @@ def sgd_step(
             _check_overlap(params, grads, _lr_tensors(lr, spec.lr_kind))
         return ref.sgd_step(params, grads, lr)
     lrs = _lr_tensors(lr, spec.lr_kind)
-    if level is None and not (
-        torch.is_grad_enabled()
-        and (any(p.requires_grad for p in params) or any(g.requires_grad for g in grads) or any(a.requires_grad for a in lrs))
-    ):
+    if level is None and not (spec.requires_grad and torch.is_grad_enabled()):
         return _launch_forward(name, spec, params, grads, lrs)  # lean path: nothing to differentiate
     return list(_SgdStep.apply(spec, name, *params, *grads, *lrs))
