@@ -82,6 +82,90 @@ def _validate(params: object, grads: object, lr: object, strict_layout: bool) ->
     tasks = g0.shape[0]
     if tasks == 0:
         raise ValueError("grads[0] has T = 0 tasks (shape (0, ...)); T must be >= 1")
+    fast = _scan_fast(params, grads, dtype, device, tasks, strict_layout)
+    if fast is not None:
+        shared, numel, rg = fast
+    else:  # something is off: the named, one-check-at-a-time loop raises the error
+        shared, numel, rg = _scan_named(params, grads, n, dtype, device, tasks, strict_layout)
+
+    lr_value = 0.0
+    if isinstance(lr, float) or (isinstance(lr, int) and not isinstance(lr, bool)):
+        kind = LR_VALUE
+        lr_value = float(lr)
+    elif isinstance(lr, torch.Tensor):
+        _check_lr_tensor("lr", lr, dtype, device, strict_layout)
+        if lr.dim() == 0:
+            kind = LR_SCALAR
+        elif lr.dim() == 1 and lr.shape[0] == n:
+            kind = LR_PER_TENSOR
+        else:
+            raise ValueError(
+                f"lr as a tensor must be 0-d (one rate) or of shape ({n},) (one rate per tensor), got "
+                f"{tuple(lr.shape)}; per-element rates are a list of tensors shaped like params"
+            )
+        rg = rg or lr.requires_grad
+    elif isinstance(lr, (list, tuple)):
+        kind = LR_PER_ELEMENT
+        if len(lr) != n:
+            raise ValueError(f"lr as a list (per-element rates) must hold {n} tensors like params, got {len(lr)}")
+        for i in range(n):
+            a = lr[i]
+            _checks.tensor(f"lr[{i}]", a)
+            _check_lr_tensor(f"lr[{i}]", a, dtype, device, strict_layout)
+            if a.shape != grads[i].shape[1:]:
+                raise ValueError(f"lr[{i}] must have shape {tuple(grads[i].shape[1:])} like params[{i}], got {tuple(a.shape)}")
+            rg = rg or a.requires_grad
+    else:
+        raise TypeError(
+            "lr must be a float, a 0-d tensor, a 1-d tensor [len(params)] or a list of per-element tensors, got "
+            f"{type(lr).__name__}"
+        )
+    return Spec(n, tasks, dtype, device, tuple(shared), tuple(numel), kind, lr_value, rg)
+
+
+def _scan_fast(params, grads, dtype: torch.dtype, device: torch.device, tasks: int, strict: bool):
+    """The per-tensor checks without naming anything: ``(shared, numel, requires_grad)``
+    when every pair (params[i], grads[i]) is valid, else None (then
+    :func:`_scan_named` finds and reports the problem). This is most of the cost of a
+    small call (the sinusoid MLP), so it avoids isinstance checks (a non-tensor fails
+    an attribute lookup) and device objects (``is_cpu`` on CPU)."""
+    shared = []
+    numel = []
+    rg = False
+    on_cpu = device.type == "cpu"
+    try:
+        for p, g in zip(params, grads):
+            if p.dtype is not dtype or g.dtype is not dtype:
+                return None
+            if on_cpu:
+                if not (p.is_cpu and g.is_cpu):
+                    return None
+            elif p.device != device or g.device != device:
+                return None
+            gs = g.shape
+            ps = p.shape
+            if gs[0] != tasks:
+                return None
+            k = len(gs) - len(ps)
+            if k == 1 and ps == gs[1:]:
+                shared.append(1)
+                numel.append(p.numel())
+            elif k == 0 and ps == gs:
+                shared.append(0)
+                numel.append(p.numel() // tasks)
+            else:
+                return None
+            if strict and not (p.is_contiguous() and g.is_contiguous()):
+                return None
+            rg = rg or p.requires_grad or g.requires_grad
+    except (AttributeError, TypeError, IndexError):
+        return None
+    return shared, numel, rg
+
+
+def _scan_named(params, grads, n: int, dtype: torch.dtype, device: torch.device, tasks: int, strict_layout: bool):
+    """The same checks one at a time, raising ``TypeError``/``ValueError`` that names
+    the offending argument."""
     shared = []
     numel = []
     rg = False
@@ -123,39 +207,7 @@ def _validate(params: object, grads: object, lr: object, strict_layout: bool) ->
         numel.append(p.numel() if shared[-1] else p.numel() // tasks)
         rg = rg or p.requires_grad or g.requires_grad
 
-    lr_value = 0.0
-    if isinstance(lr, float) or (isinstance(lr, int) and not isinstance(lr, bool)):
-        kind = LR_VALUE
-        lr_value = float(lr)
-    elif isinstance(lr, torch.Tensor):
-        _check_lr_tensor("lr", lr, dtype, device, strict_layout)
-        if lr.dim() == 0:
-            kind = LR_SCALAR
-        elif lr.dim() == 1 and lr.shape[0] == n:
-            kind = LR_PER_TENSOR
-        else:
-            raise ValueError(
-                f"lr as a tensor must be 0-d (one rate) or of shape ({n},) (one rate per tensor), got "
-                f"{tuple(lr.shape)}; per-element rates are a list of tensors shaped like params"
-            )
-        rg = rg or lr.requires_grad
-    elif isinstance(lr, (list, tuple)):
-        kind = LR_PER_ELEMENT
-        if len(lr) != n:
-            raise ValueError(f"lr as a list (per-element rates) must hold {n} tensors like params, got {len(lr)}")
-        for i in range(n):
-            a = lr[i]
-            _checks.tensor(f"lr[{i}]", a)
-            _check_lr_tensor(f"lr[{i}]", a, dtype, device, strict_layout)
-            if a.shape != grads[i].shape[1:]:
-                raise ValueError(f"lr[{i}] must have shape {tuple(grads[i].shape[1:])} like params[{i}], got {tuple(a.shape)}")
-            rg = rg or a.requires_grad
-    else:
-        raise TypeError(
-            "lr must be a float, a 0-d tensor, a 1-d tensor [len(params)] or a list of per-element tensors, got "
-            f"{type(lr).__name__}"
-        )
-    return Spec(n, tasks, dtype, device, tuple(shared), tuple(numel), kind, lr_value, rg)
+    return shared, numel, rg
 
 
 def _check_lr_tensor(name: str, a: torch.Tensor, dtype: torch.dtype, device: torch.device, strict: bool) -> None:
@@ -280,6 +332,7 @@ def _launch_backward(
     """The fused backward (see csrc/sgd_step.h): dθ_i (Σ_t v_i for a shared θ_i, v_i
     itself otherwise), dg_i = −α_i ⊙ v_i, dα = −Σ g ⊙ v at α's granularity."""
     n = spec.n
+    es = 8 if spec.dtype is torch.float64 else 4
     dtheta: list[torch.Tensor | None] = [None] * n
     dgrad: list[torch.Tensor | None] = list(_alloc_like(spec, v)) if any(need_grad) else [None] * n
     for i in range(n):
@@ -295,7 +348,6 @@ def _launch_backward(
             dlr = dlr_buffers
         else:  # one value per tensor; a 0-d α sums them afterwards (fixed order)
             per_tensor = torch.empty(n, dtype=spec.dtype, device=spec.device)
-            es = per_tensor.element_size()
             dlr_buffers = [per_tensor]
             dlr = per_tensor if spec.lr_kind == LR_PER_TENSOR else None
     if backend == "triton":
