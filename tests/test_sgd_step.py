@@ -260,6 +260,15 @@ def test_partial_requires_grad_and_empty_tensor():
         assert_close(dlr, torch.stack([torch.tensor(0.0), -g[1].detach().sum()]), 1e-5, f"{backend} dlr")
 
 
+def test_saves_grads_only_when_lr_needs_a_gradient():
+    """The backward keeps the T-task gradients alive only to compute dα."""
+    P = [torch.randn(3, requires_grad=True), torch.randn(2, 2, requires_grad=True)]
+    G = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 2, 2)]
+    for lr, expect in [(0.1, 0), (torch.tensor(0.1), 1), (torch.tensor(0.1, requires_grad=True), 3)]:
+        out = sgd_step(P, G, lr, backend="cpu")
+        assert len(out[0].grad_fn.saved_tensors) == expect
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_double_backward_matches_reference(backend):
     params, grads, lr, _, _ = make_case(5, torch.float64, 2, "per_element", "mixed", n=3)

@@ -434,23 +434,33 @@ class _SgdStep(torch.autograd.Function):
         n = spec.n
         ctx.spec = spec
         ctx.backend = backend
-        # dg needs α, dα needs g: keep those (θ itself is not needed by the backward).
-        ctx.save_for_backward(*inputs[2 + n :])
+        # dg needs α and dα needs g; θ is never needed. The T copies of g are kept only
+        # when α needs a gradient (in a K-step inner loop they would otherwise hold K
+        # gradient-sized buffers alive for nothing).
+        ctx.keep_grads = any(ctx.needs_input_grad[2 + 2 * n :])
+        kept = inputs[2 + n :] if ctx.keep_grads else inputs[2 + 2 * n :]
+        ctx.save_for_backward(*kept)
 
     @staticmethod
     def backward(ctx, *v: torch.Tensor):  # type: ignore[override]
         spec: Spec = ctx.spec
         n = spec.n
         saved = ctx.saved_tensors
-        grads, lrs = saved[:n], list(saved[n:])
         needs = ctx.needs_input_grad[2:]
         need_theta, need_grad = needs[:n], needs[n : 2 * n]
         need_lr = any(needs[2 * n :])
+        if ctx.keep_grads:
+            grads, lrs = saved[:n], list(saved[n:])
+        else:
+            grads, lrs = None, list(saved)
         if torch.is_grad_enabled() or _functorch_level() is not None:
             dtheta, dgrad, dlr = _backward_torch(spec, v, grads, lrs, need_lr)
         else:
             v = tuple(x.contiguous() for x in v)
-            dtheta, dgrad, dlr = _launch_backward(ctx.backend, spec, v, grads, lrs, need_theta, need_grad, need_lr)
+            # without dα the kernels never read g; v (same shapes) stands in for it
+            dtheta, dgrad, dlr = _launch_backward(
+                ctx.backend, spec, v, grads if grads is not None else v, lrs, need_theta, need_grad, need_lr
+            )
         if spec.lr_kind == LR_VALUE:
             dlr_out: tuple = ()
         elif spec.lr_kind == LR_PER_ELEMENT:
