@@ -80,6 +80,8 @@ def test_cuda_sources_compiled_wherever_nvcc_exists():
     # The install compiles and links the CUDA kernels whenever a toolkit is present: CI's
     # compile check. Without a toolkit the module must say why CUDA is missing.
     C = _ext.ext()
+    if C.cuda_reason.startswith("disabled by FASTMAML_CUDA"):
+        pytest.skip("this build was made with FASTMAML_CUDA=0 on purpose")
     assert C.cuda_compiled == _toolkit_present(), (C.cuda_compiled, C.cuda_reason)
     if not C.cuda_compiled:
         assert C.cuda_reason
