@@ -10,3 +10,34 @@ def openmp_max_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 def cuda_device_count() -> tuple[int, str]: ...
 def cuda_runtime_version() -> int: ...
+
+# ---- sgd_step (csrc/sgd_step.h) ------------------------------------------------------
+# One entry per tensor in every list. theta[i] points at [N_i] data when shared[i] == 1,
+# else at [T, N_i]; grad/out/v/dgrad at [T, N_i]. dtype: 0 float32, 1 float64.
+# lr_mode: 0 immediate lr_value, 1 lr[i] points at one value, 2 lr[i] points at N_i values.
+# Output pointers of 0 mean "not requested". Raise ValueError on bad sizes/null pointers
+# and when two inputs overlap (forward); CUDA errors raise RuntimeError.
+def sgd_step_fwd_cpu(
+    theta: list[int], grad: list[int], out: list[int], numel: list[int], shared: list[int], tasks: int,
+    dtype: int, lr_mode: int, lr_value: float, lr: list[int],
+) -> None: ...
+def sgd_step_bwd_cpu(
+    v: list[int], grad: list[int], numel: list[int], shared: list[int], tasks: int, dtype: int, lr_mode: int,
+    lr_value: float, lr: list[int], dtheta: list[int], dgrad: list[int], dlr: list[int],
+) -> None: ...
+def sgd_step_fwd_cuda(
+    theta: list[int], grad: list[int], out: list[int], numel: list[int], shared: list[int], tasks: int,
+    dtype: int, lr_mode: int, lr_value: float, lr: list[int], device: int, stream: int,
+    force_index64: bool = False,
+) -> None: ...
+def sgd_step_bwd_cuda(
+    v: list[int], grad: list[int], numel: list[int], shared: list[int], tasks: int, dtype: int, lr_mode: int,
+    lr_value: float, lr: list[int], dtheta: list[int], dgrad: list[int], dlr: list[int], device: int,
+    stream: int, force_index64: bool = False,
+) -> None: ...
+def multi_tensor_plan(
+    cols: list[int], rows: int, col_chunk: int, row_chunk: int, max_tensors: int, max_blocks: int,
+) -> dict[str, object]: ...
+
+# (max tensors per launch, max blocks per launch, threads per block, forward rows per block)
+SGD_STEP_CUDA_TABLE: tuple[int, int, int, int]

@@ -80,3 +80,25 @@ def positive_int(name: str, v: object, *, minimum: int = 1) -> int:
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     return v
+
+
+def no_overlap_among(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Raise ``ValueError`` naming a pair when any two of the tensors share memory.
+
+    Sorts the byte spans once and sweeps them (O(n log n) instead of all pairs). The
+    same tensor object listed twice under one name (e.g. one 0-d lr shared by every
+    tensor) should be passed once."""
+    spans = []
+    for name, t in named:
+        if t.numel() == 0:
+            continue
+        lo, hi = _span(t)
+        spans.append((t.device, lo, hi, name))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    for k in range(1, len(spans)):
+        dev, lo, _, name = spans[k]
+        pdev, _, phi, pname = spans[k - 1]
+        if dev == pdev and lo < phi:
+            raise ValueError(f"{pname} and {name} overlap in memory; pass separate tensors (e.g. {name}.clone())")
+        if dev == pdev and phi > spans[k][2]:  # keep the furthest end in the previous slot
+            spans[k] = (dev, lo, phi, pname)

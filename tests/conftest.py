@@ -18,7 +18,21 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+# Triton kernels run on GPU tensors where there is a GPU, else on CPU tensors through
+# the interpreter: tests take their device from this fixture.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_device() -> str:
+    return TRITON_DEVICE
+
+
 def pytest_collection_modifyitems(config, items):
+    # Every test with "triton" in its id is selectable with `-m triton` (the GPU check runs them).
+    for item in items:
+        if "triton" in item.nodeid.lower():
+            item.add_marker(pytest.mark.triton)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

@@ -1,23 +1,576 @@
 """``sgd_step``: the fused multi-tensor, multi-task inner update θ' = θ − α ⊙ g.
 
-(Skeleton: validates and runs the reference; the compiled and Triton backends are
-added by the foundation work.)"""
+Four faces (STYLE.md): kernels (``csrc/sgd_step_cpu.cpp``, ``csrc/sgd_step_cuda.cu``,
+:mod:`fastmaml.triton.sgd_step`) → launchers (:func:`_launch_forward`,
+:func:`_launch_backward`) → :class:`_SgdStep` (``torch.autograd.Function``,
+setup_context style, with a ``vmap`` rule) → :func:`sgd_step`. The reference twin is
+:func:`fastmaml.reference.sgd_step`.
+
+Call path when nothing needs a gradient (the common inner-loop call under
+``torch.no_grad`` or on detached tensors): checks, one allocation per output and one
+kernel call, no ``autograd.Function``. The sinusoid MLP's six tiny tensors make Python
+overhead the dominant cost there, so the checks are written as one lean loop.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+from torch._C._functorch import maybe_current_level as _functorch_level
 
-from fastmaml import backends
+from fastmaml import _checks, _ext, backends
 from fastmaml import reference as ref
 from fastmaml.reference.sgd_step import LR
+
+# lr kinds (how α was given) and the kernels' lr modes (how it is read; sgd_step.h).
+LR_VALUE, LR_SCALAR, LR_PER_TENSOR, LR_PER_ELEMENT = 0, 1, 2, 3
+_KERNEL_LR_MODE = (0, 1, 1, 2)
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+
+# Test hook: run the CUDA kernels with 64-bit indexing even for small tensors (the
+# path otherwise taken only when some tensor has T·N >= 2^31 elements).
+FORCE_INDEX64 = False
+
+
+class Spec(NamedTuple):
+    """Validated structure of one call (no tensors): what the launchers need."""
+
+    n: int  # number of tensors
+    tasks: int  # T
+    dtype: torch.dtype
+    device: torch.device
+    shared: tuple[int, ...]  # 1 when params[i] is [*shape_i] (shared by the tasks)
+    numel: tuple[int, ...]  # N_i = numel(shape_i)
+    lr_kind: int  # LR_VALUE | LR_SCALAR | LR_PER_TENSOR | LR_PER_ELEMENT
+    lr_value: float  # the Python float of LR_VALUE (0.0 otherwise)
+    requires_grad: bool  # some input requires grad
+
+
+def _lr_tensors(lr: LR, kind: int) -> list[torch.Tensor]:
+    if kind == LR_VALUE:
+        return []
+    if kind == LR_PER_ELEMENT:
+        return list(lr)  # type: ignore[arg-type]
+    return [lr]  # type: ignore[list-item]
+
+
+def _validate(params: object, grads: object, lr: object, strict_layout: bool) -> Spec:
+    """Check every argument (raising ``TypeError``/``ValueError`` naming it) and return
+    the call's :class:`Spec`. ``strict_layout=False`` (inside torch.func transforms,
+    where the logical tensors hide their storage) skips contiguity; the launch path
+    then makes the physical tensors contiguous itself."""
+    if isinstance(params, torch.Tensor) or not isinstance(params, (list, tuple)):
+        _checks.tensor_list("params", params)
+    if isinstance(grads, torch.Tensor) or not isinstance(grads, (list, tuple)):
+        _checks.tensor_list("grads", grads)
+    n = len(params)
+    if n == 0:
+        raise ValueError("params must hold at least 1 tensor, got 0")
+    if len(grads) != n:
+        raise ValueError(f"grads must hold one tensor per params entry: expected {n}, got {len(grads)}")
+    g0 = grads[0]
+    if not isinstance(g0, torch.Tensor):
+        _checks.tensor("grads[0]", g0)
+    dtype = g0.dtype
+    device = g0.device
+    if dtype not in _DTYPE_CODE:
+        _checks.float_dtype("grads[0]", g0)
+    if g0.dim() == 0:
+        raise ValueError("grads[0] must have a leading task dimension [T, *shape], got a 0-d tensor")
+    tasks = g0.shape[0]
+    if tasks == 0:
+        raise ValueError("grads[0] has T = 0 tasks (shape (0, ...)); T must be >= 1")
+    fast = _scan_fast(params, grads, dtype, device, tasks, strict_layout)
+    if fast is not None:
+        shared, numel, rg = fast
+    else:  # something is off: the named, one-check-at-a-time loop raises the error
+        shared, numel, rg = _scan_named(params, grads, n, dtype, device, tasks, strict_layout)
+
+    lr_value = 0.0
+    if isinstance(lr, float) or (isinstance(lr, int) and not isinstance(lr, bool)):
+        kind = LR_VALUE
+        lr_value = float(lr)
+    elif isinstance(lr, torch.Tensor):
+        _check_lr_tensor("lr", lr, dtype, device, strict_layout)
+        if lr.dim() == 0:
+            kind = LR_SCALAR
+        elif lr.dim() == 1 and lr.shape[0] == n:
+            kind = LR_PER_TENSOR
+        else:
+            raise ValueError(
+                f"lr as a tensor must be 0-d (one rate) or of shape ({n},) (one rate per tensor), got "
+                f"{tuple(lr.shape)}; per-element rates are a list of tensors shaped like params"
+            )
+        rg = rg or lr.requires_grad
+    elif isinstance(lr, (list, tuple)):
+        kind = LR_PER_ELEMENT
+        if len(lr) != n:
+            raise ValueError(f"lr as a list (per-element rates) must hold {n} tensors like params, got {len(lr)}")
+        for i in range(n):
+            a = lr[i]
+            _checks.tensor(f"lr[{i}]", a)
+            _check_lr_tensor(f"lr[{i}]", a, dtype, device, strict_layout)
+            if a.shape != grads[i].shape[1:]:
+                raise ValueError(f"lr[{i}] must have shape {tuple(grads[i].shape[1:])} like params[{i}], got {tuple(a.shape)}")
+            rg = rg or a.requires_grad
+    else:
+        raise TypeError(
+            "lr must be a float, a 0-d tensor, a 1-d tensor [len(params)] or a list of per-element tensors, got "
+            f"{type(lr).__name__}"
+        )
+    return Spec(n, tasks, dtype, device, tuple(shared), tuple(numel), kind, lr_value, rg)
+
+
+def _scan_fast(params, grads, dtype: torch.dtype, device: torch.device, tasks: int, strict: bool):
+    """The per-tensor checks without naming anything: ``(shared, numel, requires_grad)``
+    when every pair (params[i], grads[i]) is valid, else None (then
+    :func:`_scan_named` finds and reports the problem). This is most of the cost of a
+    small call (the sinusoid MLP), so it avoids isinstance checks (a non-tensor fails
+    an attribute lookup) and device objects (``is_cpu`` on CPU)."""
+    shared = []
+    numel = []
+    rg = False
+    on_cpu = device.type == "cpu"
+    try:
+        for p, g in zip(params, grads):
+            if p.dtype is not dtype or g.dtype is not dtype:
+                return None
+            if on_cpu:
+                if not (p.is_cpu and g.is_cpu):
+                    return None
+            elif p.device != device or g.device != device:
+                return None
+            gs = g.shape
+            ps = p.shape
+            if gs[0] != tasks:
+                return None
+            k = len(gs) - len(ps)
+            if k == 1 and ps == gs[1:]:
+                shared.append(1)
+                numel.append(p.numel())
+            elif k == 0 and ps == gs:
+                shared.append(0)
+                numel.append(p.numel() // tasks)
+            else:
+                return None
+            if strict and not (p.is_contiguous() and g.is_contiguous()):
+                return None
+            rg = rg or p.requires_grad or g.requires_grad
+    except (AttributeError, TypeError, IndexError):
+        return None
+    return shared, numel, rg
+
+
+def _scan_named(params, grads, n: int, dtype: torch.dtype, device: torch.device, tasks: int, strict_layout: bool):
+    """The same checks one at a time, raising ``TypeError``/``ValueError`` that names
+    the offending argument."""
+    shared = []
+    numel = []
+    rg = False
+    for i in range(n):
+        p = params[i]
+        g = grads[i]
+        if not isinstance(p, torch.Tensor):
+            _checks.tensor(f"params[{i}]", p)
+        if not isinstance(g, torch.Tensor):
+            _checks.tensor(f"grads[{i}]", g)
+        if p.dtype is not dtype:
+            _checks.float_dtype(f"params[{i}]", p, dtype)
+        if g.dtype is not dtype:
+            _checks.float_dtype(f"grads[{i}]", g, dtype)
+        if p.device != device:
+            _checks.same_device(f"params[{i}]", p, device)
+        if g.device != device:
+            _checks.same_device(f"grads[{i}]", g, device)
+        gs = g.shape
+        if len(gs) == 0 or gs[0] != tasks:
+            raise ValueError(
+                f"grads[{i}] must have shape [T, *shape] with T = {tasks} (from grads[0]), got {tuple(gs)}"
+            )
+        ps = p.shape
+        if len(ps) == len(gs) and ps == gs:
+            shared.append(0)
+        elif len(ps) + 1 == len(gs) and ps == gs[1:]:
+            shared.append(1)
+        else:
+            raise ValueError(
+                f"params[{i}] must have shape {tuple(gs[1:])} (shared by the tasks) or {tuple(gs)} (per task) "
+                f"to match grads[{i}], got {tuple(ps)}"
+            )
+        if strict_layout:
+            if not p.is_contiguous():
+                _checks.contiguous(f"params[{i}]", p)
+            if not g.is_contiguous():
+                _checks.contiguous(f"grads[{i}]", g)
+        numel.append(p.numel() if shared[-1] else p.numel() // tasks)
+        rg = rg or p.requires_grad or g.requires_grad
+
+    return shared, numel, rg
+
+
+def _check_lr_tensor(name: str, a: torch.Tensor, dtype: torch.dtype, device: torch.device, strict: bool) -> None:
+    if not a.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of dtype {dtype}, got {a.dtype}")
+    _checks.float_dtype(name, a, dtype)
+    _checks.same_device(name, a, device)
+    if strict:
+        _checks.contiguous(name, a)
+
+
+def _check_overlap(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lrs: list[torch.Tensor]) -> None:
+    """Python twin of the C++ overlap check (reference and triton backends)."""
+    named = [(f"params[{i}]", p) for i, p in enumerate(params)]
+    named += [(f"grads[{i}]", g) for i, g in enumerate(grads)]
+    named += [(f"lr[{i}]" if len(lrs) > 1 else "lr", a) for i, a in enumerate(lrs)]
+    _checks.no_overlap_among(named)
+
+
+# ---- launchers: plain (non-transformed), contiguous tensors only ---------------------
+
+
+def _lr_ptrs(spec: Spec, lrs: list[torch.Tensor]) -> list[int]:
+    if spec.lr_kind == LR_VALUE:
+        return []
+    if spec.lr_kind == LR_SCALAR:
+        return [lrs[0].data_ptr()] * spec.n
+    if spec.lr_kind == LR_PER_TENSOR:
+        base, es = lrs[0].data_ptr(), lrs[0].element_size()
+        return [base + i * es for i in range(spec.n)]
+    return [a.data_ptr() for a in lrs]
+
+
+def _cuda_stream(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+# Outputs up to this many bytes in total are allocated one by one (fewer torch calls);
+# larger ones are carved out of one buffer (see _alloc_like).
+_ONE_BUFFER_MIN_BYTES = 1 << 20
+
+
+def _alloc_like(spec: Spec, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """New contiguous tensors shaped like ``like[i]`` ([T, *shape_i]). Large outputs are
+    carved out of ONE allocation: many large separate allocations are each fresh memory
+    from the OS (a page fault per 4 KiB on first write, several times the kernel's own
+    cost on CPU), while one buffer is recycled by the allocator from call to call."""
+    return _alloc_like_ptrs(spec, like)[0]
+
+
+def _alloc_like_ptrs(spec: Spec, like: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """:func:`_alloc_like` and the new tensors' data pointers."""
+    T = spec.tasks
+    total = T * sum(spec.numel)
+    es = 8 if spec.dtype is torch.float64 else 4
+    if total * es < _ONE_BUFFER_MIN_BYTES:
+        out = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in like]
+        return out, [o.data_ptr() for o in out]
+    flat = torch.empty(total, dtype=spec.dtype, device=spec.device)
+    base = flat.data_ptr()
+    out = []
+    ptrs = []
+    off = 0
+    for x, N in zip(like, spec.numel):
+        out.append(flat.as_strided(x.shape, x.stride() if x.is_contiguous() else _contiguous_strides(x.shape), off))
+        ptrs.append(base + off * es)
+        off += T * N
+    return out, ptrs
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides = []
+    acc = 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def _launch_forward(
+    backend: str, spec: Spec, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lrs: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """out_i = θ_i − α_i ⊙ g_i on the chosen compiled/Triton backend; new tensors."""
+    outs, out_ptrs = _alloc_like_ptrs(spec, grads)
+    if backend == "triton":
+        from fastmaml.triton import sgd_step as tri
+
+        _check_overlap(params, grads, lrs)
+        tri.forward(spec, params, grads, lrs, outs)
+        return outs
+    C = _ext.ext()
+    args = (
+        [p.data_ptr() for p in params],
+        [g.data_ptr() for g in grads],
+        out_ptrs,
+        spec.numel,
+        spec.shared,
+        spec.tasks,
+        _DTYPE_CODE[spec.dtype],
+        _KERNEL_LR_MODE[spec.lr_kind],
+        spec.lr_value,
+        _lr_ptrs(spec, lrs),
+    )
+    if backend == "cpu":
+        C.sgd_step_fwd_cpu(*args)  # also checks that no two inputs overlap (ValueError)
+    else:
+        C.sgd_step_fwd_cuda(*args, *_cuda_stream(spec.device), FORCE_INDEX64)
+    return outs
+
+
+def _launch_backward(
+    backend: str,
+    spec: Spec,
+    v: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    lrs: list[torch.Tensor],
+    need_theta: Sequence[bool],
+    need_grad: Sequence[bool],
+    need_lr: bool,
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], torch.Tensor | list[torch.Tensor] | None]:
+    """The fused backward (see csrc/sgd_step.h): dθ_i (Σ_t v_i for a shared θ_i, v_i
+    itself otherwise), dg_i = −α_i ⊙ v_i, dα = −Σ g ⊙ v at α's granularity."""
+    n = spec.n
+    es = 8 if spec.dtype is torch.float64 else 4
+    dtheta: list[torch.Tensor | None] = [None] * n
+    dgrad: list[torch.Tensor | None] = list(_alloc_like(spec, v)) if any(need_grad) else [None] * n
+    for i in range(n):
+        if need_theta[i]:
+            dtheta[i] = v[i].new_empty(v[i].shape[1:]) if spec.shared[i] else v[i]
+        if not need_grad[i]:
+            dgrad[i] = None
+    dlr_buffers: list[torch.Tensor] = []
+    dlr: torch.Tensor | list[torch.Tensor] | None = None
+    if need_lr and spec.lr_kind != LR_VALUE:
+        if spec.lr_kind == LR_PER_ELEMENT:
+            dlr_buffers = [torch.empty_like(a) for a in lrs]
+            dlr = dlr_buffers
+        else:  # one value per tensor; a 0-d α sums them afterwards (fixed order)
+            per_tensor = torch.empty(n, dtype=spec.dtype, device=spec.device)
+            dlr_buffers = [per_tensor]
+            dlr = per_tensor if spec.lr_kind == LR_PER_TENSOR else None
+    if backend == "triton":
+        from fastmaml.triton import sgd_step as tri
+
+        tri.backward(spec, v, grads, lrs, dtheta, dgrad, dlr_buffers)
+    else:
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        if dlr_buffers and spec.lr_kind != LR_PER_ELEMENT:
+            base = dlr_buffers[0].data_ptr()
+            dlr_ptrs = [base + i * es for i in range(n)]
+        elif dlr_buffers:
+            dlr_ptrs = [b.data_ptr() for b in dlr_buffers]
+        else:
+            dlr_ptrs = [0] * n
+        args = (
+            [x.data_ptr() for x in v],
+            [g.data_ptr() for g in grads],
+            spec.numel,
+            spec.shared,
+            spec.tasks,
+            _DTYPE_CODE[spec.dtype],
+            _KERNEL_LR_MODE[spec.lr_kind],
+            spec.lr_value,
+            _lr_ptrs(spec, lrs),
+            [ptr(d) if spec.shared[i] else 0 for i, d in enumerate(dtheta)],
+            [ptr(d) for d in dgrad],
+            dlr_ptrs,
+        )
+        if backend == "cpu":
+            _ext.ext().sgd_step_bwd_cpu(*args)
+        else:
+            _ext.ext().sgd_step_bwd_cuda(*args, *_cuda_stream(spec.device), FORCE_INDEX64)
+    if need_lr and spec.lr_kind == LR_SCALAR:
+        dlr = dlr_buffers[0].sum()
+    return dtheta, dgrad, dlr
+
+
+def _backward_torch(
+    spec: Spec, v: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lrs: list[torch.Tensor], need_lr: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | list[torch.Tensor] | None]:
+    """The same backward in differentiable torch ops: used for double backward
+    (``create_graph=True``) and inside torch.func transforms, where tensors are wrapped."""
+    alphas = _alphas(spec, lrs)
+    dtheta = [v[i].sum(0) if spec.shared[i] else v[i] for i in range(spec.n)]
+    dgrad = [-(a * vi) for a, vi in zip(alphas, v)]
+    dlr: torch.Tensor | list[torch.Tensor] | None = None
+    if need_lr and spec.lr_kind != LR_VALUE:
+        if spec.lr_kind == LR_PER_ELEMENT:
+            dlr = [-(g * vi).sum(0) for g, vi in zip(grads, v)]
+        else:
+            per_tensor = torch.stack([-(g * vi).sum() for g, vi in zip(grads, v)])
+            dlr = per_tensor if spec.lr_kind == LR_PER_TENSOR else per_tensor.sum()
+    return dtheta, dgrad, dlr
+
+
+def _alphas(spec: Spec, lrs: list[torch.Tensor]) -> list[torch.Tensor | float]:
+    if spec.lr_kind == LR_VALUE:
+        return [spec.lr_value] * spec.n
+    if spec.lr_kind == LR_SCALAR:
+        return [lrs[0]] * spec.n
+    if spec.lr_kind == LR_PER_TENSOR:
+        return [lrs[0][i] for i in range(spec.n)]
+    return list(lrs)
+
+
+# ---- autograd ------------------------------------------------------------------------
+
+
+class _SgdStep(torch.autograd.Function):
+    """Inputs: ``(spec, backend, *params, *grads, *lr_tensors)``; outputs the n updated
+    tensors. Backward: the fused kernel, or differentiable torch ops when a graph of
+    the backward is needed (double backward, torch.func transforms)."""
+
+    @staticmethod
+    def forward(spec: Spec, backend: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        n = spec.n
+        tensors = tuple(t.contiguous() for t in tensors)  # no-op unless a transform passed a strided view
+        return tuple(_launch_forward(backend, spec, tensors[:n], tensors[n : 2 * n], list(tensors[2 * n :])))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        spec, backend = inputs[0], inputs[1]
+        n = spec.n
+        ctx.spec = spec
+        ctx.backend = backend
+        # dg needs α and dα needs g; θ is never needed. The T copies of g are kept only
+        # when α needs a gradient (in a K-step inner loop they would otherwise hold K
+        # gradient-sized buffers alive for nothing).
+        ctx.keep_grads = any(ctx.needs_input_grad[2 + 2 * n :])
+        kept = inputs[2 + n :] if ctx.keep_grads else inputs[2 + 2 * n :]
+        ctx.save_for_backward(*kept)
+
+    @staticmethod
+    def backward(ctx, *v: torch.Tensor):  # type: ignore[override]
+        spec: Spec = ctx.spec
+        n = spec.n
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        need_theta, need_grad = needs[:n], needs[n : 2 * n]
+        need_lr = any(needs[2 * n :])
+        if ctx.keep_grads:
+            grads, lrs = saved[:n], list(saved[n:])
+        else:
+            grads, lrs = None, list(saved)
+        if torch.is_grad_enabled() or _functorch_level() is not None:
+            dtheta, dgrad, dlr = _backward_torch(spec, v, grads, lrs, need_lr)
+        else:
+            v = tuple(x.contiguous() for x in v)
+            # without dα the kernels never read g; v (same shapes) stands in for it
+            dtheta, dgrad, dlr = _launch_backward(
+                ctx.backend, spec, v, grads if grads is not None else v, lrs, need_theta, need_grad, need_lr
+            )
+        if spec.lr_kind == LR_VALUE:
+            dlr_out: tuple = ()
+        elif spec.lr_kind == LR_PER_ELEMENT:
+            dlr_out = tuple(dlr) if dlr is not None else (None,) * n
+        else:
+            dlr_out = (dlr,)
+        return (None, None, *dtheta, *dgrad, *dlr_out)
+
+    @staticmethod
+    def vmap(info, in_dims, spec: Spec, backend: str, *tensors: torch.Tensor):  # type: ignore[override]
+        """Batching rule. When only grads (and params) carry the vmapped dimension B and
+        every grad does, the batch folds into the task dimension (T → B·T) and the
+        fused kernel runs once; otherwise the update is computed with torch ops."""
+        n = spec.n
+        dims = in_dims[2:]
+        B = info.batch_size
+        params, grads, lrs = list(tensors[:n]), list(tensors[n : 2 * n]), list(tensors[2 * n :])
+        pd, gd, ld = dims[:n], dims[n : 2 * n], dims[2 * n :]
+        T = spec.tasks
+        if all(d is None for d in ld) and all(d is not None for d in gd):
+            fparams, fgrads = [], []
+            for i in range(n):
+                g = grads[i].movedim(gd[i], 0)  # [B, T, *s]
+                shape = g.shape[2:]
+                fgrads.append(g.reshape(B * T, *shape))
+                p = params[i] if pd[i] is None else params[i].movedim(pd[i], 0)
+                if pd[i] is None and spec.shared[i]:
+                    fparams.append(p)  # still shared by all B·T tasks
+                else:
+                    if pd[i] is None:  # per-task [T, *s], the same for every batch entry
+                        p = p.unsqueeze(0)
+                    elif spec.shared[i]:  # [B, *s]: one θ per batch entry
+                        p = p.unsqueeze(1)
+                    fparams.append(p.expand(B, T, *shape).reshape(B * T, *shape))
+            lr = _lr_arg(spec, lrs)
+            outs = sgd_step(fparams, fgrads, lr, backend=backend)
+            return tuple(o.reshape(B, T, *o.shape[1:]) for o in outs), (0,) * n
+        # General rule: bring every batched tensor's batch dim to the front, give the
+        # unbatched ones a size-1 front dim, and broadcast.
+        def front(x: torch.Tensor, d: int | None) -> torch.Tensor:
+            return x.unsqueeze(0) if d is None else x.movedim(d, 0)
+
+        outs = []
+        for i in range(n):
+            g = front(grads[i], gd[i])  # [B|1, T, *s]
+            p = front(params[i], pd[i])
+            if spec.shared[i]:
+                p = p.unsqueeze(1)
+            extra = g.dim() - 2  # number of element dims
+            if spec.lr_kind == LR_VALUE:
+                a = spec.lr_value
+            elif spec.lr_kind == LR_SCALAR:
+                a = front(lrs[0], ld[0]).reshape(-1, *([1] * (extra + 1)))
+            elif spec.lr_kind == LR_PER_TENSOR:
+                a = front(lrs[0], ld[0])[:, i].reshape(-1, *([1] * (extra + 1)))
+            else:
+                a = front(lrs[i], ld[i]).unsqueeze(1)
+            o = p - a * g
+            outs.append(o.expand(B, *o.shape[1:]) if o.shape[0] != B else o)
+        return tuple(outs), (0,) * n
+
+
+def _lr_arg(spec: Spec, lrs: list[torch.Tensor]) -> LR:
+    if spec.lr_kind == LR_VALUE:
+        return spec.lr_value
+    if spec.lr_kind == LR_PER_ELEMENT:
+        return lrs
+    return lrs[0]
+
+
+# ---- public function -----------------------------------------------------------------
 
 
 def sgd_step(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: LR, *, backend: str | None = None
 ) -> list[torch.Tensor]:
-    """θ'_i = θ_i − α_i ⊙ g_i; see :func:`fastmaml.reference.sgd_step` for shapes."""
-    device = grads[0].device
-    backends.resolve(backend, device, "sgd_step")
-    return ref.sgd_step(params, grads, lr)
+    """The inner SGD update of every parameter tensor for T tasks: θ'_i = θ_i − α_i ⊙ g_i.
+
+    Args:
+        params: n tensors; ``params[i]`` is ``[*shape_i]`` (shared by the T tasks, e.g.
+            the meta-parameters at step 0) or ``[T, *shape_i]`` (per task).
+        grads: n tensors ``[T, *shape_i]``; T >= 1, the same for every tensor.
+        lr: the inner learning rate α, one of
+            - a Python float: one fixed rate (not differentiable);
+            - a 0-d tensor: one rate, learnable;
+            - a 1-d tensor ``[n]``: one rate per parameter tensor (a row of MAML++'s
+              per-step, per-layer ``[K, n]`` table);
+            - a list of n tensors, ``lr[i]`` shaped ``[*shape_i]``: per element (Meta-SGD).
+        backend: ``"reference" | "cpu" | "cuda" | "triton" | "auto"``; default: the
+            ``FASTMAML_BACKEND`` environment variable, else auto (see
+            :mod:`fastmaml.backends`).
+
+    Returns:
+        n new tensors ``[T, *shape_i]`` (inputs are never modified).
+
+    All tensors must be contiguous, on one device, and share one dtype, float32 or
+    float64 (a tensor lr included: mixed dtypes are an error, not promoted). No two
+    input tensors may share memory. Differentiable with respect to params, grads and
+    a tensor lr (dθ = v summed over tasks for a shared θ, dg = −α ⊙ v, dα = −Σ g ⊙ v
+    reduced to α's granularity), by a fused backward kernel; works under
+    ``torch.func.grad``/``vjp``/``vmap`` (there the backward is computed with torch ops).
+    """
+    level = _functorch_level()
+    spec = _validate(params, grads, lr, strict_layout=level is None)
+    name = backends.resolve(backend, spec.device, "sgd_step")
+    if name == "reference":
+        if level is None:
+            _check_overlap(params, grads, _lr_tensors(lr, spec.lr_kind))
+        return ref.sgd_step(params, grads, lr)
+    lrs = _lr_tensors(lr, spec.lr_kind)
+    if level is None and not (spec.requires_grad and torch.is_grad_enabled()):
+        return _launch_forward(name, spec, params, grads, lrs)  # lean path: nothing to differentiate
+    return list(_SgdStep.apply(spec, name, *params, *grads, *lrs))

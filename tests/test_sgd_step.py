@@ -1,0 +1,501 @@
+"""``fastmaml.ops.sgd_step`` on every backend against the reference and against an
+independent per-task float64 computation; the reference against gradcheck; torch.func
+transforms; bad inputs; the multi-tensor chunk tables of the CUDA launcher."""
+
+from __future__ import annotations
+
+import importlib
+import random
+import zlib
+
+import pytest
+import torch
+
+from fastmaml import _ext, backends
+from fastmaml import reference as ref
+from fastmaml.ops import sgd_step
+
+op_module = importlib.import_module("fastmaml.ops.sgd_step")
+triton_module = importlib.import_module("fastmaml.triton.sgd_step")
+
+LR_KINDS = ("float", "scalar", "per_tensor", "per_element")
+THETA_MODES = ("shared", "per_task", "mixed")
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
+
+
+# ---- helpers -----------------------------------------------------------------------
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor | float, what: str) -> None:
+    """Elementwise |actual − expected| <= tol; on failure report the worst element."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual.double() - expected.double()).abs()
+    tol_t = torch.as_tensor(tol, dtype=torch.float64).expand_as(err) if err.dim() else torch.as_tensor(tol, dtype=torch.float64)
+    bad = err > tol_t
+    if bool(bad.any()):
+        k = int(torch.argmax(err - tol_t).item()) if err.dim() else 0
+        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(k), err.shape)) if err.dim() else ()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} elements off; worst at {idx}: "
+            f"got {actual.reshape(-1)[k].item()!r}, expected {expected.reshape(-1)[k].item()!r}, "
+            f"error {err.reshape(-1)[k].item():.3e} > tol {tol_t.reshape(-1)[k].item():.3e}"
+        )
+
+
+def elem_tol(dtype: torch.dtype, magnitude: torch.Tensor) -> torch.Tensor:
+    """Tolerance of a result whose terms have absolute sum `magnitude` (float64: at
+    most 1e-12 on these sizes; float32: a few roundings of the terms)."""
+    if dtype == torch.float64:
+        return torch.full_like(magnitude.double(), 1e-12)
+    return 8 * EPS[dtype] * magnitude.double() + 1e-30
+
+
+def random_shapes(rng: random.Random, n: int) -> list[tuple[int, ...]]:
+    pool = [(1,), (7,), (5, 3), (2, 3, 3), (300,), (17, 19), (1, 1), (257,), (3, 1, 2, 2)]
+    return [rng.choice(pool) for _ in range(n)]
+
+
+def make_case(seed: int, dtype: torch.dtype, T: int, lr_kind: str, theta_mode: str, device="cpu", n: int | None = None):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = n or rng.randint(1, 5)
+    shapes = random_shapes(rng, n)
+    shared = [theta_mode == "shared" or (theta_mode == "mixed" and i % 2 == 0) for i in range(n)]
+    params = [torch.randn(s if sh else (T, *s), generator=gen, dtype=dtype).to(device) for s, sh in zip(shapes, shared)]
+    grads = [torch.randn((T, *s), generator=gen, dtype=dtype).to(device) for s in shapes]
+    if lr_kind == "float":
+        lr = 0.37
+    elif lr_kind == "scalar":
+        lr = torch.tensor(0.37, dtype=dtype).to(device)
+    elif lr_kind == "per_tensor":
+        lr = torch.rand(n, generator=gen, dtype=dtype).to(device)
+    else:
+        lr = [torch.rand(s, generator=gen, dtype=dtype).to(device) for s in shapes]
+    return params, grads, lr, shapes, shared
+
+
+def lr_tensors(lr) -> list[torch.Tensor]:
+    if isinstance(lr, float):
+        return []
+    return [lr] if isinstance(lr, torch.Tensor) else list(lr)
+
+
+def alpha_of(lr, i: int):
+    if isinstance(lr, float):
+        return lr
+    if isinstance(lr, torch.Tensor):
+        return lr if lr.dim() == 0 else lr[i]
+    return lr[i]
+
+
+def independent(params, grads, lr, v, shared):
+    """Per-task loops in float64, written without the reference's broadcasting."""
+    T = grads[0].shape[0]
+    out, dtheta, dgrad, dlr_terms, mags = [], [], [], [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        a = alpha_of(lr, i)
+        a = a.double() if isinstance(a, torch.Tensor) else a
+        p, g, vi = p.double(), g.double(), v[i].double()
+        out.append(torch.stack([(p if shared[i] else p[t]) - a * g[t] for t in range(T)]))
+        if shared[i]:
+            acc = torch.zeros_like(p)
+            mag = torch.zeros_like(p)
+            for t in range(T):
+                acc = acc + vi[t]
+                mag = mag + vi[t].abs()
+            dtheta.append((acc, mag))
+        else:
+            dtheta.append((vi, vi.abs()))
+        dgrad.append(torch.stack([-a * vi[t] for t in range(T)]))
+        gv = torch.zeros_like(g[0])
+        gv_mag = torch.zeros_like(g[0])
+        for t in range(T):
+            gv = gv - g[t] * vi[t]
+            gv_mag = gv_mag + (g[t] * vi[t]).abs()
+        dlr_terms.append(gv)
+        mags.append(gv_mag)
+    if isinstance(lr, float):
+        dlr = None
+    elif isinstance(lr, torch.Tensor) and lr.dim() == 0:
+        dlr = (sum(x.sum() for x in dlr_terms), sum(m.sum() for m in mags))
+    elif isinstance(lr, torch.Tensor):
+        dlr = (torch.stack([x.sum() for x in dlr_terms]), torch.stack([m.sum() for m in mags]))
+    else:
+        dlr = list(zip(dlr_terms, mags))
+    return out, dtheta, dgrad, dlr
+
+
+def check_backend(backend, dtype, T, lr_kind, theta_mode, seed, device="cpu"):
+    params, grads, lr, shapes, shared = make_case(seed, dtype, T, lr_kind, theta_mode, device)
+    before = [t.clone() for t in params + grads + lr_tensors(lr)]
+    # forward, without autograd (the lean path)
+    out = sgd_step(params, grads, lr, backend=backend)
+    expect = ref.sgd_step(params, grads, lr)
+    v = [torch.randn_like(o) for o in out]
+    ind_out, ind_dth, ind_dg, ind_dlr = independent(params, grads, lr, v, shared)
+    for i in range(len(out)):
+        assert out[i].dtype == dtype and out[i].device.type == torch.device(device).type
+        a = alpha_of(lr, i)
+        a = a.double() if isinstance(a, torch.Tensor) else a
+        mag = params[i].double().abs() + (a * grads[i].double()).abs()  # |θ| + |α·g|
+        tol = elem_tol(dtype, mag.expand_as(ind_out[i]))
+        assert_close(out[i], ind_out[i], tol, f"{backend} out[{i}] vs independent")
+        assert_close(out[i], expect[i], tol, f"{backend} out[{i}] vs reference")
+    # backward through autograd
+    P = [p.clone().requires_grad_() for p in params]
+    G = [g.clone().requires_grad_() for g in grads]
+    L = lr if isinstance(lr, float) else (lr.clone().requires_grad_() if isinstance(lr, torch.Tensor) else [a.clone().requires_grad_() for a in lr])
+    o = sgd_step(P, G, L, backend=backend)
+    for i in range(len(o)):
+        assert_close(o[i].detach(), ind_out[i], elem_tol(dtype, ind_out[i].abs() + 1), f"{backend} out[{i}] (autograd)")
+    d = torch.autograd.grad(o, P + G + lr_tensors(L), v)
+    # the reference's autograd must meet the same bounds (so backend ≈ reference too)
+    d_ref = torch.autograd.grad(ref.sgd_step(P, G, L), P + G + lr_tensors(L), v)
+    n = len(params)
+    for who, dd in ((backend, d), ("reference autograd", d_ref)):
+        for i in range(n):
+            acc, mag = ind_dth[i]
+            assert_close(dd[i], acc, elem_tol(dtype, mag), f"{who} dparams[{i}]")
+            assert_close(dd[n + i], ind_dg[i], elem_tol(dtype, ind_dg[i].abs()), f"{who} dgrads[{i}]")
+        if ind_dlr is not None:
+            got = dd[2 * n :]
+            if isinstance(ind_dlr, list):
+                for i, (x, mag) in enumerate(ind_dlr):
+                    assert_close(got[i], x, elem_tol(dtype, mag), f"{who} dlr[{i}]")
+            else:
+                x, mag = ind_dlr
+                assert_close(got[0], x, elem_tol(dtype, mag), f"{who} dlr")
+    for a, b in zip(before, params + grads + lr_tensors(lr)):
+        assert torch.equal(a, b), "inputs were modified"
+
+
+# ---- the reference -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("theta_mode", THETA_MODES)
+def test_reference_gradcheck(lr_kind, theta_mode):
+    params, grads, lr, _, _ = make_case(3, torch.float64, 2, lr_kind, theta_mode, n=3)
+    P = [p.requires_grad_() for p in params]
+    G = [g.requires_grad_() for g in grads]
+    L = lr if isinstance(lr, float) else [a.requires_grad_() for a in lr_tensors(lr)]
+    n = len(P)
+
+    def f(*xs):
+        lr_arg = lr if isinstance(lr, float) else (xs[2 * n] if isinstance(lr, torch.Tensor) else list(xs[2 * n :]))
+        return tuple(ref.sgd_step(list(xs[:n]), list(xs[n : 2 * n]), lr_arg))
+
+    assert torch.autograd.gradcheck(f, tuple(P + G + ([] if isinstance(lr, float) else L)))
+
+
+# ---- every backend against the reference and the independent computation -------------
+
+CPU_BACKENDS = ["reference", "cpu", "triton"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("theta_mode", THETA_MODES)
+@pytest.mark.parametrize("T", [1, 3])
+def test_backend_matches(backend, dtype, lr_kind, theta_mode, T):
+    seed = zlib.crc32(f"{backend}/{dtype}/{lr_kind}/{theta_mode}/{T}".encode()) % 10_000  # stable across runs
+    check_backend(backend, dtype, T, lr_kind, theta_mode, seed)
+
+
+def test_triton_kernels_really_run(monkeypatch):
+    """Under TRITON_INTERPRET=1 (set by conftest without a GPU) the triton backend is
+    available and its kernels execute: count the launches."""
+    assert backends.status("triton").available, backends.status("triton").reason
+    calls = []
+    for name in ("_sgd_step_fwd_kernel", "_sgd_step_bwd_kernel", "_sum_partials_kernel"):
+        kern = getattr(triton_module, name)
+
+        class Spy:
+            def __init__(self, k, nm):
+                self.k, self.nm = k, nm
+
+            def __getitem__(self, grid):
+                calls.append(self.nm)
+                return self.k[grid]
+
+        monkeypatch.setattr(triton_module, name, Spy(kern, name))
+    p = [torch.randn(5), torch.randn(3, 2)]
+    g = [torch.randn(2, 5), torch.randn(2, 3, 2)]
+    lr = torch.tensor(0.1, requires_grad=True)
+    out = sgd_step(p, g, lr, backend="triton")
+    torch.autograd.grad(out, [lr], [torch.ones_like(o) for o in out])
+    assert calls == ["_sgd_step_fwd_kernel", "_sgd_step_bwd_kernel", "_sum_partials_kernel"]
+
+
+def test_cpu_parallel_path_and_determinism():
+    """Big enough for the OpenMP region (T·N >= 2^16); dα is bitwise reproducible."""
+    for dtype in (torch.float32, torch.float64):
+        check_backend("cpu", dtype, 6, "scalar", "mixed", 11)
+        gen = torch.Generator().manual_seed(0)
+        p = [torch.randn(70_001, generator=gen, dtype=dtype), torch.randn(33, generator=gen, dtype=dtype)]
+        g = [torch.randn(4, 70_001, generator=gen, dtype=dtype), torch.randn(4, 33, generator=gen, dtype=dtype)]
+        lr = torch.tensor(0.5, dtype=dtype, requires_grad=True)
+        v = [torch.randn(4, 70_001, generator=gen, dtype=dtype), torch.randn(4, 33, generator=gen, dtype=dtype)]
+        runs = [torch.autograd.grad(sgd_step(p, g, lr, backend="cpu"), [lr], v)[0] for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:])
+        ind = -sum((gi.double() * vi.double()).sum() for gi, vi in zip(g, v))
+        mag = sum((gi.double() * vi.double()).abs().sum() for gi, vi in zip(g, v))
+        assert_close(runs[0], ind, elem_tol(dtype, mag), "dlr (parallel path)")
+        out = sgd_step(p, g, 0.25, backend="cpu")
+        assert_close(out[0], p[0].double() - 0.25 * g[0].double(), elem_tol(dtype, p[0].abs() + g[0].abs()), "out (parallel)")
+
+
+def test_partial_requires_grad_and_empty_tensor():
+    """Only some inputs need a gradient; a zero-element tensor is allowed."""
+    p = [torch.randn(4, 0), torch.randn(3)]
+    g = [torch.randn(2, 4, 0), torch.randn(2, 3, requires_grad=True)]
+    lr = torch.rand(2, requires_grad=True)
+    for backend in CPU_BACKENDS:
+        out = sgd_step(p, g, lr, backend=backend)
+        assert out[0].shape == (2, 4, 0)
+        v = [torch.ones(2, 4, 0), torch.ones(2, 3)]
+        dg, dlr = torch.autograd.grad(out, [g[1], lr], v)
+        assert_close(dg, -lr[1].detach() * torch.ones(2, 3), 1e-6, f"{backend} dg")
+        assert_close(dlr, torch.stack([torch.tensor(0.0), -g[1].detach().sum()]), 1e-5, f"{backend} dlr")
+
+
+def test_saves_grads_only_when_lr_needs_a_gradient():
+    """The backward keeps the T-task gradients alive only to compute dα."""
+    P = [torch.randn(3, requires_grad=True), torch.randn(2, 2, requires_grad=True)]
+    G = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 2, 2)]
+    for lr, expect in [(0.1, 0), (torch.tensor(0.1), 1), (torch.tensor(0.1, requires_grad=True), 3)]:
+        out = sgd_step(P, G, lr, backend="cpu")
+        assert len(out[0].grad_fn.saved_tensors) == expect
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_double_backward_matches_reference(backend):
+    params, grads, lr, _, _ = make_case(5, torch.float64, 2, "per_element", "mixed", n=3)
+    P = [p.requires_grad_() for p in params]
+    G = [g.requires_grad_() for g in grads]
+    L = [a.requires_grad_() for a in lr]
+
+    def second(fn):
+        out = fn(P, G, L)
+        loss = sum((o**2).sum() for o in out)
+        d = torch.autograd.grad(loss, P + G + L, create_graph=True)
+        return torch.autograd.grad(sum((x**2).sum() for x in d), P + G + L)
+
+    for a, b in zip(second(lambda p, g, l: sgd_step(p, g, l, backend=backend)), second(ref.sgd_step)):
+        assert_close(a, b, 1e-12 * (1 + b.abs()), "double backward")
+
+
+# ---- torch.func ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_func_grad_vjp_vmap(backend):
+    torch.manual_seed(0)
+    T = 3
+    p = [torch.randn(4, 3, dtype=torch.float64), torch.randn(T, 5, dtype=torch.float64)]
+    g = [torch.randn(T, 4, 3, dtype=torch.float64), torch.randn(T, 5, dtype=torch.float64)]
+    lr = torch.tensor([0.1, 0.3], dtype=torch.float64)
+
+    def loss(fn, p, g, lr):
+        return sum((o.sin() ** 2).sum() for o in fn(p, g, lr))
+
+    fast = lambda p, g, lr: sgd_step(p, g, lr, backend=backend)  # noqa: E731
+    got = torch.func.grad(lambda p, g, lr: loss(fast, p, g, lr), argnums=(0, 1, 2))(p, g, lr)
+    exp = torch.func.grad(lambda p, g, lr: loss(ref.sgd_step, p, g, lr), argnums=(0, 1, 2))(p, g, lr)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(exp)):
+        assert_close(a, b, 1e-12, "torch.func.grad")
+
+    out, vjp_fn = torch.func.vjp(fast, p, g, lr)
+    out_r, vjp_r = torch.func.vjp(ref.sgd_step, p, g, lr)
+    cot = [torch.randn_like(o) for o in out]
+    for a, b in zip(torch.utils._pytree.tree_leaves(vjp_fn(cot)), torch.utils._pytree.tree_leaves(vjp_r(cot))):
+        assert_close(a, b, 1e-12, "torch.func.vjp")
+
+    # vmap over a batch of meta-batches: grads batched (folds into T), then also lr batched
+    B = 2
+    gb = [torch.randn(B, *x.shape, dtype=torch.float64) for x in g]
+    lrb = torch.rand(B, 2, dtype=torch.float64)
+    for in_dims, args in [((None, 0, None), (p, gb, lr)), ((None, 0, 0), (p, gb, lrb)), ((0, 0, None), ([torch.randn(B, *x.shape, dtype=torch.float64) for x in p], gb, lr))]:
+        a = torch.func.vmap(fast, in_dims=in_dims)(*args)
+        b = torch.func.vmap(ref.sgd_step, in_dims=in_dims)(*args)
+        for x, y in zip(a, b):
+            assert_close(x, y, 1e-12, f"vmap {in_dims}")
+    # per-example gradients: vmap of grad
+    per = torch.func.vmap(torch.func.grad(lambda g, lr: loss(fast, p, g, lr), argnums=(0, 1)), in_dims=(0, None))(gb, lr)
+    per_r = torch.func.vmap(torch.func.grad(lambda g, lr: loss(ref.sgd_step, p, g, lr), argnums=(0, 1)), in_dims=(0, None))(gb, lr)
+    for a, b in zip(torch.utils._pytree.tree_leaves(per), torch.utils._pytree.tree_leaves(per_r)):
+        assert_close(a, b, 1e-12, "vmap(grad)")
+
+
+# ---- bad inputs ----------------------------------------------------------------------
+
+
+def _good(dtype=torch.float32):
+    return [torch.randn(3, dtype=dtype), torch.randn(2, 2, dtype=dtype)], [torch.randn(4, 3, dtype=dtype), torch.randn(4, 2, 2, dtype=dtype)]
+
+
+def _bad_cases():
+    p, g = _good()
+    base = torch.randn(4, 3)
+    shared_buf = torch.randn(100)
+    cases = [
+        ("params not a list", (p[0], g, 0.1), TypeError, "params must be a list"),
+        ("grads length", (p, g[:1], 0.1), ValueError, "grads must hold one tensor per params"),
+        ("empty", ([], [], 0.1), ValueError, "at least 1"),
+        ("non-tensor", ([p[0], 3.0], g, 0.1), TypeError, r"params\[1\] must be a torch.Tensor"),
+        ("int dtype", (p, [g[0].long(), g[1]], 0.1), TypeError, r"grads\[0\] must be float32 or float64"),
+        ("half dtype", ([p[0].half(), p[1]], g, 0.1), TypeError, r"params\[0\] must be float32 or float64"),
+        ("mixed dtype", ([p[0], p[1].double()], g, 0.1), TypeError, r"params\[1\] must have dtype torch.float32"),
+        ("device mix", ([p[0], torch.empty(2, 2, device="meta")], g, 0.1), ValueError, r"params\[1\] must be on cpu"),
+        ("non-contiguous", (p, [g[0], torch.randn(4, 2, 2).transpose(1, 2)], 0.1), ValueError, r"grads\[1\] must be contiguous"),
+        ("non-contiguous params", ([torch.randn(3, 2)[:, 0], p[1]], g, 0.1), ValueError, r"params\[0\] must be contiguous"),
+        ("mismatched T", (p, [g[0], torch.randn(5, 2, 2)], 0.1), ValueError, r"grads\[1\] must have shape \[T, \*shape\] with T = 4"),
+        ("mismatched shape", ([torch.randn(4), p[1]], g, 0.1), ValueError, r"params\[0\] must have shape \(3,\)"),
+        ("T = 0", ([torch.randn(3)], [torch.randn(0, 3)], 0.1), ValueError, "T = 0"),
+        ("0-d grad", ([torch.randn(())], [torch.randn(())], 0.1), ValueError, r"grads\[0\] must have a leading task dimension"),
+        ("grads alias params", ([base], [base], 0.1), ValueError, "overlap"),
+        ("grads overlap each other", ([p[0], p[0] + 1], [shared_buf[:12].view(4, 3), shared_buf[6:18].view(4, 3)], 0.1), ValueError, "overlap"),
+        ("lr overlaps params", (p, g, [p[0], torch.randn(2, 2)]), ValueError, "overlap"),
+        ("lr wrong length", (p, g, torch.rand(3)), ValueError, r"lr as a tensor must be 0-d .* \(2,\)"),
+        ("lr 2-d", (p, g, torch.rand(2, 2)), ValueError, "lr as a tensor"),
+        ("lr list length", (p, g, [torch.rand(3)]), ValueError, "lr as a list"),
+        ("lr element shape", (p, g, [torch.rand(3), torch.rand(4)]), ValueError, r"lr\[1\] must have shape \(2, 2\)"),
+        ("lr int tensor", (p, g, torch.tensor(1)), TypeError, "lr must be a floating-point tensor"),
+        ("lr dtype", (p, g, torch.tensor(0.1, dtype=torch.float64)), TypeError, "lr must have dtype torch.float32"),
+        ("lr type", (p, g, "0.1"), TypeError, "lr must be a float"),
+        ("lr bool", (p, g, True), TypeError, "lr must be a float"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_inputs(backend, case):
+    _, args, exc, match = case
+    with pytest.raises(exc, match=match):
+        sgd_step(*args, backend=backend)
+
+
+def test_unknown_backend():
+    p, g = _good()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sgd_step(p, g, 0.1, backend="tpu")
+
+
+# ---- the C++ boundary and the multi-tensor chunk tables ------------------------------
+
+
+def test_cpp_boundary_rechecks():
+    C = _ext.ext()
+    with pytest.raises(ValueError, match="null"):
+        C.sgd_step_fwd_cpu([0], [0], [0], [3], [1], 2, 0, 0, 0.1, [])
+    with pytest.raises(ValueError, match="tasks"):
+        C.sgd_step_fwd_cpu([1], [1], [1], [3], [1], 0, 0, 0, 0.1, [])
+    with pytest.raises(ValueError, match="dtype"):
+        C.sgd_step_fwd_cpu([1], [1], [1], [3], [1], 2, 7, 0, 0.1, [])
+
+
+@pytest.mark.skipif(backends.status("cuda").available, reason="checks the no-GPU error path")
+def test_cuda_entry_points_raise_without_gpu():
+    C = _ext.ext()
+    p, g = torch.randn(3), torch.randn(2, 3)
+    o = torch.empty(2, 3)
+    with pytest.raises(RuntimeError):
+        C.sgd_step_fwd_cuda([p.data_ptr()], [g.data_ptr()], [o.data_ptr()], [3], [1], 2, 0, 0, 0.1, [], 0, 0)
+    with pytest.raises(RuntimeError):
+        C.sgd_step_bwd_cuda([g.data_ptr()], [g.data_ptr()], [3], [1], 2, 0, 0, 0.1, [], [0], [o.data_ptr()], [0], 0, 0)
+    with pytest.raises((RuntimeError, ValueError), match="cuda"):
+        sgd_step([p], [g], 0.1, backend="cuda")
+
+
+def _check_plan(cols, rows, cc, rc, mt, mb):
+    plan = _ext.ext().multi_tensor_plan(cols, rows, cc, rc, mt, mb)
+    seen = []
+    expect_first = 0
+    for launch in plan["launches"]:
+        assert launch["first_block"] == expect_first
+        assert 1 <= len(launch["tensors"]) <= mt and 1 <= len(launch["block_slot"]) <= mb
+        for b, slot in enumerate(launch["block_slot"]):
+            seen.append((launch["tensors"][slot], launch["block_col"][b], launch["block_row"][b], launch["first_block"] + b))
+        expect_first += len(launch["block_slot"])
+    want = [(i, c, r) for i, n in enumerate(cols) for r in range(-(-rows // rc)) for c in range(-(-n // cc)) if n]
+    assert [s[:3] for s in seen] == want  # every chunk exactly once, tensors in order
+    assert plan["total_blocks"] == len(want)
+    for i, n in enumerate(cols):  # each tensor's blocks are contiguous global numbers
+        mine = [s[3] for s in seen if s[0] == i]
+        assert len(mine) == plan["tensor_blocks"][i]
+        if mine:
+            assert mine == list(range(plan["tensor_first_block"][i], plan["tensor_first_block"][i] + len(mine)))
+    return plan
+
+
+def test_multi_tensor_plan_tables():
+    rng = random.Random(0)
+    for _ in range(30):
+        cols = [rng.choice([0, 1, 5, 255, 256, 257, 1000, 4097]) for _ in range(rng.randint(1, 40))]
+        _check_plan(cols, rng.randint(1, 40), rng.choice([1, 32, 256]), rng.choice([1, 4, 16]), rng.randint(1, 24), rng.randint(1, 64))
+    # the CUDA launcher's own capacities
+    mt, mb, threads, rows = _ext.ext().SGD_STEP_CUDA_TABLE
+    plan = _check_plan([36864, 64] * 20, 32, threads, rows, mt, mb)
+    assert all(len(l["tensors"]) <= mt for l in plan["launches"]) and not plan["needs_index64"]
+
+
+def test_multi_tensor_plan_64bit_tensors():
+    """Planning of tensors past 2^31 elements (no memory is touched): the chunk
+    indices stay within int32, the totals are exact and 64-bit indexing is selected
+    exactly when some tensor has T·N >= 2^31."""
+    C = _ext.ext()
+    big = 3_000_000_000
+    plan = C.multi_tensor_plan([5, big], 1, 256, 1, 24, 1 << 30)
+    assert plan["needs_index64"]
+    assert plan["tensor_blocks"] == [1, -(-big // 256)]
+    last = plan["launches"][-1]
+    assert max(last["block_col"]) == -(-big // 256) - 1
+    assert not C.multi_tensor_plan([2**30], 1, 256, 1, 24, 1 << 30)["needs_index64"]
+    assert C.multi_tensor_plan([2**30], 2, 256, 1 << 30, 24, 1 << 30)["needs_index64"]  # T·N = 2^31
+    assert not C.multi_tensor_plan([2**31 - 1], 1, 1 << 20, 1, 24, 1 << 30)["needs_index64"]
+
+
+# ---- CUDA (run by the device check) ----------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("theta_mode", THETA_MODES)
+@pytest.mark.parametrize("index64", [False, True])
+def test_gpu_backend_matches(backend, dtype, lr_kind, theta_mode, index64, monkeypatch):
+    if index64 and backend != "cuda":
+        pytest.skip("the 64-bit switch is a CUDA launcher option (Triton offsets are always int64)")
+    monkeypatch.setattr(op_module, "FORCE_INDEX64", index64)
+    for T in (1, 3, 40):
+        check_backend(backend, dtype, T, lr_kind, theta_mode, seed=T, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_many_tensors_flush_and_bitwise_determinism():
+    """More tensors than table slots and more blocks than block slots: several launches."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(i % 7 + 1, 300 + i) for i in range(60)] + [(70_000,)]
+    p = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    g = [torch.randn((5, *s), generator=gen).cuda() for s in shapes]
+    lr = torch.tensor(0.2, device="cuda", requires_grad=True)
+    out = sgd_step(p, g, lr, backend="cuda")
+    for o, e in zip(out, ref.sgd_step(p, g, lr)):
+        assert_close(o, e, 1e-6 * (1 + e.abs()), "flush forward")
+    v = [torch.randn_like(o) for o in out]
+    runs = [torch.autograd.grad(sgd_step(p, g, lr, backend="cuda"), [lr], v)[0] for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    ind = -sum((gi.double() * vi.double()).sum() for gi, vi in zip(g, v))
+    mag = sum((gi.double() * vi.double()).abs().sum() for gi, vi in zip(g, v))
+    assert_close(runs[0].cpu(), ind.cpu(), float(8 * EPS[torch.float32] * mag), "flush dlr")
+
+
+@pytest.mark.cuda
+def test_cuda_bad_device_mix():
+    p = [torch.randn(3, device="cuda")]
+    g = [torch.randn(2, 3)]
+    with pytest.raises(ValueError, match="must be on"):
+        sgd_step(p, g, 0.1)
