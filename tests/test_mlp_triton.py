@@ -1,8 +1,8 @@
 """Triton MLP kernels (``fastmaml.triton.mlp``) against the reference twins and against
 ``torch.func.jvp(grad(...))``.
 
-Without a GPU these run under ``TRITON_INTERPRET=1`` (set by conftest.py) on CPU tensors,
-on tiny shapes (the interpreter costs tens of ms per program instance here): widths and
+With a GPU they run on GPU tensors (the ``triton_device`` fixture); without one under
+``TRITON_INTERPRET=1`` (set by conftest.py) on CPU tensors, on tiny shapes (the interpreter costs tens of ms per program instance here): widths and
 N are chosen to be not multiples of the 16-wide interpreter tiles and to span several
 tiles. The ``cuda`` test repeats the checks on a GPU with the 784-256-128-64-64-5 net.
 """
@@ -103,23 +103,26 @@ def check_all(T, dims, N, dtype, activation, loss, *, seed=0, device="cpu", with
 @pytest.mark.parametrize("dtype,N", [(torch.float64, 11), (torch.float64, 19), (torch.float32, 19)], ids=["f64-fused", "f64", "f32"])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
-def test_mlp_triton_matches_reference(activation, loss, dtype, N):
+def test_mlp_triton_matches_reference(triton_device, activation, loss, dtype, N):
     # widths 24, 17 (2 tiles of 16 each), 3: none a tile multiple
-    worst = check_all(2, [5, 24, 17, 3], N, dtype, activation, loss, seed=1)
+    worst = check_all(2, [5, 24, 17, 3], N, dtype, activation, loss, seed=1, device=triton_device)
     print(f"{activation}/{loss}/{dtype}/N={N}: worst |err| {worst:.3g}")
 
 
 @pytest.mark.parametrize("N", [1, 19])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-def test_mlp_triton_single_task_single_layer(loss, N):
+def test_mlp_triton_single_task_single_layer(triton_device, loss, N):
     # T = 1; L = 1 (a linear model: no hidden layer, no δ_0)
-    check_all(1, [7, 4], N, torch.float64, "relu", loss, seed=2)
+    check_all(1, [7, 4], N, torch.float64, "relu", loss, seed=2, device=triton_device)
 
 
-@pytest.mark.parametrize("N,expected", [(4, 5), (19, 6)])
-def test_mlp_triton_launch_count(monkeypatch, N, expected):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_mlp_triton_launch_count(triton_device, monkeypatch, fused):
     # L = 3: 2 hidden-layer forwards + head + backward launches; the head does layer L's
-    # backward too when one row tile covers N (2L − 1 launches), else 2L
+    # backward too when one row tile covers N (2L − 1 launches), else 2L. Row tiles of
+    # the head: 16 under the interpreter, up to 128 on a GPU (float32, 2 outputs).
+    N = 4 if fused else (19 if triton_device == "cpu" else 200)
+    expected = 5 if fused else 6
     launches = []
     for name in ("_mlp_fwd_kernel", "_mlp_head_kernel", "_mlp_bwd_kernel"):
         kernel = getattr(tmlp, name)
@@ -130,7 +133,7 @@ def test_mlp_triton_launch_count(monkeypatch, N, expected):
             return _orig(*args, **kwargs)
 
         monkeypatch.setattr(kernel, "run", run)
-    ws, bs, x, y, vws, vbs = make_problem(1, [3, 5, 4, 2], N, torch.float32, "mse")
+    ws, bs, x, y, vws, vbs = make_problem(1, [3, 5, 4, 2], N, torch.float32, "mse", device=triton_device)
     tmlp.mlp_loss_and_grad(ws, bs, x, y)
     assert len(launches) == expected, launches
     launches.clear()
@@ -138,13 +141,13 @@ def test_mlp_triton_launch_count(monkeypatch, N, expected):
     assert len(launches) == expected, launches
 
 
-def test_mlp_triton_deep_exact_tiles_and_many_classes():
+def test_mlp_triton_deep_exact_tiles_and_many_classes(triton_device):
     # widths exactly one and two tiles, 4 layers; 20 classes (padded to a 32-wide head)
-    check_all(3, [16, 32, 16, 9, 20], 16, torch.float64, "tanh", "cross_entropy", seed=3, with_jvp=False)
+    check_all(3, [16, 32, 16, 9, 20], 16, torch.float64, "tanh", "cross_entropy", seed=3, device=triton_device)
 
 
-def test_mlp_triton_noncontiguous_inputs():
-    ws, bs, x, y, vws, vbs = make_problem(2, [6, 18, 2], 5, torch.float64, "mse", seed=4)
+def test_mlp_triton_noncontiguous_inputs(triton_device):
+    ws, bs, x, y, vws, vbs = make_problem(2, [6, 18, 2], 5, torch.float64, "mse", seed=4, device=triton_device)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, non-contiguous view
     wt = [w.transpose(1, 2).contiguous().transpose(1, 2) for w in ws]
     assert not xt.is_contiguous() and not wt[0].is_contiguous()
@@ -155,9 +158,9 @@ def test_mlp_triton_noncontiguous_inputs():
         assert_close("grad", a, b, torch.float64)
 
 
-def test_mlp_triton_bad_inputs():
-    ws, bs, x, y, vws, vbs = make_problem(2, [3, 5, 2], 4, torch.float64, "mse")
-    _, _, _, yc, _, _ = make_problem(2, [3, 5, 2], 4, torch.float64, "cross_entropy")
+def test_mlp_triton_bad_inputs(triton_device):
+    ws, bs, x, y, vws, vbs = make_problem(2, [3, 5, 2], 4, torch.float64, "mse", device=triton_device)
+    _, _, _, yc, _, _ = make_problem(2, [3, 5, 2], 4, torch.float64, "cross_entropy", device=triton_device)
     with pytest.raises(ValueError, match="activation"):
         tmlp.mlp_loss_and_grad(ws, bs, x, y, activation="gelu")
     with pytest.raises(ValueError, match="loss"):
@@ -186,9 +189,13 @@ def test_mlp_triton_bad_inputs():
         tmlp.mlp_hvp(ws, bs, x, y, vws, [vbs[0], vbs[1][:, :1]])
     with pytest.raises(ValueError, match="v_weights and v_biases must hold"):
         tmlp.mlp_hvp(ws, bs, x, y, vws[:1], vbs)
-    wide = [torch.zeros(2, tmlp.MAX_HEAD_WIDTH + 1, 3, dtype=torch.float64)]
+    wide = [torch.zeros(2, tmlp.MAX_HEAD_WIDTH + 1, 3, dtype=torch.float64, device=triton_device)]
+    wide_b = [torch.zeros(2, tmlp.MAX_HEAD_WIDTH + 1, dtype=torch.float64, device=triton_device)]
     with pytest.raises(ValueError, match="last layer's width"):
-        tmlp.mlp_loss_and_grad(wide, [torch.zeros(2, tmlp.MAX_HEAD_WIDTH + 1, dtype=torch.float64)], x, y)
+        tmlp.mlp_loss_and_grad(wide, wide_b, x, y)
+    if triton_device == "cuda":
+        with pytest.raises(ValueError, match="y must be on"):
+            tmlp.mlp_loss_and_grad(ws, bs, x, y.cpu())
 
 
 @pytest.mark.cuda
