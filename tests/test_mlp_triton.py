@@ -2,9 +2,10 @@
 ``torch.func.jvp(grad(...))``.
 
 With a GPU they run on GPU tensors (the ``triton_device`` fixture); without one under
-``TRITON_INTERPRET=1`` (set by conftest.py) on CPU tensors, on tiny shapes (the interpreter costs tens of ms per program instance here): widths and
-N are chosen to be not multiples of the 16-wide interpreter tiles and to span several
-tiles. The ``cuda`` test repeats the checks on a GPU with the 784-256-128-64-64-5 net.
+``TRITON_INTERPRET=1`` (set by conftest.py) on CPU tensors, on tiny shapes (the
+interpreter costs tens of ms per program instance here): widths and N are chosen to be
+not multiples of the 16-wide interpreter tiles and to span several tiles. The ``cuda``
+test repeats the checks on a GPU with the 784-256-128-64-64-5 net.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def check_all(T, dims, N, dtype, activation, loss, *, seed=0, device="cpu", with
 
 # N = 11 fits one 16-row tile: the head kernel also does the last layer's backward;
 # N = 19 spans two: the head writes δ_L and a separate backward launch follows.
-@pytest.mark.parametrize("dtype,N", [(torch.float64, 11), (torch.float64, 19), (torch.float32, 19)], ids=["f64-fused", "f64", "f32"])
+@pytest.mark.parametrize(
+    "dtype,N", [(torch.float64, 11), (torch.float64, 19), (torch.float32, 19)], ids=["f64-fused", "f64", "f32"]
+)
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_mlp_triton_matches_reference(triton_device, activation, loss, dtype, N):
@@ -255,6 +258,8 @@ def test_mlp_triton_kernels_compile_for_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert "compiled 6" in r.stdout, r.stdout

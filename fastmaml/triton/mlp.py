@@ -17,8 +17,9 @@ elementwise work is fused into the prologues/epilogues of those products:
   whole class/output row in one tile, then the per-task partial loss, ``δ_L = ∂ℓ/∂z_L``
   and ``R{δ_L} = ∂²ℓ/∂z_L² R{z_L}`` in the epilogue; ``z_L`` is never written to memory.
   When one row tile covers all N points of a task (N ≤ 16 under the interpreter and in
-  float64; in float32 on a GPU N ≤ 128 for ≤ 64 outputs, fewer for wider heads), the program holds the task's whole δ_L and also does layer
-  L's backward (``dW_L``, ``db_L``, ``δ_{L−1}`` and their R-terms): δ_L never touches memory.
+  float64; in float32 on a GPU N ≤ 128 for ≤ 64 outputs, fewer for wider heads), the
+  program holds the task's whole δ_L and also does layer L's backward (``dW_L``,
+  ``db_L``, ``δ_{L−1}`` and their R-terms): δ_L never touches memory.
 - ``_mlp_bwd_kernel`` (layer l, one launch): its grid holds two kinds of tiles, the
   weight-gradient tiles ``dW = δᵀ h``, ``db = Σ_n δ`` (HVP: ``R{dW} = R{δ}ᵀ h + δᵀ R{h}``,
   ``R{db} = Σ_n R{δ}``) and the tiles of the next delta
@@ -534,7 +535,9 @@ def _prepare(weights, biases, x, y, activation, loss, v_weights=None, v_biases=N
         _checks.same_device(f"weights[{l}]", W, dev)
         _checks.same_device(f"biases[{l}]", b, dev)
         if W.dim() != 3 or W.shape[0] != T or W.shape[2] != width or W.shape[1] < 1:
-            raise ValueError(f"weights[{l}] must have shape [T={T}, out, in={width}] with out >= 1, got {tuple(W.shape)}")
+            raise ValueError(
+                f"weights[{l}] must have shape [T={T}, out, in={width}] with out >= 1, got {tuple(W.shape)}"
+            )
         _checks.shape(f"biases[{l}]", b, (T, W.shape[1]))
         if vws is not None:
             for name, v, p in ((f"v_weights[{l}]", vws[l], W), (f"v_biases[{l}]", vbs[l], b)):
@@ -548,7 +551,9 @@ def _prepare(weights, biases, x, y, activation, loss, v_weights=None, v_biases=N
     if biggest >= 2**31:  # offsets inside one task are int32 in the kernels
         raise ValueError(f"each task's tensors must hold < 2**31 elements on the triton backend, got {biggest}")
     if C > MAX_HEAD_WIDTH:
-        raise ValueError(f"the last layer's width must be <= {MAX_HEAD_WIDTH} (one tile) on the triton backend, got {C}")
+        raise ValueError(
+            f"the last layer's width must be <= {MAX_HEAD_WIDTH} (one tile) on the triton backend, got {C}"
+        )
     _checks.same_device("y", y, dev)
     if loss == "mse":
         _checks.float_dtype("y", y, dt)
