@@ -70,6 +70,15 @@ def _choose_task_map(task_map: str, xs: torch.Tensor) -> str:
     return "loop" if (xs.device.type == "cpu" and xs.dim() >= 5) else "vmap"
 
 
+HVPS = ("auto", "autograd", "rev_rev", "fwd_rev")
+
+
+def _choose_hvp(hvp: str) -> str:
+    if hvp not in HVPS:
+        raise ValueError(f"hvp must be one of {HVPS}, got {hvp!r}")
+    return "autograd" if hvp == "auto" else hvp
+
+
 def map_tasks(f: Callable[..., Any], in_dims: Sequence[int | None], task_map: str) -> Callable[..., Any]:
     """``f`` mapped over dim 0 of the arguments whose in_dim is 0 (others shared):
     ``vmap`` or a Python loop that stacks the per-task results (same semantics)."""
@@ -91,15 +100,23 @@ def map_tasks(f: Callable[..., Any], in_dims: Sequence[int | None], task_map: st
 
 @dataclass
 class _Plan:
-    """Static (non-tensor) description of one meta-step, passed to the Function."""
+    """Static (non-tensor) description of one meta-step, passed to the Function, and
+    the three per-meta-batch primitives the forward and backward need, each mapped
+    over tasks by vmap or by a loop (``task_map``):
+
+    * ``support_grads``: g_t = ∇_θa Ls(θ_t) for every task;
+    * ``query``: (∇Lq(θ_t), Lq(θ_t)) for every task (∇ over φ too when asked);
+    * ``grad_hvp``: (g_t, H_t u_t) for every task, u on θa only.
+    ``pa`` (adapted tensors) is either shared ([*shape], step 0) or per task."""
 
     fn: PureFn
     prob: MetaProblem
     task_map: str
+    hvp: str  # 'autograd' | 'rev_rev' | 'fwd_rev'
     sgd_backend: str | None
     n_lr: int
 
-    # --- per-task functions (unbatched; mapped over tasks by map_tasks) --------------
+    # --- per-task pieces -----------------------------------------------------------
     def params(self, pa: Sequence[torch.Tensor], pf: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         d = dict(zip(self.prob.adapted, pa))
         d.update(zip(self.prob.fixed, pf))
@@ -108,28 +125,156 @@ class _Plan:
     def loss(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.prob.loss_fn(self.fn(self.params(pa, pf), x), y)
 
-    def support_grad(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        """g = ∇_θa Ls(θa, φ) of one task."""
-        return torch.func.grad(self.loss, argnums=0)(pa, pf, x, y)
+    def _task_grad_hvp(self, with_fixed: bool) -> Callable[..., Any]:
+        """(g, H u) of one task by torch.func, both derivative levels inside the task
+        (so under vmap nothing differentiates through a vmapped gradient).
 
-    def query_grad(self, with_fixed: bool) -> Callable[..., Any]:
-        """(∇Lq, Lq) of one task; the gradient covers φ too when ``with_fixed``."""
-        return torch.func.grad_and_value(self.loss, argnums=(0, 1) if with_fixed else 0)
-
-    def grad_and_hvp(self, with_fixed: bool) -> Callable[..., Any]:
-        """(g, H u) of one task by forward-over-reverse: jvp of grad at θa along u.
-
-        With ``with_fixed`` the gradient is w.r.t. (θa, φ), so the product is
-        ((g_a, g_f), (H_aa u, H_fa u)): the tangent lives on θa only."""
+        'fwd_rev': jvp of grad (forward-over-reverse); 'rev_rev': vjp of grad. With
+        ``with_fixed`` the gradient is w.r.t. (θa, φ) and the tangent lives on θa:
+        ((g_a, g_f), (H_aa u, H_fa u)) — for rev_rev by the symmetry of the Hessian,
+        ∂/∂(θa, φ) (∇_θa L · u) = H_{(θa,φ),θa} u."""
         argnums = (0, 1) if with_fixed else 0
 
-        def f(pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor, u: tuple) -> tuple:
+        def fwd_rev(pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor, u: tuple) -> tuple:
             def g_of(a: tuple) -> Any:
                 return torch.func.grad(self.loss, argnums=argnums)(a, pf, x, y)
 
             return torch.func.jvp(g_of, (pa,), (u,))
 
-        return f
+        def rev_rev(pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor, u: tuple) -> tuple:
+            if with_fixed:
+                def ga_of(a: tuple, f: tuple) -> Any:
+                    g = torch.func.grad(self.loss, argnums=(0, 1))(a, f, x, y)
+                    return g[0], g
+                _, vjp_fn, g = torch.func.vjp(ga_of, pa, pf, has_aux=True)
+                return g, vjp_fn(u)
+            g, vjp_fn = torch.func.vjp(lambda a: torch.func.grad(self.loss)(a, pf, x, y), pa)
+            return g, vjp_fn(u)[0]
+
+        return fwd_rev if self.hvp == "fwd_rev" else rev_rev
+
+    # --- the loop flavour: plain autograd per task (no torch.func, no vmap) -------------
+    def _leaves(self, ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.detach().requires_grad_(True) for t in ts]
+
+    def _grads(self, out: torch.Tensor, wrt: Sequence[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
+        gs = torch.autograd.grad(out, wrt, allow_unused=True, **kw)
+        return [torch.zeros_like(w) if g is None else g for g, w in zip(gs, wrt)]
+
+    def _loop_task_grad(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor, with_fixed: bool) -> tuple:
+        with torch.enable_grad():
+            a = self._leaves(pa)
+            f = self._leaves(pf) if with_fixed else list(pf)
+            val = self.loss(tuple(a), tuple(f), x, y)
+            g = self._grads(val, a + (f if with_fixed else []))
+        ga = tuple(g[:len(a)])
+        return ((ga, tuple(g[len(a):])) if with_fixed else ga), val.detach()
+
+    def _loop_task_grad_hvp(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor, u: tuple,
+                            with_fixed: bool) -> tuple:
+        # Reverse-over-reverse per task, outside any vmap: exact, BatchNorm included.
+        with torch.enable_grad():
+            a = self._leaves(pa)
+            f = self._leaves(pf) if with_fixed else list(pf)
+            wrt = a + (f if with_fixed else [])
+            val = self.loss(tuple(a), tuple(f), x, y)
+            g = self._grads(val, a, create_graph=True)
+            live = [(gi, ui) for gi, ui in zip(g, u) if gi.requires_grad]
+            if live:
+                hv = self._grads([gi for gi, _ in live], wrt, grad_outputs=[ui for _, ui in live])
+            else:  # the gradient does not depend on the parameters (a linear loss)
+                hv = [torch.zeros_like(w) for w in wrt]
+        g = [gi.detach() for gi in g]
+        if with_fixed:
+            return (tuple(g), None), (tuple(hv[:len(a)]), tuple(hv[len(a):]))
+        return tuple(g), tuple(hv)
+
+    # --- the 'autograd' flavour: plain autograd through a vmapped forward ---------------
+    # vmap only batches the forward over tasks; both derivative levels are ordinary
+    # autograd over the physical (batched) ops, so no torch.func grad level exists that
+    # anything could differentiate through. Tasks are independent, so the gradient of
+    # Σ_t L_t w.r.t. the per-task parameters [T, *shape] is the per-task gradient, and
+    # w.r.t. the shared φ it is the sum over tasks.
+    def _ag_leaves(self, pa: tuple, T: int, shared: bool) -> list[torch.Tensor]:
+        return [(p.detach().unsqueeze(0).expand(T, *p.shape) if shared else p.detach()).requires_grad_(True)
+                for p in pa]
+
+    def _ag_loss(self, a: Sequence[torch.Tensor], f: Sequence[torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(self.loss, in_dims=(0, None, 0, 0))(tuple(a), tuple(f), x, y)
+
+    def _ag_grad(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor, shared: bool,
+                 with_fixed: bool) -> tuple:
+        with torch.enable_grad():
+            a = self._ag_leaves(pa, x.shape[0], shared)
+            f = self._leaves(pf) if with_fixed else list(pf)
+            vals = self._ag_loss(a, f, x, y)
+            g = self._grads(vals.sum(), a + (f if with_fixed else []))
+        ga = tuple(g[:len(a)])
+        if with_fixed:
+            return (ga, tuple(gi.unsqueeze(0) for gi in g[len(a):])), vals.detach()
+        return ga, vals.detach()
+
+    def _ag_grad_hvp(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor, u: tuple, shared: bool,
+                     with_fixed: bool) -> tuple:
+        with torch.enable_grad():
+            a = self._ag_leaves(pa, x.shape[0], shared)
+            f = self._leaves(pf) if with_fixed else list(pf)
+            wrt = a + (f if with_fixed else [])
+            g = self._grads(self._ag_loss(a, f, x, y).sum(), a, create_graph=True)
+            live = [(gi, ui) for gi, ui in zip(g, u) if gi.requires_grad]
+            if live:
+                hv = self._grads([gi for gi, _ in live], wrt, grad_outputs=[ui for _, ui in live])
+            else:
+                hv = [torch.zeros_like(w) for w in wrt]
+        g = tuple(gi.detach() for gi in g)
+        if with_fixed:
+            return g, tuple(hv[:len(a)]), tuple(h.unsqueeze(0) for h in hv[len(a):])
+        return g, tuple(hv), None
+
+    # --- mapped over the meta-batch -----------------------------------------------------
+    def support_grads(self, pa: tuple, pf: tuple, xs: torch.Tensor, ys: torch.Tensor, shared: bool) -> tuple:
+        d = None if shared else 0
+        if self.task_map == "vmap" and self.hvp == "autograd":
+            return self._ag_grad(pa, pf, xs, ys, shared, False)[0]
+        if self.task_map == "vmap":
+            return torch.func.vmap(torch.func.grad(self.loss), in_dims=(d, None, 0, 0))(pa, pf, xs, ys)
+        f = lambda a, pf_, x, y: self._loop_task_grad(a, pf_, x, y, False)[0]  # noqa: E731
+        return map_tasks(f, (d, None, 0, 0), "loop")(pa, pf, xs, ys)
+
+    def query(self, pa: tuple, pf: tuple, xq: torch.Tensor, yq: torch.Tensor, need_grad: bool,
+              with_fixed: bool) -> Any:
+        """need_grad: (grads, values [T]); else values [T]."""
+        if self.task_map == "vmap" and self.hvp == "autograd" and need_grad:
+            return self._ag_grad(pa, pf, xq, yq, False, with_fixed)
+        if self.task_map == "vmap":
+            if not need_grad:
+                return torch.func.vmap(self.loss, in_dims=(0, None, 0, 0))(pa, pf, xq, yq)
+            f = torch.func.grad_and_value(self.loss, argnums=(0, 1) if with_fixed else 0)
+            return torch.func.vmap(f, in_dims=(0, None, 0, 0))(pa, pf, xq, yq)
+        if not need_grad:
+            return map_tasks(self.loss, (0, None, 0, 0), "loop")(pa, pf, xq, yq)
+        f = lambda a, pf_, x, y: self._loop_task_grad(a, pf_, x, y, with_fixed)  # noqa: E731
+        return map_tasks(f, (0, None, 0, 0), "loop")(pa, pf, xq, yq)
+
+    def grad_hvp(self, pa: tuple, pf: tuple, xs: torch.Tensor, ys: torch.Tensor, u: tuple, shared: bool,
+                 with_fixed: bool) -> tuple:
+        """(g_a, H_aa u, H_fa u or None), per task."""
+        d = None if shared else 0
+        if self.task_map == "vmap" and self.hvp == "autograd":
+            return self._ag_grad_hvp(pa, pf, xs, ys, u, shared, with_fixed)
+        if self.task_map == "vmap":
+            g, hv = torch.func.vmap(self._task_grad_hvp(with_fixed), in_dims=(d, None, 0, 0, 0))(pa, pf, xs, ys, u)
+            if with_fixed:
+                return g[0], hv[0], hv[1]
+            return g, hv, None
+        f = lambda a, pf_, x, y, u_: self._loop_task_grad_hvp(a, pf_, x, y, u_, with_fixed)  # noqa: E731
+        if with_fixed:
+            f2 = lambda *args: (lambda r: (r[0][0], r[1][0], r[1][1]))(f(*args))  # noqa: E731
+            return map_tasks(f2, (d, None, 0, 0, 0), "loop")(pa, pf, xs, ys, u)
+        f1 = lambda *args: (lambda r: (r[0], r[1]))(f(*args))  # noqa: E731
+        g, hv = map_tasks(f1, (d, None, 0, 0, 0), "loop")(pa, pf, xs, ys, u)
+        return g, hv, None
 
 
 class _MetaStep(torch.autograd.Function):
@@ -154,14 +299,6 @@ class _MetaStep(torch.autograd.Function):
         second = not prob.first_order
         keep_states = need_any and second
         keep_g = need_lr and not second
-        tm = plan.task_map
-
-        support_grad = map_tasks(plan.support_grad, (None, None, 0, 0), tm)
-        support_grad_b = map_tasks(plan.support_grad, (0, None, 0, 0), tm)
-        if need_any:
-            query = map_tasks(plan.query_grad(need_f), (0, None, 0, 0), tm)
-        else:
-            query = map_tasks(plan.loss, (0, None, 0, 0), tm)
 
         pa: tuple = theta_a
         states: list[tuple] = [theta_a]  # θ_0 is shared by the tasks (not expanded)
@@ -170,7 +307,7 @@ class _MetaStep(torch.autograd.Function):
         gq_f = [torch.zeros_like(p) for p in phi] if need_f else []
         total = torch.zeros((), dtype=xs.dtype, device=xs.device)
         for k in range(prob.steps):
-            g = (support_grad if k == 0 else support_grad_b)(pa, phi, xs, ys)
+            g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
             if keep_g:
                 gs.append(g)
             pa = tuple(ops.sgd_step(list(pa), list(g), prob.lr.sgd_lr(k, lr_t), backend=plan.sgd_backend))
@@ -180,7 +317,7 @@ class _MetaStep(torch.autograd.Function):
             if w == 0.0:
                 continue
             if need_any:
-                grads, val = query(pa, phi, xq, yq)
+                grads, val = plan.query(pa, phi, xq, yq, True, need_f)
                 if need_f:
                     ga, gf = grads
                     for acc, gfi in zip(gq_f, gf):
@@ -189,7 +326,7 @@ class _MetaStep(torch.autograd.Function):
                     ga = grads
                 gq_a[k + 1] = ga
             else:
-                val = query(pa, phi, xq, yq)
+                val = plan.query(pa, phi, xq, yq, False, False)
             total = total + w * val.mean()
 
         if need_any:
@@ -215,7 +352,6 @@ class _MetaStep(torch.autograd.Function):
         scale = grad_out / T  # every term of M carries 1/T and the incoming gradient
         K = prob.steps
         second = not prob.first_order
-        tm = plan.task_map
 
         # v_K = (w_K/T) ∇Lq(θ_K), per task [T, *shape_i]
         if prob.msl[K - 1] != 0.0:
@@ -224,19 +360,13 @@ class _MetaStep(torch.autograd.Function):
             v = [torch.zeros((T, *s), dtype=xs.dtype, device=xs.device) for s in ctx.shapes]
         dlr = [torch.zeros_like(t) for t in lr_t] if need_lr else []
         dphi = [scale * w for w in ctx.gq_f] if need_f else []
-        if second:
-            hvp0 = map_tasks(plan.grad_and_hvp(need_f), (None, None, 0, 0, 0), tm)
-            hvpb = map_tasks(plan.grad_and_hvp(need_f), (0, None, 0, 0, 0), tm)
         for k in reversed(range(K)):
             if second:
                 u = tuple(prob.lr.rate(k, i, lr_t) * vi for i, vi in enumerate(v))  # α_k ⊙ v_{k+1}
-                g, hv = (hvp0 if k == 0 else hvpb)(ctx.states[k], phi, xs, ys, u)
+                g_a, hv_a, hv_f = plan.grad_hvp(ctx.states[k], phi, xs, ys, u, k == 0, need_f)
                 if need_f:
-                    (g_a, _), (hv_a, hv_f) = g, hv
                     for acc, h in zip(dphi, hv_f):
                         acc.sub_(h.sum(0))  # dφ −= H_{φθ}(α_k ⊙ v_{k+1})
-                else:
-                    g_a, hv_a = g, hv
             else:
                 g_a = ctx.gs[k] if need_lr else None
             if need_lr:
@@ -270,6 +400,7 @@ def maml_loss(
     adapt: Sequence[str] | None = None,
     backend: str | None = None,
     task_map: str = "auto",
+    hvp: str = "auto",
 ) -> torch.Tensor:
     """The meta-loss M by the generic fast path; arguments as
     :func:`fastmaml.reference.maml_loss`. ``backend`` selects ``ops.sgd_step``'s
@@ -277,8 +408,8 @@ def maml_loss(
     adjoint (once-differentiable)."""
     prob = check_problem(fn, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,
                          msl_weights=msl_weights, adapt=adapt)
-    plan = _Plan(fn, prob, _choose_task_map(task_map, xs), None if backend in (None, "auto") else backend,
-                 len(prob.lr.tensors))
+    plan = _Plan(fn, prob, _choose_task_map(task_map, xs), _choose_hvp(hvp),
+                 None if backend in (None, "auto") else backend, len(prob.lr.tensors))
     flat = [params[n] for n in prob.adapted] + [params[n] for n in prob.fixed] + list(prob.lr.tensors)
     return _MetaStep.apply(plan, *flat, xs, ys, xq, yq)
 
@@ -300,15 +431,15 @@ def adapt(
     tensors not adapted are expanded views of θ."""
     prob = check_problem(fn, params, lrs, xs, ys, xs, ys, steps=steps, first_order=True, loss=loss,
                          msl_weights=None, adapt=adapt)
-    plan = _Plan(fn, prob, _choose_task_map(task_map, xs), None if backend in (None, "auto") else backend,
-                 len(prob.lr.tensors))
+    plan = _Plan(fn, prob, _choose_task_map(task_map, xs), "autograd",
+                 None if backend in (None, "auto") else backend, len(prob.lr.tensors))
     T = prob.T
     with torch.no_grad():
         pa = tuple(params[n].detach() for n in prob.adapted)
         phi = tuple(params[n].detach() for n in prob.fixed)
         lr_t = [t.detach() for t in prob.lr.tensors]
         for k in range(prob.steps):
-            g = map_tasks(plan.support_grad, (None if k == 0 else 0, None, 0, 0), plan.task_map)(pa, phi, xs, ys)
+            g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
             pa = tuple(ops.sgd_step(list(pa), list(g), prob.lr.sgd_lr(k, lr_t), backend=plan.sgd_backend))
     out = dict(zip(prob.adapted, pa))
     out.update({n: p.expand(T, *p.shape) for n, p in zip(prob.fixed, phi)})
