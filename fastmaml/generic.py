@@ -52,13 +52,45 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils import _pytree as pytree
 
 from fastmaml import ops
 from fastmaml._maml_common import MetaProblem, PureFn, check_problem
 
 TASK_MAPS = ("auto", "vmap", "loop")
+
+_DOUBLE_BACKWARD = (
+    "fastmaml: the MAML meta-loss is once-differentiable: its backward is the adjoint recursion run "
+    "without an autograd graph, so the meta-gradient cannot be differentiated again (double backward / "
+    "create_graph=True). Use backend='reference' (unrolled autograd) if you need higher derivatives."
+)
+
+
+def once_differentiable(backward: Callable[..., tuple]) -> Callable[..., tuple]:
+    """Like ``torch.autograd.function.once_differentiable``: run the backward without a
+    graph; when the caller asked for a graph (create_graph=True), return gradients whose
+    own backward raises a RuntimeError with a clear message (torch's decorator does this
+    only when the incoming gradient requires grad, which ``autograd.grad(...,
+    create_graph=True)`` of a scalar does not, leaving a confusing error later)."""
+
+    def wrapper(ctx: Any, *args: Any) -> tuple:
+        with torch.no_grad():
+            out = backward(ctx, *args)
+        if not torch.is_grad_enabled():
+            return out
+        live = [i for i, o in enumerate(out) if isinstance(o, torch.Tensor)]
+        if not live:
+            return out
+        err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD.encode(), len(live))
+        wrapped = err(*[out[i].detach().requires_grad_(True) for i in live])
+        if isinstance(wrapped, torch.Tensor):
+            wrapped = (wrapped,)
+        res = list(out)
+        for i, w in zip(live, wrapped):
+            res[i] = w
+        return tuple(res)
+
+    return wrapper
 
 
 def _choose_task_map(task_map: str, xs: torch.Tensor) -> str:
