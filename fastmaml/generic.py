@@ -81,8 +81,13 @@ def once_differentiable(backward: Callable[..., tuple]) -> Callable[..., tuple]:
         live = [i for i, o in enumerate(out) if isinstance(o, torch.Tensor)]
         if not live:
             return out
+        # Tie the error node to the differentiable inputs (× 0) so that a later
+        # autograd.grad(..., inputs) reaches it instead of reporting "unused".
+        anchors = [t for t in ctx.saved_tensors if t.requires_grad and t.numel()]
+        zero = sum(t.reshape(-1)[0] for t in anchors) * 0 if anchors else None
         err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD.encode(), len(live))
-        wrapped = err(*[out[i].detach().requires_grad_(True) for i in live])
+        wrapped = err(*[out[i].detach().requires_grad_(True) if zero is None else out[i].detach() + zero
+                        for i in live])
         if isinstance(wrapped, torch.Tensor):
             wrapped = (wrapped,)
         res = list(out)
