@@ -305,6 +305,11 @@ class _Plan:
             if with_fixed:
                 return g[0], hv[0], hv[1]
             return g, hv, None
+        if self.hvp in ("fwd_rev", "rev_rev"):  # torch.func per task, in a Python loop
+            g, hv = map_tasks(self._task_grad_hvp(with_fixed), (d, None, 0, 0, 0), "loop")(pa, pf, xs, ys, u)
+            if with_fixed:
+                return g[0], hv[0], hv[1]
+            return g, hv, None
         f = lambda a, pf_, x, y, u_: self._loop_task_grad_hvp(a, pf_, x, y, u_, with_fixed)  # noqa: E731
         if with_fixed:
             f2 = lambda *args: (lambda r: (r[0][0], r[1][0], r[1][1]))(f(*args))  # noqa: E731
