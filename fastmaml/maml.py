@@ -209,9 +209,10 @@ class MAML(nn.Module):
         if self.backend == "reference":
             return "reference", "backend='reference' requested: unrolled autograd over a loop of tasks"
         tm = self._task_map(device)
-        why = ("vmap over tasks" if tm == "vmap"
-               else "loop over tasks (CPU convolutions: a per-task conv is faster than vmap's grouped conv)")
-        return "generic", f"generic adjoint path: torch.func {why}, forward-over-reverse HVPs"
+        why = ("vmap over tasks, autograd HVPs through the vmapped forward" if tm == "vmap"
+               else "loop over tasks with per-task autograd HVPs (CPU convolutions: a per-task conv is "
+                    "faster than vmap's grouped conv)")
+        return "generic", f"generic adjoint path: {why}"
 
     def _buffer_versions(self) -> list[int]:
         return [b._version for b in self.model.buffers()]
