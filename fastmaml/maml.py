@@ -162,6 +162,11 @@ class MAML(nn.Module):
         else:
             lrs = [torch.full((K, *s), self.inner_lr, **kw) for s in shapes]  # type: ignore[arg-type]
         self.lrs = nn.ParameterList([nn.Parameter(t, requires_grad=learn_lr) for t in lrs])
+        # Advanced knobs of the generic path (see fastmaml.generic): how tasks are mapped
+        # ('auto' | 'vmap' | 'loop') and how HVPs are taken ('auto' | 'autograd' |
+        # 'rev_rev' | 'fwd_rev'). The defaults are the fastest measured on CPU.
+        self.task_map = "auto"
+        self.hvp = "auto"
         self.check_model()
         self.path, self.path_reason = self._select_path(p0.device)
 
@@ -200,6 +205,8 @@ class MAML(nn.Module):
         return list(self.lrs)
 
     def _task_map(self, device: torch.device) -> str:
+        if self.task_map != "auto":
+            return self.task_map
         # CPU convolutions: one ordinary conv per task beats vmap's grouped conv.
         return "loop" if (device.type == "cpu" and _has_conv(self.model)) else "vmap"
 
@@ -209,8 +216,9 @@ class MAML(nn.Module):
         if self.backend == "reference":
             return "reference", "backend='reference' requested: unrolled autograd over a loop of tasks"
         tm = self._task_map(device)
-        why = ("vmap over tasks, autograd HVPs through the vmapped forward" if tm == "vmap"
-               else "loop over tasks with per-task autograd HVPs (CPU convolutions: a per-task conv is "
+        hv = "autograd" if self.hvp == "auto" else self.hvp
+        why = (f"vmap over tasks, {hv} HVPs" if tm == "vmap"
+               else f"loop over tasks, {hv} HVPs per task (CPU convolutions: a per-task conv is "
                     "faster than vmap's grouped conv)")
         return "generic", f"generic adjoint path: {why}"
 
@@ -230,7 +238,8 @@ class MAML(nn.Module):
             out = ref.maml_loss(self._fn, self._params(), self._lrs_arg(), xs, ys, xq, yq, **kw)  # type: ignore[arg-type]
         else:
             out = generic.maml_loss(self._fn, self._params(), self._lrs_arg(), xs, ys, xq, yq,
-                                    backend=self.backend, task_map=self._task_map(device), **kw)  # type: ignore[arg-type]
+                                    backend=self.backend, task_map=self._task_map(device), hvp=self.hvp,
+                                    **kw)  # type: ignore[arg-type]
         if self._buffer_versions() != versions:
             raise RuntimeError("the model modified one of its buffers in place during forward; MAML needs a model "
                                "whose forward is a pure function of its parameters and inputs")
