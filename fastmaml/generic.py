@@ -286,6 +286,55 @@ class _Plan:
             return g, tuple(hv[:len(a)]), tuple(h.unsqueeze(0) for h in hv[len(a):])
         return g, tuple(hv), None
 
+    # --- the last inner step, with its graph kept for the backward -----------------------
+    def support_grads_kept(self, pa: tuple, pf: tuple, xs: torch.Tensor, ys: torch.Tensor, shared: bool,
+                           with_fixed: bool) -> tuple[tuple, Callable[[tuple], tuple]]:
+        """(g, hvp) at the LAST inner step: the support gradient is taken with
+        create_graph=True and its graph kept, so the backward's first HVP,
+        hvp(u) -> (H_aa u, H_fa u or None), needs no recomputation. This keeps one step's
+        activations alive (the memory bound allows one step) and saves one support
+        forward/backward per task — at K = 1 the whole recomputation. Only for the
+        'autograd' derivative method (vmap) and the loop."""
+        T = xs.shape[0]
+        with torch.enable_grad():
+            if self.task_map == "vmap":
+                a = self._ag_leaves(pa, T, shared)
+                f = self._leaves(pf) if with_fixed else list(pf)
+                graphs = [(a, f, self._grads(self._ag_loss(a, f, xs, ys).sum(), a, create_graph=True))]
+            else:
+                graphs = []
+                for t in range(T):
+                    a = self._leaves(pa if shared else tuple(p[t] for p in pa))
+                    f = self._leaves(pf) if with_fixed else list(pf)
+                    graphs.append((a, f, self._grads(self.loss(tuple(a), tuple(f), xs[t], ys[t]), a,
+                                                     create_graph=True)))
+        if self.task_map == "vmap":
+            g = tuple(gi.detach() for gi in graphs[0][2])
+        else:
+            g = tuple(torch.stack([gr[2][i].detach() for gr in graphs]) for i in range(len(pa)))
+
+        def hvp(u: tuple) -> tuple:
+            outs = []
+            for t, (a, f, gk) in enumerate(graphs):
+                ut = u if self.task_map == "vmap" else tuple(ui[t] for ui in u)
+                wrt = a + (f if with_fixed else [])
+                live = [(gi, ui) for gi, ui in zip(gk, ut) if gi.requires_grad]
+                if live:
+                    outs.append(self._grads([gi for gi, _ in live], wrt, grad_outputs=[ui for _, ui in live]))
+                else:
+                    outs.append([torch.zeros_like(w) for w in wrt])
+            graphs.clear()  # the graph is used once; free it
+            na = len(pa)
+            if self.task_map == "vmap":
+                hv = outs[0]
+                hv_f = tuple(h.unsqueeze(0) for h in hv[na:]) if with_fixed else None
+                return tuple(hv[:na]), hv_f
+            hv_a = tuple(torch.stack([o[i] for o in outs]) for i in range(na))
+            hv_f = tuple(torch.stack([o[na + i] for o in outs]) for i in range(len(pf))) if with_fixed else None
+            return hv_a, hv_f
+
+        return g, hvp
+
     # --- mapped over the meta-batch -----------------------------------------------------
     def support_grads(self, pa: tuple, pf: tuple, xs: torch.Tensor, ys: torch.Tensor, shared: bool) -> tuple:
         d = None if shared else 0
@@ -365,8 +414,15 @@ class _MetaStep(torch.autograd.Function):
         gq_a: list[tuple | None] = [None] * (prob.steps + 1)
         gq_f = [torch.zeros_like(p) for p in phi] if need_f else []
         total = torch.zeros((), dtype=xs.dtype, device=xs.device)
+        # Keep the last step's support graph for the backward (saves its recomputation).
+        keep_last = keep_states and (plan.task_map == "loop" or plan.hvp == "autograd")
+        last_hvp = None
         for k in range(prob.steps):
-            g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
+            if keep_last and k == prob.steps - 1:
+                g, last_hvp = plan.support_grads_kept(pa, phi, xs, ys, k == 0, need_f)
+                last_g = g
+            else:
+                g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
             if keep_g:
                 gs.append(g)
             pa = tuple(ops.sgd_step(list(pa), list(g), prob.lr.sgd_lr(k, lr_t), backend=plan.sgd_backend))
@@ -392,6 +448,7 @@ class _MetaStep(torch.autograd.Function):
             ctx.plan = plan
             ctx.flags = (need_a, need_f, need_lr)
             ctx.states, ctx.gs, ctx.gq_a, ctx.gq_f = states, gs, gq_a, gq_f
+            ctx.last = (last_g, last_hvp) if last_hvp is not None else None
             ctx.shapes = [p.shape for p in theta_a]
             ctx.save_for_backward(*flat)  # version counters catch in-place edits of the inputs
         return total
@@ -422,7 +479,11 @@ class _MetaStep(torch.autograd.Function):
         for k in reversed(range(K)):
             if second:
                 u = tuple(prob.lr.rate(k, i, lr_t) * vi for i, vi in enumerate(v))  # α_k ⊙ v_{k+1}
-                g_a, hv_a, hv_f = plan.grad_hvp(ctx.states[k], phi, xs, ys, u, k == 0, need_f)
+                if k == K - 1 and ctx.last is not None:
+                    g_a, (hv_a, hv_f) = ctx.last[0], ctx.last[1](u)
+                    ctx.last = None
+                else:
+                    g_a, hv_a, hv_f = plan.grad_hvp(ctx.states[k], phi, xs, ys, u, k == 0, need_f)
                 if need_f:
                     for acc, h in zip(dphi, hv_f):
                         acc.sub_(h.sum(0))  # dφ −= H_{φθ}(α_k ⊙ v_{k+1})

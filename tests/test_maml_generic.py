@@ -213,3 +213,12 @@ def test_adapt_and_predict_match_reference():
         pred = generic.predict(mlp_fn, got, xq, task_map=tm)
         for t in range(3):
             assert_close(f"pred[{t}]", pred[t], mlp_fn({n: v[t] for n, v in want.items()}, xq[t]), 1e-12)
+
+
+@pytest.mark.parametrize("task_map", ["vmap", "loop"])
+def test_anil_k1_learned_lr(task_map):
+    # K = 1: the only inner step is the one whose support graph is kept for the backward
+    params = mlp_params()
+    adapt = ["w1", "b1", "w2"]
+    lrs = make_lrs("per_element", [params[n].shape for n in adapt], 1)
+    _check(_both(mlp_fn, params, lrs, meta_batch(3, 4, 5, 3, 2), K=1, adapt=adapt, task_map=task_map), params)
