@@ -169,6 +169,7 @@ class _Plan:
     hvp: str  # 'autograd' | 'rev_rev' | 'fwd_rev'
     sgd_backend: str | None
     n_lr: int
+    grad_enabled: bool = True  # the caller's grad mode when the meta-loss was built
 
     # --- per-task pieces -----------------------------------------------------------
     def params(self, pa: Sequence[torch.Tensor], pf: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -400,9 +401,12 @@ class _MetaStep(torch.autograd.Function):
         phi = tuple(flat[na:na + nf])
         lr_t = list(flat[na + nf:na + nf + plan.n_lr])
         xs, ys, xq, yq = flat[na + nf + plan.n_lr:]
-        need_a = any(ctx.needs_input_grad[1:1 + na])
-        need_f = any(ctx.needs_input_grad[1 + na:1 + na + nf])
-        need_lr = any(ctx.needs_input_grad[1 + na + nf:1 + na + nf + plan.n_lr])
+        # Under torch.no_grad() (evaluation) needs_input_grad still says True: the
+        # plan records the caller's grad mode so no meta-gradient work is done then.
+        grad_on = plan.grad_enabled
+        need_a = grad_on and any(ctx.needs_input_grad[1:1 + na])
+        need_f = grad_on and any(ctx.needs_input_grad[1 + na:1 + na + nf])
+        need_lr = grad_on and any(ctx.needs_input_grad[1 + na + nf:1 + na + nf + plan.n_lr])
         need_any = need_a or need_f or need_lr
         second = not prob.first_order
         keep_states = need_any and second
@@ -531,7 +535,7 @@ def maml_loss(
     prob = check_problem(fn, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,
                          msl_weights=msl_weights, adapt=adapt)
     plan = _Plan(fn, prob, _choose_task_map(task_map, xs), _choose_hvp(hvp),
-                 None if backend in (None, "auto") else backend, len(prob.lr.tensors))
+                 None if backend in (None, "auto") else backend, len(prob.lr.tensors), torch.is_grad_enabled())
     flat = [params[n] for n in prob.adapted] + [params[n] for n in prob.fixed] + list(prob.lr.tensors)
     return _MetaStep.apply(plan, *flat, xs, ys, xq, yq)
 

@@ -233,3 +233,13 @@ def test_functional_bad_lrs():
         fastmaml.maml_loss(fn, params, torch.tensor(0.1), *data, steps=2)
     with pytest.raises(ValueError, match="backend must be one of"):
         fastmaml.maml_loss(fn, params, 0.1, *data, steps=2, backend="x")
+
+
+def test_meta_loss_under_no_grad_is_the_same_number():
+    m = fastmaml.MAML(_mlp(), inner_lr=0.1, inner_steps=2)
+    data = _good()
+    with torch.no_grad():
+        a = m(*data)
+    b = m(*data)
+    assert not a.requires_grad and b.requires_grad
+    assert_close("meta-loss", a, b.detach(), 1e-14)
