@@ -5,7 +5,8 @@ Hessian-vector products. See README.md and DESIGN.md.
 """
 
 from fastmaml import backends, ops, reference
+from fastmaml.maml import MAML, maml_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "reference", "__version__"]
+__all__ = ["backends", "ops", "reference", "MAML", "maml_loss", "__version__"]

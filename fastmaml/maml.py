@@ -1,0 +1,275 @@
+"""Public MAML API (DESIGN.md §2): the ``MAML`` module wrapper and the functional
+``maml_loss``.
+
+The meta-loss returned by either is once-differentiable on the fast path: its
+backward is the adjoint recursion (DESIGN.md §1) run without a graph, so
+``loss.backward()`` works but differentiating the meta-gradient again (double
+backward, e.g. ``autograd.grad(loss, θ, create_graph=True)`` then ``.backward()``)
+raises a RuntimeError. Use ``backend="reference"`` if you need higher derivatives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fastmaml import _checks, generic
+from fastmaml import reference as ref
+from fastmaml._maml_common import PureFn, resolve_loss, resolve_msl
+
+LR_MODES = ("scalar", "per_step_layer", "per_element", "per_step_element")
+MAML_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def _check_backend(backend: object) -> str:
+    if not isinstance(backend, str) or backend not in MAML_BACKENDS:
+        raise ValueError(f"backend must be one of {MAML_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def maml_loss(
+    fn: PureFn,
+    params: Mapping[str, torch.Tensor],
+    lrs: object,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    *,
+    steps: int,
+    first_order: bool = False,
+    loss: object = "mse",
+    msl_weights: object = None,
+    adapt: Sequence[str] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Meta-loss M = (1/T) Σ_t Σ_k w_k Lq(θ_{t,k}) of a pure function ``fn(params, x)``.
+
+    params: dict name -> tensor θ (float32/float64), shared by the tasks.
+    lrs: float (fixed) | 0-d tensor (scalar, learned if it requires grad) |
+        [n_adapted] | [K, n_adapted] (MAML++ LSLR) | list/dict of per-element tensors
+        [*shape_i] or [K, *shape_i] (Meta-SGD), ordered like the adapted tensors.
+    xs [T, Ns, ...], ys [T, Ns, ...] (float for 'mse', int64 for 'cross_entropy'),
+    xq [T, Nq, ...], yq [T, Nq, ...].
+    steps: K; first_order; loss: 'mse' | 'cross_entropy' | loss(pred, y); msl_weights:
+    [K] or None; adapt: names adapted in the inner loop (None: all).
+    backend: 'reference' (unrolled autograd, ground truth) or 'auto'/'cpu'/'cuda'/
+    'triton' (generic fast path; the name picks ``ops.sgd_step``'s backend).
+    Returns a 0-d tensor; once-differentiable on the fast path.
+    """
+    backend = _check_backend(backend)
+    kw = dict(steps=steps, first_order=first_order, loss=loss, msl_weights=msl_weights, adapt=adapt)
+    if backend == "reference":
+        return ref.maml_loss(fn, params, lrs, xs, ys, xq, yq, **kw)  # type: ignore[arg-type]
+    return generic.maml_loss(fn, params, lrs, xs, ys, xq, yq, backend=backend, **kw)  # type: ignore[arg-type]
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+class MAML(nn.Module):
+    """MAML and its relatives around any ``nn.Module`` that is a function of its
+    parameters (Linear, Conv, BatchNorm with batch statistics, activations, pooling).
+
+    Args:
+        model: the network; its trainable parameters are θ. BatchNorm must use batch
+            statistics (``track_running_stats=False``) or be in eval mode; dropout
+            must be off (eval mode or p=0): see ``check_model``.
+        inner_lr: initial/fixed inner learning rate α.
+        inner_steps: K ≥ 1.
+        first_order: first-order MAML (inner gradients treated as constants).
+        lr_mode: 'scalar' (one α), 'per_step_layer' (MAML++ LSLR, [K, n_adapted]),
+            'per_element' (Meta-SGD, one tensor per adapted parameter) or
+            'per_step_element' ([K, *shape] per adapted parameter).
+        learn_lr: make the rates ``nn.Parameter``s with requires_grad (in ``self.lrs``)
+            so any optimizer over ``self.parameters()`` trains them. For non-scalar
+            modes without learn_lr they are frozen parameters.
+        loss: 'mse' | 'cross_entropy' | callable loss(pred, y) -> scalar.
+        adapt: names (as in ``model.named_parameters()``) adapted in the inner loop;
+            None = all trainable parameters (ANIL: the head only).
+        msl_weights: MAML++ multi-step-loss weights [K], None = plain MAML.
+        backend: 'auto' | 'reference' | 'cpu' | 'cuda' | 'triton' (see ``maml_loss``).
+
+    ``self(xs, ys, xq, yq)`` returns the meta-loss (0-d); ``.backward()`` on it fills
+    ``.grad`` of θ and of learned rates. It is once-differentiable on the fast path.
+    ``self.path`` / ``self.path_reason`` say which implementation ran and why.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 5,
+        first_order: bool = False,
+        lr_mode: str = "scalar",
+        learn_lr: bool = False,
+        loss: object = "mse",
+        adapt: Sequence[str] | None = None,
+        msl_weights: object = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.inner_steps = _checks.positive_int("inner_steps", inner_steps)
+        if not isinstance(first_order, bool):
+            raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+        self.first_order = first_order
+        if lr_mode not in LR_MODES:
+            raise ValueError(f"lr_mode must be one of {LR_MODES}, got {lr_mode!r}")
+        self.lr_mode = lr_mode
+        if not isinstance(learn_lr, bool):
+            raise TypeError(f"learn_lr must be a bool, got {type(learn_lr).__name__}")
+        self.learn_lr = learn_lr
+        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not math.isfinite(inner_lr):
+            raise ValueError(f"inner_lr must be a finite float, got {inner_lr!r}")
+        self.inner_lr = float(inner_lr)
+        resolve_loss(loss)
+        self.loss = loss
+        self.msl_weights = None if msl_weights is None else resolve_msl(msl_weights, self.inner_steps)
+        self.backend = _check_backend(backend)
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model has no trainable parameters (requires_grad=True)")
+        names = [n for n, _ in named]
+        if adapt is None:
+            self.adapt_names = names
+        else:
+            if isinstance(adapt, str):
+                raise TypeError("adapt must be a list of parameter names, not a string")
+            unknown = [a for a in adapt if a not in names]
+            if unknown:
+                raise ValueError(f"adapt names unknown or frozen parameters {unknown}; trainable parameters: {names}")
+            if not list(adapt):
+                raise ValueError("adapt must name at least one parameter")
+            self.adapt_names = [n for n in names if n in set(adapt)]
+        p0 = named[0][1]
+        shapes = [dict(named)[n].shape for n in self.adapt_names]
+        K, n_a = self.inner_steps, len(self.adapt_names)
+        kw = dict(dtype=p0.dtype, device=p0.device)
+        if lr_mode == "scalar":
+            lrs = [torch.tensor(self.inner_lr, **kw)] if learn_lr else []  # type: ignore[arg-type]
+        elif lr_mode == "per_step_layer":
+            lrs = [torch.full((K, n_a), self.inner_lr, **kw)]  # type: ignore[arg-type]
+        elif lr_mode == "per_element":
+            lrs = [torch.full(s, self.inner_lr, **kw) for s in shapes]  # type: ignore[arg-type]
+        else:
+            lrs = [torch.full((K, *s), self.inner_lr, **kw) for s in shapes]  # type: ignore[arg-type]
+        self.lrs = nn.ParameterList([nn.Parameter(t, requires_grad=learn_lr) for t in lrs])
+        # Advanced knobs of the generic path (see fastmaml.generic): how tasks are mapped
+        # ('auto' | 'vmap' | 'loop') and how HVPs are taken ('auto' | 'autograd' |
+        # 'rev_rev' | 'fwd_rev'). The defaults are the fastest measured on CPU.
+        self.task_map = "auto"
+        self.hvp = "auto"
+        self.check_model()
+        self.path, self.path_reason = self._select_path(p0.device)
+
+    # --- the pieces the paths share ---------------------------------------------------
+    def check_model(self) -> None:
+        """Raise ValueError for model states the meta-step cannot handle:
+        BatchNorm that would update running statistics (training mode with
+        track_running_stats=True) and active dropout (random masks differ between the
+        inner loop, the query loss and the backward's recomputation)."""
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+                raise ValueError(
+                    f"BatchNorm layer {name!r} is in training mode with track_running_stats=True: it would update "
+                    "its running statistics (buffers) in place inside the inner loop. Build it with "
+                    "track_running_stats=False (batch statistics, as the original MAML code), or call "
+                    "model.eval() to use its fixed running statistics."
+                )
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+                raise ValueError(
+                    f"Dropout layer {name!r} is active (training mode, p={m.p}): its random masks would differ "
+                    "between the inner steps, the query loss and the backward pass. Call model.eval() on the "
+                    "dropout layers or use p=0."
+                )
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _fn(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.model, params, (x,))
+
+    def _lrs_arg(self) -> object:
+        if self.lr_mode == "scalar":
+            return self.lrs[0] if self.learn_lr else self.inner_lr
+        if self.lr_mode == "per_step_layer":
+            return self.lrs[0]
+        return list(self.lrs)
+
+    def _task_map(self, device: torch.device) -> str:
+        if self.task_map != "auto":
+            return self.task_map
+        # CPU convolutions: one ordinary conv per task beats vmap's grouped conv.
+        return "loop" if (device.type == "cpu" and _has_conv(self.model)) else "vmap"
+
+    def _select_path(self, device: torch.device) -> tuple[str, str]:
+        """The dispatch: which implementation runs the meta-step, and why.
+        (The fused MLP path, when it exists, is chosen here.)"""
+        if self.backend == "reference":
+            return "reference", "backend='reference' requested: unrolled autograd over a loop of tasks"
+        tm = self._task_map(device)
+        hv = "autograd" if self.hvp == "auto" else self.hvp
+        why = (f"vmap over tasks, {hv} HVPs" if tm == "vmap"
+               else f"loop over tasks, {hv} HVPs per task (CPU convolutions: a per-task conv is "
+                    "faster than vmap's grouped conv)")
+        return "generic", f"generic adjoint path: {why}"
+
+    def _buffer_versions(self) -> list[int]:
+        return [b._version for b in self.model.buffers()]
+
+    # --- public -------------------------------------------------------------------------
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+        """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d)."""
+        self.check_model()
+        device = next(iter(self._params().values())).device
+        self.path, self.path_reason = self._select_path(device)
+        versions = self._buffer_versions()
+        kw = dict(steps=self.inner_steps, first_order=self.first_order, loss=self.loss,
+                  msl_weights=self.msl_weights, adapt=self.adapt_names)
+        if self.path == "reference":
+            out = ref.maml_loss(self._fn, self._params(), self._lrs_arg(), xs, ys, xq, yq, **kw)  # type: ignore[arg-type]
+        else:
+            out = generic.maml_loss(self._fn, self._params(), self._lrs_arg(), xs, ys, xq, yq,
+                                    backend=self.backend, task_map=self._task_map(device), hvp=self.hvp,
+                                    **kw)  # type: ignore[arg-type]
+        if self._buffer_versions() != versions:
+            raise RuntimeError("the model modified one of its buffers in place during forward; MAML needs a model "
+                               "whose forward is a pure function of its parameters and inputs")
+        return out
+
+    def adapt(self, xs: torch.Tensor, ys: torch.Tensor, steps: int | None = None) -> dict[str, torch.Tensor]:
+        """Per-task adapted parameters after ``steps`` (default K) inner steps on the
+        support sets xs [T, N, ...], ys: dict name -> [T, *shape], detached (for
+        evaluation). Per-step learning rates allow only steps == K."""
+        self.check_model()
+        steps = self.inner_steps if steps is None else _checks.positive_int("steps", steps)
+        device = next(iter(self._params().values())).device
+        if self.lr_mode in ("per_step_layer", "per_step_element") and steps != self.inner_steps:
+            raise ValueError(f"lr_mode={self.lr_mode!r} defines rates for {self.inner_steps} steps only; got steps={steps}")
+        kw = dict(steps=steps, loss=self.loss, adapt=self.adapt_names)
+        if self._select_path(device)[0] == "reference":
+            return ref.maml_adapt(self._fn, self._params(), self._lrs_arg(), xs, ys, **kw)  # type: ignore[arg-type]
+        return generic.adapt(self._fn, self._params(), self._lrs_arg(), xs, ys, backend=self.backend,
+                             task_map=self._task_map(device), **kw)  # type: ignore[arg-type]
+
+    def predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
+        """Predictions of each task's adapted parameters ``fast`` (from ``adapt``) on
+        xq [T, N, ...]: [T, N, ...]."""
+        if not isinstance(fast, Mapping):
+            raise TypeError(f"fast must be the dict returned by adapt(), got {type(fast).__name__}")
+        _checks.tensor("xq", xq)
+        if xq.dim() < 2:
+            raise ValueError(f"xq must be [T, N, ...], got shape {tuple(xq.shape)}")
+        for n, p in fast.items():
+            if p.dim() == 0 or p.shape[0] != xq.shape[0]:
+                raise ValueError(f"fast[{n!r}] must be [T={xq.shape[0]}, ...] like xq, got shape {tuple(p.shape)}")
+        device = xq.device
+        return generic.predict(self._fn, fast, xq, task_map=self._task_map(device))
