@@ -429,7 +429,7 @@ class _MetaStep(torch.autograd.Function):
                 g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
             if keep_g:
                 gs.append(g)
-            pa = tuple(ops.sgd_step(list(pa), list(g), prob.lr.sgd_lr(k, lr_t), backend=plan.sgd_backend))
+            pa = _inner_update(pa, g, prob.lr.sgd_lr(k, lr_t), plan.sgd_backend)
             if keep_states and k + 1 < prob.steps:
                 states.append(pa)
             w = prob.msl[k]
@@ -566,10 +566,17 @@ def adapt(
         lr_t = [t.detach() for t in prob.lr.tensors]
         for k in range(prob.steps):
             g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
-            pa = tuple(ops.sgd_step(list(pa), list(g), prob.lr.sgd_lr(k, lr_t), backend=plan.sgd_backend))
+            pa = _inner_update(pa, g, prob.lr.sgd_lr(k, lr_t), plan.sgd_backend)
     out = dict(zip(prob.adapted, pa))
     out.update({n: p.expand(T, *p.shape) for n, p in zip(prob.fixed, phi)})
     return {n: out[n] for n in prob.names}
+
+
+def _inner_update(pa: tuple, g: tuple, lr: object, backend: str | None) -> tuple:
+    """θ_{k+1} = θ_k − α_k ⊙ g_k by the fused ``ops.sgd_step``. Gradients that come out of
+    vmap/autograd may be non-contiguous views (e.g. of a transposed weight); the kernels
+    take contiguous tensors, so those are compacted first (a no-op otherwise)."""
+    return tuple(ops.sgd_step([p.contiguous() for p in pa], [x.contiguous() for x in g], lr, backend=backend))
 
 
 def predict(fn: PureFn, fast: Mapping[str, torch.Tensor], xq: torch.Tensor, task_map: str = "auto") -> torch.Tensor:
