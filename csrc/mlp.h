@@ -1,0 +1,680 @@
+// The per-task MLP algorithms shared by the CPU (mlp_cpu.cpp) and CUDA (mlp_cuda.cu)
+// builds: forward with stored activations, backward, the Hessian-vector product by
+// Pearlmutter's R-operator, and the whole MAML meta-step of one task (K inner steps,
+// the multi-step query loss and the adjoint recursion of DESIGN.md §1).
+//
+// Everything is written once against a thread-group policy G (common.h): SerialGroup on
+// the CPU (one OpenMP thread = one task, barriers are no-ops), CtaGroup on the GPU (one
+// CTA = one task). Only the four small dense products (gemm_nt, gemm_tn, gemm_nn,
+// colsum) and the in-group sum are specialised per policy: contiguous, register-blocked
+// inner loops the compiler vectorises on the CPU; thread-strided loops on the GPU. The
+// per-element math (activations, their derivatives, the losses and their Hessians, the
+// update, the adjoint) is shared.
+//
+// Conventions (fastmaml/reference/mlp.py): layer l (1..L) maps d[l-1] -> d[l] with
+// W_l [d_l, d_{l-1}] row-major and b_l [d_l]; z_l = h_{l-1} W_lᵀ + b_l; h_l = σ(z_l) for
+// l < L, the last layer is linear. Activations of N points are stored point-major
+// [N, d_l]. Flat parameter order (learning rates, meta-gradients): W_1, b_1, ..., W_L, b_L.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+
+#if defined(__CUDACC__)
+#define FM_ALGO __device__ __forceinline__
+#else
+#define FM_ALGO inline
+#endif
+
+namespace fastmaml {
+namespace mlp {
+
+constexpr int kMaxLayers = 8;
+enum Act : int { kRelu = 0, kTanh = 1 };
+enum Loss : int { kMse = 0, kCrossEntropy = 1 };
+// Inner learning-rate granularities (DESIGN.md §1); the lr buffer is packed as
+// scalar: [1]; table: [K, 2L]; elem: [P] (flat order); step_elem: [K, P].
+enum LrMode : int { kLrScalar = 0, kLrTable = 1, kLrElem = 2, kLrStepElem = 3 };
+
+// Layer sizes and the flat parameter layout.
+struct Shape {
+  int L = 0;
+  int d[kMaxLayers + 1] = {};
+  int64_t woff[kMaxLayers] = {};  // offset of W_l (l = 0..L-1 here) in the flat vector
+  int64_t boff[kMaxLayers] = {};
+  int64_t P = 0;                  // number of parameters
+  int maxd = 0;                   // max(d[0..L])
+  int act = kRelu;
+  int loss = kMse;
+  int64_t sum_d = 0;              // Σ_{l=1..L} d_l
+};
+
+inline Shape make_shape(const int* dims, int L, int act, int loss) {
+  Shape s;
+  require(L >= 1 && L <= kMaxLayers, "number of layers must be in [1, 8]");
+  s.L = L;
+  s.act = act;
+  s.loss = loss;
+  int64_t off = 0;
+  for (int l = 0; l <= L; ++l) {
+    require(dims[l] >= 1, "layer widths must be >= 1");
+    s.d[l] = dims[l];
+    s.maxd = dims[l] > s.maxd ? dims[l] : s.maxd;
+  }
+  for (int l = 0; l < L; ++l) {
+    s.woff[l] = off;
+    off += int64_t(s.d[l + 1]) * s.d[l];
+    s.boff[l] = off;
+    off += s.d[l + 1];
+    s.sum_d += s.d[l + 1];
+  }
+  s.P = off;
+  return s;
+}
+
+// Per-layer pointers to one parameter set (θ, a gradient, a tangent, ...).
+template <class S>
+struct Params {
+  S* W[kMaxLayers];
+  S* b[kMaxLayers];
+};
+
+template <class S>
+FM_HD Params<S> flat_params(const Shape& s, S* flat) {
+  Params<S> p;
+  for (int l = 0; l < s.L; ++l) {
+    p.W[l] = flat + s.woff[l];
+    p.b[l] = flat + s.boff[l];
+  }
+  return p;
+}
+
+// Stored activations of one pass over N points: H_l (h_l; h_L = z_L is the output),
+// D_l = ∂ℓ/∂z_l and E_l = ∂ℓ/∂h_l (l < L, kept for tanh's σ'' term), each [N, d_l].
+template <class S>
+struct Acts {
+  S* H[kMaxLayers];
+  S* D[kMaxLayers];
+  S* E[kMaxLayers];
+};
+
+FM_HD int64_t acts_size(const Shape& s, int N) { return 3 * int64_t(N) * s.sum_d; }
+
+template <class S>
+FM_HD Acts<S> carve_acts(const Shape& s, int N, S* base) {
+  Acts<S> a;
+  for (int l = 0; l < s.L; ++l) {
+    a.H[l] = base;
+    base += int64_t(N) * s.d[l + 1];
+    a.D[l] = base;
+    base += int64_t(N) * s.d[l + 1];
+    a.E[l] = base;
+    base += int64_t(N) * s.d[l + 1];
+  }
+  return a;
+}
+
+// ---- per-element math (shared) ---------------------------------------------------------
+FM_HD float fm_tanh(float x) { return tanhf(x); }
+FM_HD double fm_tanh(double x) { return tanh(x); }
+FM_HD float fm_exp(float x) { return expf(x); }
+FM_HD double fm_exp(double x) { return exp(x); }
+FM_HD float fm_log(float x) { return logf(x); }
+FM_HD double fm_log(double x) { return log(x); }
+
+template <class S>
+FM_HD S act_fwd(int act, S z) {
+  return act == kRelu ? (z > S(0) ? z : S(0)) : fm_tanh(z);
+}
+// σ'(z) and σ''(z) written in terms of h = σ(z) (what is stored).
+template <class S>
+FM_HD S act_d1(int act, S h) {
+  return act == kRelu ? (h > S(0) ? S(1) : S(0)) : S(1) - h * h;  // relu: 1[z>0] (torch's choice at 0)
+}
+template <class S>
+FM_HD S act_d2(int act, S h) {
+  return act == kRelu ? S(0) : S(-2) * h * (S(1) - h * h);  // tanh'' = −2 tanh (1 − tanh²)
+}
+
+// ---- policy-specialised primitives ------------------------------------------------------
+// All matrices are contiguous row-major with no padding.
+//   gemm_nt: C[M][P] = (acc ? C : bias ? bias[p] : 0) + Σ_q A[M][Q] B[P][Q]   (z = h Wᵀ + b)
+//   gemm_tn: C[P][Q] = (acc ? C : 0) + Σ_m A[m][p] B[m][q]                    (∇W = δᵀ h)
+//   gemm_nn: C[M][Q] = (acc ? C : 0) + Σ_p A[m][p] B[p][q]                    (∂ℓ/∂h = δ W)
+//   colsum:  c[P]    = (acc ? c : 0) + Σ_m A[m][p]                           (∇b = Σ_n δ)
+// group_sum: the sum of one value per group member, returned to every member, in a
+// fixed order (deterministic).
+
+// CPU (SerialGroup) ------------------------------------------------------------------------
+#if !defined(__CUDA_ARCH__)
+// out[0..Q) (+)= Σ_r a[r·as] · b[r·bs + 0..Q): the accumulator block lives in registers
+// (fixed widths 32 and 8 so the compiler keeps them in vector registers and unrolls).
+template <class S, int W>
+inline void rowcomb_block(int R, const S* a, int64_t as, const S* b, int64_t bs, S* out, bool acc) {
+  S t[W];
+#pragma omp simd
+  for (int v = 0; v < W; ++v) t[v] = acc ? out[v] : S(0);
+  for (int r = 0; r < R; ++r) {
+    const S ar = a[r * as];
+    const S* br = b + r * bs;
+#pragma omp simd
+    for (int v = 0; v < W; ++v) t[v] += ar * br[v];
+  }
+#pragma omp simd
+  for (int v = 0; v < W; ++v) out[v] = t[v];
+}
+
+template <class S>
+inline void rowcomb(int R, const S* a, int64_t as, const S* b, int64_t bs, int Q, S* out, bool acc) {
+  int q = 0;
+  for (; q + 32 <= Q; q += 32) rowcomb_block<S, 32>(R, a, as, b + q, bs, out + q, acc);
+  for (; q + 8 <= Q; q += 8) rowcomb_block<S, 8>(R, a, as, b + q, bs, out + q, acc);
+  if (q < Q) {
+    const int rem = Q - q;
+    S t[8];
+    for (int v = 0; v < rem; ++v) t[v] = acc ? out[q + v] : S(0);
+    for (int r = 0; r < R; ++r) {
+      const S ar = a[r * as];
+      const S* br = b + r * bs + q;
+      for (int v = 0; v < rem; ++v) t[v] += ar * br[v];
+    }
+    for (int v = 0; v < rem; ++v) out[q + v] = t[v];
+  }
+}
+
+template <class S>
+inline void gemm_nt(SerialGroup, int M, int P, int Q, const S* A, const S* B, S* C, const S* bias, bool acc) {
+  if (Q < 8) {  // tiny reduction (first layer of a low-dimensional input): vectorise over p
+    for (int m = 0; m < M; ++m) {
+      S* c = C + int64_t(m) * P;
+      const S* a = A + int64_t(m) * Q;
+#pragma omp simd
+      for (int p = 0; p < P; ++p) {
+        S t = acc ? c[p] : (bias ? bias[p] : S(0));
+        for (int q = 0; q < Q; ++q) t += a[q] * B[int64_t(p) * Q + q];
+        c[p] = t;
+      }
+    }
+    return;
+  }
+  // Dot products over contiguous q, four rows of B at a time (4 independent accumulators).
+  for (int m = 0; m < M; ++m) {
+    const S* a = A + int64_t(m) * Q;
+    S* c = C + int64_t(m) * P;
+    int p = 0;
+    for (; p + 4 <= P; p += 4) {
+      const S* b0 = B + int64_t(p) * Q;
+      const S* b1 = b0 + Q;
+      const S* b2 = b1 + Q;
+      const S* b3 = b2 + Q;
+      S t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+#pragma omp simd reduction(+ : t0, t1, t2, t3)
+      for (int q = 0; q < Q; ++q) {
+        const S aq = a[q];
+        t0 += aq * b0[q];
+        t1 += aq * b1[q];
+        t2 += aq * b2[q];
+        t3 += aq * b3[q];
+      }
+      const S i0 = acc ? c[p] : (bias ? bias[p] : S(0));
+      const S i1 = acc ? c[p + 1] : (bias ? bias[p + 1] : S(0));
+      const S i2 = acc ? c[p + 2] : (bias ? bias[p + 2] : S(0));
+      const S i3 = acc ? c[p + 3] : (bias ? bias[p + 3] : S(0));
+      c[p] = i0 + t0;
+      c[p + 1] = i1 + t1;
+      c[p + 2] = i2 + t2;
+      c[p + 3] = i3 + t3;
+    }
+    for (; p < P; ++p) {
+      const S* b0 = B + int64_t(p) * Q;
+      S t0 = 0;
+#pragma omp simd reduction(+ : t0)
+      for (int q = 0; q < Q; ++q) t0 += a[q] * b0[q];
+      c[p] = (acc ? c[p] : (bias ? bias[p] : S(0))) + t0;
+    }
+  }
+}
+
+template <class S>
+inline void gemm_tn(SerialGroup, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
+  for (int p = 0; p < P; ++p) rowcomb(M, A + p, P, B, Q, Q, C + int64_t(p) * Q, acc);
+}
+
+template <class S>
+inline void gemm_nn(SerialGroup, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
+  for (int m = 0; m < M; ++m) rowcomb(P, A + int64_t(m) * P, 1, B, Q, Q, C + int64_t(m) * Q, acc);
+}
+
+template <class S>
+inline void colsum(SerialGroup, int M, int P, const S* A, S* c, bool acc) {
+  if (!acc)
+    for (int p = 0; p < P; ++p) c[p] = S(0);
+  for (int m = 0; m < M; ++m) {
+    const S* a = A + int64_t(m) * P;
+#pragma omp simd
+    for (int p = 0; p < P; ++p) c[p] += a[p];
+  }
+}
+
+template <class S>
+inline S group_sum(SerialGroup, S v, S*) {
+  return v;
+}
+#endif  // !__CUDA_ARCH__
+
+// GPU (CtaGroup) ---------------------------------------------------------------------------
+#if defined(__CUDACC__)
+// Each thread owns whole output elements and sums its reduction sequentially: no atomics,
+// so the result does not depend on scheduling.
+template <class S>
+__device__ __forceinline__ void gemm_nt(CtaGroup g, int M, int P, int Q, const S* A, const S* B, S* C,
+                                        const S* bias, bool acc) {
+  for (int i = g.rank(); i < M * P; i += g.size()) {
+    const int m = i / P, p = i % P;
+    const S* a = A + int64_t(m) * Q;
+    const S* b = B + int64_t(p) * Q;
+    S t = acc ? C[i] : (bias ? bias[p] : S(0));
+    for (int q = 0; q < Q; ++q) t += a[q] * b[q];
+    C[i] = t;
+  }
+}
+template <class S>
+__device__ __forceinline__ void gemm_tn(CtaGroup g, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
+  for (int i = g.rank(); i < P * Q; i += g.size()) {
+    const int p = i / Q, q = i % Q;
+    S t = acc ? C[i] : S(0);
+    for (int m = 0; m < M; ++m) t += A[int64_t(m) * P + p] * B[int64_t(m) * Q + q];
+    C[i] = t;
+  }
+}
+template <class S>
+__device__ __forceinline__ void gemm_nn(CtaGroup g, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
+  for (int i = g.rank(); i < M * Q; i += g.size()) {
+    const int m = i / Q, q = i % Q;
+    const S* a = A + int64_t(m) * P;
+    S t = acc ? C[i] : S(0);
+    for (int p = 0; p < P; ++p) t += a[p] * B[int64_t(p) * Q + q];
+    C[i] = t;
+  }
+}
+template <class S>
+__device__ __forceinline__ void colsum(CtaGroup g, int M, int P, const S* A, S* c, bool acc) {
+  for (int p = g.rank(); p < P; p += g.size()) {
+    S t = acc ? c[p] : S(0);
+    for (int m = 0; m < M; ++m) t += A[int64_t(m) * P + p];
+    c[p] = t;
+  }
+}
+// Fixed-shape tree reduction in shared scratch (blockDim.x entries), deterministic.
+template <class S>
+__device__ __forceinline__ S group_sum(CtaGroup g, S v, S* scratch) {
+  const int n = g.size(), r = g.rank();
+  g.sync();
+  scratch[r] = v;
+  g.sync();
+  for (int half = 1; half < n; half *= 2) {
+    if (r % (2 * half) == 0 && r + half < n) scratch[r] += scratch[r + half];
+    g.sync();
+  }
+  S out = scratch[0];
+  g.sync();
+  return out;
+}
+#endif
+
+// ---- the per-task algorithm (written once) ----------------------------------------------
+
+// Forward pass over N points with stored activations, then the loss and D_L = ∂ℓ/∂z_L.
+// y: [N, d_L] floats (mse) or [N] int64 labels (cross_entropy). Returns the loss.
+template <class S, class G>
+FM_ALGO S forward_loss(G g, const Shape& s, int N, const S* x, const void* y, const Params<const S>& th,
+                       const Acts<S>& a, S* red) {
+  const int L = s.L;
+  const S* h = x;
+  for (int l = 0; l < L; ++l) {
+    const int din = s.d[l], dout = s.d[l + 1];
+    gemm_nt(g, N, dout, din, h, th.W[l], a.H[l], th.b[l], false);  // z = h Wᵀ + b
+    g.sync();
+    if (l < L - 1) {
+      S* H = a.H[l];
+      for (int i = g.rank(); i < N * dout; i += g.size()) H[i] = act_fwd(s.act, H[i]);  // h = σ(z)
+      g.sync();
+    }
+    h = a.H[l];
+  }
+  const int C = s.d[L];
+  const S* z = a.H[L - 1];
+  S* D = a.D[L - 1];
+  S part = S(0);
+  if (s.loss == kMse) {
+    // ℓ = Σ (z − y)² / (N·C);  ∂ℓ/∂z = 2 (z − y) / (N·C)
+    const S* yy = static_cast<const S*>(y);
+    const S scale = S(1) / (S(N) * S(C));
+    for (int i = g.rank(); i < N * C; i += g.size()) {
+      const S diff = z[i] - yy[i];
+      part += diff * diff;
+      D[i] = S(2) * scale * diff;
+    }
+    part *= scale;
+  } else {
+    // ℓ = (1/N) Σ_n [logsumexp(z_n) − z_n[y_n]];  ∂ℓ/∂z_n = (softmax(z_n) − onehot(y_n)) / N
+    const int64_t* yy = static_cast<const int64_t*>(y);
+    const S invN = S(1) / S(N);
+    for (int n = g.rank(); n < N; n += g.size()) {
+      const S* zn = z + int64_t(n) * C;
+      S* Dn = D + int64_t(n) * C;
+      S m = zn[0];
+      for (int c = 1; c < C; ++c) m = zn[c] > m ? zn[c] : m;
+      S se = S(0);
+      for (int c = 0; c < C; ++c) se += fm_exp(zn[c] - m);
+      const S lse = m + fm_log(se);
+      const int64_t lab = yy[n];
+      part += lse - zn[lab];
+      for (int c = 0; c < C; ++c) Dn[c] = (fm_exp(zn[c] - lse) - (c == lab ? S(1) : S(0))) * invN;
+    }
+    part *= invN;
+  }
+  const S loss = group_sum(g, part, red);
+  g.sync();
+  return loss;
+}
+
+// Backward pass from D_L (stored by forward_loss): fills D_l, E_l and the gradient.
+template <class S, class G>
+FM_ALGO void backward(G g, const Shape& s, int N, const S* x, const Params<const S>& th, const Acts<S>& a,
+                      const Params<S>& grad) {
+  for (int l = s.L - 1; l >= 0; --l) {
+    const int din = s.d[l], dout = s.d[l + 1];
+    const S* hin = l == 0 ? x : a.H[l - 1];
+    gemm_tn(g, N, dout, din, a.D[l], hin, grad.W[l], false);  // ∇W_l = δ_lᵀ h_{l−1}
+    colsum(g, N, dout, a.D[l], grad.b[l], false);            // ∇b_l = Σ_n δ_l
+    if (l > 0) {
+      gemm_nn(g, N, dout, din, a.D[l], th.W[l], a.E[l - 1], false);  // e = ∂ℓ/∂h_{l−1} = δ_l W_l
+      g.sync();
+      const S* H = a.H[l - 1];
+      const S* E = a.E[l - 1];
+      S* D = a.D[l - 1];
+      for (int i = g.rank(); i < N * din; i += g.size()) D[i] = act_d1(s.act, H[i]) * E[i];  // δ = σ'(z) e
+    }
+    g.sync();
+  }
+}
+
+// Scratch of one HVP: RZ_l, RH_l, RD_l ([N, d_l] each) and RE ([N, maxd]).
+FM_HD int64_t hvp_scratch_size(const Shape& s, int N) { return 3 * int64_t(N) * s.sum_d + int64_t(N) * s.maxd; }
+
+// Hessian-vector product at θ by the R-operator (forward-over-reverse), given the stored
+// activations of forward_loss + backward at θ and the tangent u = (RW, Rb). Writes hv.
+template <class S, class G>
+FM_ALGO void hvp(G g, const Shape& s, int N, const S* x, const Params<const S>& th, const Acts<S>& a,
+                 const Params<const S>& u, const Params<S>& hv, S* scratch) {
+  const int L = s.L;
+  S* RZ[kMaxLayers];
+  S* RH[kMaxLayers];
+  S* RD[kMaxLayers];
+  S* base = scratch;
+  for (int l = 0; l < L; ++l) {
+    const int64_t n = int64_t(N) * s.d[l + 1];
+    RZ[l] = base;
+    RH[l] = base + n;
+    RD[l] = base + 2 * n;
+    base += 3 * n;
+  }
+  S* RE = base;
+  // R-forward: R{z_l} = h_{l−1} R{W_l}ᵀ + R{h_{l−1}} W_lᵀ + R{b_l};  R{h_l} = σ'(z_l) R{z_l}
+  for (int l = 0; l < L; ++l) {
+    const int din = s.d[l], dout = s.d[l + 1];
+    const S* hin = l == 0 ? x : a.H[l - 1];
+    gemm_nt(g, N, dout, din, hin, u.W[l], RZ[l], u.b[l], false);
+    if (l > 0) {
+      g.sync();
+      gemm_nt(g, N, dout, din, RH[l - 1], th.W[l], RZ[l], static_cast<const S*>(nullptr), true);
+    }
+    g.sync();
+    if (l < L - 1) {
+      const S* H = a.H[l];
+      for (int i = g.rank(); i < N * dout; i += g.size()) RH[l][i] = act_d1(s.act, H[i]) * RZ[l][i];
+      g.sync();
+    }
+  }
+  // R{δ_L} = (∂²ℓ/∂z²) R{z_L}
+  const int C = s.d[L];
+  {
+    const S* Rz = RZ[L - 1];
+    S* Rd = RD[L - 1];
+    if (s.loss == kMse) {
+      const S c2 = S(2) / (S(N) * S(C));  // MSE: 2/(N·C) I
+      for (int i = g.rank(); i < N * C; i += g.size()) Rd[i] = c2 * Rz[i];
+    } else {
+      // CE: (diag(p) − p pᵀ) R{z} / N per point, p = softmax(z) recomputed from z_L.
+      const S* z = a.H[L - 1];
+      const S invN = S(1) / S(N);
+      for (int n = g.rank(); n < N; n += g.size()) {
+        const S* zn = z + int64_t(n) * C;
+        const S* rz = Rz + int64_t(n) * C;
+        S* rd = Rd + int64_t(n) * C;
+        S m = zn[0];
+        for (int c = 1; c < C; ++c) m = zn[c] > m ? zn[c] : m;
+        S se = S(0);
+        for (int c = 0; c < C; ++c) se += fm_exp(zn[c] - m);
+        const S inv = S(1) / se;
+        S pr = S(0);
+        for (int c = 0; c < C; ++c) pr += fm_exp(zn[c] - m) * inv * rz[c];
+        for (int c = 0; c < C; ++c) rd[c] = fm_exp(zn[c] - m) * inv * (rz[c] - pr) * invN;
+      }
+    }
+    g.sync();
+  }
+  // R-backward: R{∇W_l} = R{δ_l}ᵀ h_{l−1} + δ_lᵀ R{h_{l−1}};  R{∇b_l} = Σ_n R{δ_l}
+  //   R{e} = R{δ_l} W_l + δ_l R{W_l};  R{δ_{l−1}} = σ'(z) R{e} + σ''(z) R{z} e
+  for (int l = L - 1; l >= 0; --l) {
+    const int din = s.d[l], dout = s.d[l + 1];
+    const S* hin = l == 0 ? x : a.H[l - 1];
+    gemm_tn(g, N, dout, din, RD[l], hin, hv.W[l], false);
+    if (l > 0) gemm_tn(g, N, dout, din, a.D[l], RH[l - 1], hv.W[l], true);
+    colsum(g, N, dout, RD[l], hv.b[l], false);
+    if (l > 0) {
+      gemm_nn(g, N, dout, din, RD[l], th.W[l], RE, false);
+      gemm_nn(g, N, dout, din, a.D[l], u.W[l], RE, true);
+      g.sync();
+      const S* H = a.H[l - 1];
+      const S* E = a.E[l - 1];
+      const S* Rz = RZ[l - 1];
+      S* Rd = RD[l - 1];
+      if (s.act == kRelu) {
+        for (int i = g.rank(); i < N * din; i += g.size()) Rd[i] = act_d1(kRelu, H[i]) * RE[i];  // σ'' = 0
+      } else {
+        for (int i = g.rank(); i < N * din; i += g.size())
+          Rd[i] = act_d1(s.act, H[i]) * RE[i] + act_d2(s.act, H[i]) * Rz[i] * E[i];
+      }
+    }
+    g.sync();
+  }
+}
+
+// ---- the MAML meta-step of one task -------------------------------------------------------
+
+template <class S>
+struct MamlArgs {
+  Shape s;
+  int K = 1;
+  int Ns = 1, Nq = 1;
+  const S* theta0 = nullptr;  // not used directly: th0 holds the per-layer pointers
+  Params<const S> th0;        // shared initial parameters (user tensors)
+  const S* xs = nullptr;      // [T, Ns, d0]
+  const void* ys = nullptr;   // [T, Ns, dL] or [T, Ns] int64
+  const S* xq = nullptr;
+  const void* yq = nullptr;
+  int lr_mode = kLrScalar;
+  const S* lr = nullptr;      // packed lr (see LrMode); null with kLrScalar: use lr_value
+  S lr_value = S(0);
+  const S* msl = nullptr;     // [K] query-loss weights w_k (applied to θ_{k+1})
+  S inv_T = S(1);
+  bool first_order = false;
+  bool need_grad = true;
+  int n_lr = 0;               // size of the packed lr gradient (0: lr not learned)
+};
+
+// Per-task workspace, in S elements: θ_1..θ_K, g_0..g_{K−1}, the query gradients at
+// θ_1..θ_K, K sets of support activations, one set of query activations, v, u, hv and
+// the HVP scratch.
+FM_HD int64_t maml_workspace_size(const Shape& s, int K, int Ns, int Nq) {
+  return 3 * int64_t(K) * s.P + int64_t(K) * acts_size(s, Ns) + acts_size(s, Nq) + 3 * s.P +
+         hvp_scratch_size(s, Ns);
+}
+
+template <class S>
+FM_HD S lr_at(const MamlArgs<S>& a, int k, int tensor, int64_t i) {
+  switch (a.lr_mode) {
+    case kLrTable: return a.lr[int64_t(k) * 2 * a.s.L + tensor];
+    case kLrElem: return a.lr[i];
+    case kLrStepElem: return a.lr[int64_t(k) * a.s.P + i];
+    default: return a.lr ? a.lr[0] : a.lr_value;
+  }
+}
+
+// Runs task t: K inner steps on its support set from the shared θ, the weighted query
+// losses, and (need_grad) the adjoint recursion. Adds (1/T)·Σ_k w_k Lq to *loss_acc,
+// the task's dM/dθ to dtheta_acc [P] and dM/dα to dlr_acc [n_lr] (accumulating: the
+// caller sums tasks in a fixed order). ws: maml_workspace_size elements; red: the
+// group_sum scratch (GPU: blockDim.x elements).
+template <class S, class G>
+FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* loss_acc, S* dtheta_acc,
+                       S* dlr_acc) {
+  const Shape& s = a.s;
+  const int K = a.K, L = s.L;
+  const int64_t P = s.P;
+  const int d0 = s.d[0], dL = s.d[L];
+  const S* xs = a.xs + t * a.Ns * d0;
+  const S* xq = a.xq + t * a.Nq * d0;
+  const void* ys;
+  const void* yq;
+  if (s.loss == kMse) {
+    ys = static_cast<const S*>(a.ys) + t * a.Ns * dL;
+    yq = static_cast<const S*>(a.yq) + t * a.Nq * dL;
+  } else {
+    ys = static_cast<const int64_t*>(a.ys) + t * a.Ns;
+    yq = static_cast<const int64_t*>(a.yq) + t * a.Nq;
+  }
+  S* theta = ws;                 // θ_{k+1} at theta + k·P
+  S* gs = theta + K * P;         // g_k at gs + k·P
+  S* gq = gs + K * P;            // ∇Lq(θ_{k+1}) at gq + k·P
+  S* acts = gq + K * P;          // support activations at θ_k
+  const int64_t as = acts_size(s, a.Ns);
+  S* qacts = acts + K * as;
+  S* v = qacts + acts_size(s, a.Nq);
+  S* u = v + P;
+  S* hvb = u + P;
+  S* scratch = hvb + P;
+
+  auto theta_k = [&](int k) -> Params<const S> {
+    if (k == 0) return a.th0;
+    Params<S> p = flat_params(s, theta + (k - 1) * P);
+    Params<const S> q;
+    for (int l = 0; l < L; ++l) {
+      q.W[l] = p.W[l];
+      q.b[l] = p.b[l];
+    }
+    return q;
+  };
+  // Elementwise loop over the flat parameter vector with the tensor index (for lr tables).
+  // θ is not flat for k = 0 (user tensors), so every loop goes tensor by tensor.
+
+  // ---- inner loop: θ_{k+1} = θ_k − α_k ⊙ ∇Ls(θ_k) -------------------------------------
+  S meta = S(0);
+  for (int k = 0; k < K; ++k) {
+    const Params<const S> th = theta_k(k);
+    const Acts<S> ak = carve_acts(s, a.Ns, acts + k * as);
+    forward_loss(g, s, a.Ns, xs, ys, th, ak, red);
+    const Params<S> gk = flat_params(s, gs + k * P);
+    backward(g, s, a.Ns, xs, th, ak, gk);
+    S* next = theta + k * P;
+    for (int l = 0; l < L; ++l) {
+      const int64_t nw = int64_t(s.d[l + 1]) * s.d[l], nb = s.d[l + 1];
+      const S* W = th.W[l];
+      const S* B = th.b[l];
+      const S* gW = gk.W[l];
+      const S* gB = gk.b[l];
+      S* nW = next + s.woff[l];
+      S* nB = next + s.boff[l];
+      if (a.lr_mode == kLrScalar || a.lr_mode == kLrTable) {
+        const S aw = lr_at(a, k, 2 * l, 0), ab = lr_at(a, k, 2 * l + 1, 0);
+        for (int64_t i = g.rank(); i < nw; i += g.size()) nW[i] = W[i] - aw * gW[i];
+        for (int64_t i = g.rank(); i < nb; i += g.size()) nB[i] = B[i] - ab * gB[i];
+      } else {
+        for (int64_t i = g.rank(); i < nw; i += g.size()) nW[i] = W[i] - lr_at(a, k, 2 * l, s.woff[l] + i) * gW[i];
+        for (int64_t i = g.rank(); i < nb; i += g.size())
+          nB[i] = B[i] - lr_at(a, k, 2 * l + 1, s.boff[l] + i) * gB[i];
+      }
+    }
+    g.sync();
+    const S w = a.msl[k];
+    if (w != S(0)) {
+      const Params<const S> th1 = theta_k(k + 1);
+      const Acts<S> aq = carve_acts(s, a.Nq, qacts);
+      const S lq = forward_loss(g, s, a.Nq, xq, yq, th1, aq, red);
+      meta += w * lq;
+      if (a.need_grad) backward(g, s, a.Nq, xq, th1, aq, flat_params(s, gq + k * P));
+    }
+  }
+  if (g.rank() == 0) *loss_acc += meta * a.inv_T;
+  if (!a.need_grad) return;
+
+  // ---- adjoint: v_K = (w_K/T)∇Lq(θ_K); v_k = v_{k+1} − H_k(α_k ⊙ v_{k+1}) (+ MSL) ------
+  for (int64_t i = g.rank(); i < P; i += g.size()) v[i] = S(0);
+  g.sync();
+  for (int k = K - 1; k >= 0; --k) {
+    const S w = a.msl[k] * a.inv_T;
+    if (a.msl[k] != S(0)) {
+      const S* gqk = gq + k * P;
+      for (int64_t i = g.rank(); i < P; i += g.size()) v[i] += w * gqk[i];
+      g.sync();
+    }
+    // dM/dα_k += −g_k ⊙ v_{k+1}, reduced to the lr's granularity
+    const S* gk = gs + k * P;
+    if (a.n_lr > 0) {
+      if (a.lr_mode == kLrElem || a.lr_mode == kLrStepElem) {
+        S* dl = dlr_acc + (a.lr_mode == kLrStepElem ? k * P : 0);
+        for (int64_t i = g.rank(); i < P; i += g.size()) dl[i] -= gk[i] * v[i];
+      } else {
+        for (int j = 0; j < 2 * L; ++j) {
+          const int l = j / 2;
+          const int64_t off = (j % 2 == 0) ? s.woff[l] : s.boff[l];
+          const int64_t n = (j % 2 == 0) ? int64_t(s.d[l + 1]) * s.d[l] : s.d[l + 1];
+          S part = S(0);
+          for (int64_t i = g.rank(); i < n; i += g.size()) part -= gk[off + i] * v[off + i];
+          const S tot = group_sum(g, part, red);
+          if (g.rank() == 0) dlr_acc[a.lr_mode == kLrTable ? k * 2 * L + j : 0] += tot;
+        }
+      }
+      g.sync();
+    }
+    if (!a.first_order) {
+      // u = α_k ⊙ v_{k+1}  (H symmetric: (I − diag(α)H)ᵀ v = v − H(α ⊙ v))
+      for (int l = 0; l < L; ++l) {
+        const int64_t ow = s.woff[l], ob = s.boff[l];
+        const int64_t nw = int64_t(s.d[l + 1]) * s.d[l], nb = s.d[l + 1];
+        for (int64_t i = g.rank(); i < nw; i += g.size()) u[ow + i] = lr_at(a, k, 2 * l, ow + i) * v[ow + i];
+        for (int64_t i = g.rank(); i < nb; i += g.size()) u[ob + i] = lr_at(a, k, 2 * l + 1, ob + i) * v[ob + i];
+      }
+      g.sync();
+      const Params<S> up = flat_params(s, u);
+      Params<const S> uc;
+      for (int l = 0; l < L; ++l) {
+        uc.W[l] = up.W[l];
+        uc.b[l] = up.b[l];
+      }
+      const Acts<S> ak = carve_acts(s, a.Ns, acts + k * as);
+      hvp(g, s, a.Ns, xs, theta_k(k), ak, uc, flat_params(s, hvb), scratch);
+      for (int64_t i = g.rank(); i < P; i += g.size()) v[i] -= hvb[i];
+      g.sync();
+    }
+  }
+  for (int64_t i = g.rank(); i < P; i += g.size()) dtheta_acc[i] += v[i];
+  g.sync();
+}
+
+}  // namespace mlp
+}  // namespace fastmaml
