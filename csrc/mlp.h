@@ -45,6 +45,8 @@ struct Shape {
   int64_t woff[kMaxLayers] = {};  // offset of W_l (l = 0..L-1 here) in the flat vector
   int64_t boff[kMaxLayers] = {};
   int64_t P = 0;                  // number of parameters
+  int64_t wtoff[kMaxLayers] = {};  // offset of W_lᵀ in a parameter set's transposed-weight block (after P)
+  int64_t PT = 0;                 // P + Σ_l |W_l|: a parameter set with its transposed weights
   int maxd = 0;                   // max(d[0..L])
   int act = kRelu;
   int loss = kMse;
@@ -71,24 +73,47 @@ inline Shape make_shape(const int* dims, int L, int act, int loss) {
     s.sum_d += s.d[l + 1];
   }
   s.P = off;
+  int64_t woff = 0;
+  for (int l = 0; l < L; ++l) {
+    s.wtoff[l] = woff;
+    woff += int64_t(s.d[l + 1]) * s.d[l];
+  }
+  s.PT = s.P + woff;
   return s;
 }
 
-// Per-layer pointers to one parameter set (θ, a gradient, a tangent, ...).
+// Per-layer pointers to one parameter set (θ, a gradient, a tangent, ...). WT[l] is a
+// transposed copy of W[l] ([d_{l-1}, d_l]) for the forward products z = h Wᵀ, so that
+// every product reads contiguous rows; null where not needed (gradients).
 template <class S>
 struct Params {
   S* W[kMaxLayers];
   S* b[kMaxLayers];
+  S* WT[kMaxLayers];
 };
 
+// A flat parameter set: P values in the order W_1, b_1, ..., then (when with_t) the
+// transposed weights (PT elements in all).
 template <class S>
-FM_HD Params<S> flat_params(const Shape& s, S* flat) {
+FM_HD Params<S> flat_params(const Shape& s, S* flat, bool with_t = false) {
   Params<S> p;
   for (int l = 0; l < s.L; ++l) {
     p.W[l] = flat + s.woff[l];
     p.b[l] = flat + s.boff[l];
+    p.WT[l] = with_t ? flat + s.P + s.wtoff[l] : nullptr;
   }
   return p;
+}
+
+template <class S>
+FM_HD Params<const S> as_const(const Params<S>& p) {
+  Params<const S> q;
+  for (int l = 0; l < kMaxLayers; ++l) {
+    q.W[l] = p.W[l];
+    q.b[l] = p.b[l];
+    q.WT[l] = p.WT[l];
+  }
+  return q;
 }
 
 // Stored activations of one pass over N points: H_l (h_l; h_L = z_L is the output),
@@ -140,111 +165,193 @@ FM_HD S act_d2(int act, S h) {
 
 // ---- policy-specialised primitives ------------------------------------------------------
 // All matrices are contiguous row-major with no padding.
-//   gemm_nt: C[M][P] = (acc ? C : bias ? bias[p] : 0) + Σ_q A[M][Q] B[P][Q]   (z = h Wᵀ + b)
+//   init_rows: C[M][P] = bias[p] (or 0);  transpose: out = inᵀ
 //   gemm_tn: C[P][Q] = (acc ? C : 0) + Σ_m A[m][p] B[m][q]                    (∇W = δᵀ h)
-//   gemm_nn: C[M][Q] = (acc ? C : 0) + Σ_p A[m][p] B[p][q]                    (∂ℓ/∂h = δ W)
+//   gemm_nn: C[M][Q] = (acc ? C : 0) + Σ_p A[m][p] B[p][q]      (∂ℓ/∂h = δ W;  z += h Wᵀ)
 //   colsum:  c[P]    = (acc ? c : 0) + Σ_m A[m][p]                           (∇b = Σ_n δ)
 // group_sum: the sum of one value per group member, returned to every member, in a
 // fixed order (deterministic).
 
 // CPU (SerialGroup) ------------------------------------------------------------------------
-#if !defined(__CUDA_ARCH__)
-// out[0..Q) (+)= Σ_r a[r·as] · b[r·bs + 0..Q): the accumulator block lives in registers
-// (fixed widths 32 and 8 so the compiler keeps them in vector registers and unrolls).
-template <class S, int W>
-inline void rowcomb_block(int R, const S* a, int64_t as, const S* b, int64_t bs, S* out, bool acc) {
-  S t[W];
-#pragma omp simd
-  for (int v = 0; v < W; ++v) t[v] = acc ? out[v] : S(0);
+#if !defined(__CUDACC__)
+// Register-tiled kernel for the CPU: out[i][0..NV·n) (+)= Σ_r a[i·ai + r·ar] · b[r·bs + 0..NV·n)
+// for i < MR, n = the vector width (8 floats / 4 doubles on AVX2). The MR × NV
+// accumulators stay in vector registers for the whole reduction over r; each loaded
+// row of b is reused MR times. GCC/Clang vector extensions (no intrinsics): the same
+// source vectorises for whatever -march allows.
+template <class S>
+struct Vec {
+  typedef S type __attribute__((vector_size(32)));
+  static constexpr int n = int(32 / sizeof(S));
+};
+template <class S>
+inline typename Vec<S>::type vload(const S* p) {
+  typename Vec<S>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <class S>
+inline void vstore(S* p, typename Vec<S>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <class S, int MR, int NV>
+inline void tile(int R, const S* a, int64_t ai, int64_t ar, const S* b, int64_t bs, S* out, int64_t ldo, bool acc) {
+  using v = typename Vec<S>::type;
+  constexpr int n = Vec<S>::n;
+  v c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) c[i][j] = acc ? vload(out + i * ldo + j * n) : v{};
   for (int r = 0; r < R; ++r) {
-    const S ar = a[r * as];
-    const S* br = b + r * bs;
-#pragma omp simd
-    for (int v = 0; v < W; ++v) t[v] += ar * br[v];
-  }
-#pragma omp simd
-  for (int v = 0; v < W; ++v) out[v] = t[v];
-}
-
-template <class S>
-inline void rowcomb(int R, const S* a, int64_t as, const S* b, int64_t bs, int Q, S* out, bool acc) {
-  int q = 0;
-  for (; q + 32 <= Q; q += 32) rowcomb_block<S, 32>(R, a, as, b + q, bs, out + q, acc);
-  for (; q + 8 <= Q; q += 8) rowcomb_block<S, 8>(R, a, as, b + q, bs, out + q, acc);
-  if (q < Q) {
-    const int rem = Q - q;
-    S t[8];
-    for (int v = 0; v < rem; ++v) t[v] = acc ? out[q + v] : S(0);
-    for (int r = 0; r < R; ++r) {
-      const S ar = a[r * as];
-      const S* br = b + r * bs + q;
-      for (int v = 0; v < rem; ++v) t[v] += ar * br[v];
+    v bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = vload(b + r * bs + j * n);
+    for (int i = 0; i < MR; ++i) {
+      const S ar_ = a[i * ai + r * ar];
+      for (int j = 0; j < NV; ++j) c[i][j] += ar_ * bv[j];
     }
-    for (int v = 0; v < rem; ++v) out[q + v] = t[v];
   }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) vstore(out + i * ldo + j * n, c[i][j]);
 }
 
+// out[i][q] (+)= Σ_r a[i·ai + r·ar] · b[r·bs + q] for i < Mo, q < Q (out row stride ldo).
 template <class S>
-inline void gemm_nt(SerialGroup, int M, int P, int Q, const S* A, const S* B, S* C, const S* bias, bool acc) {
-  if (Q < 8) {  // tiny reduction (first layer of a low-dimensional input): vectorise over p
-    for (int m = 0; m < M; ++m) {
-      S* c = C + int64_t(m) * P;
-      const S* a = A + int64_t(m) * Q;
+inline void rc_gemm(int Mo, int Q, int R, const S* a, int64_t ai, int64_t ar, const S* b, int64_t bs, S* out,
+                    int64_t ldo, bool acc) {
+  constexpr int n = Vec<S>::n;
+  int q = 0;
+  // Tiles of 6 × 2 vectors (12 accumulators) or 8 × 1: enough independent FMA chains to
+  // cover the FMA latency on two pipes; smaller tiles only for the ragged rows.
+  for (; q + 2 * n <= Q; q += 2 * n) {
+    int i = 0;
+    for (; i + 6 <= Mo; i += 6) tile<S, 6, 2>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+    if (i + 4 <= Mo) {
+      tile<S, 4, 2>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+      i += 4;
+    }
+    if (i + 2 <= Mo) {
+      tile<S, 2, 2>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+      i += 2;
+    }
+    if (i < Mo) tile<S, 1, 2>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+  }
+  for (; q + n <= Q; q += n) {
+    int i = 0;
+    for (; i + 8 <= Mo; i += 8) tile<S, 8, 1>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+    if (i + 4 <= Mo) {
+      tile<S, 4, 1>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+      i += 4;
+    }
+    if (i + 2 <= Mo) {
+      tile<S, 2, 1>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+      i += 2;
+    }
+    if (i < Mo) tile<S, 1, 1>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+  }
+  // Ragged columns (fewer than one vector): vectorise over whichever of i or r is contiguous.
+  for (; q < Q; ++q) {
+    if (ai == 1 && Mo >= n) {  // e.g. ∇W of a 1-input layer: out[i] += Σ_r a[i + r·ar] b[r]
+      if (!acc)
+        for (int i = 0; i < Mo; ++i) out[i * ldo + q] = S(0);
+      for (int r = 0; r < R; ++r) {
+        const S br = b[r * bs + q];
+        const S* ar_ = a + r * ar;
+        if (ldo == 1) {
 #pragma omp simd
-      for (int p = 0; p < P; ++p) {
-        S t = acc ? c[p] : (bias ? bias[p] : S(0));
-        for (int q = 0; q < Q; ++q) t += a[q] * B[int64_t(p) * Q + q];
-        c[p] = t;
+          for (int i = 0; i < Mo; ++i) out[i + q] += ar_[i] * br;
+        } else {
+          for (int i = 0; i < Mo; ++i) out[i * ldo + q] += ar_[i] * br;
+        }
+      }
+    } else if (ar == 1) {  // e.g. a 1-output layer: out[i] = Σ_r a[i·ai + r] b[r·bs]
+      for (int i = 0; i < Mo; ++i) {
+        const S* ai_ = a + i * ai;
+        S t = S(0);
+        if (bs == 1) {
+#pragma omp simd reduction(+ : t)
+          for (int r = 0; r < R; ++r) t += ai_[r] * b[r + q];
+        } else {
+          for (int r = 0; r < R; ++r) t += ai_[r] * b[r * bs + q];
+        }
+        out[i * ldo + q] = (acc ? out[i * ldo + q] : S(0)) + t;
+      }
+    } else {
+      for (int i = 0; i < Mo; ++i) {
+        S t = acc ? out[i * ldo + q] : S(0);
+        for (int r = 0; r < R; ++r) t += a[i * ai + r * ar] * b[r * bs + q];
+        out[i * ldo + q] = t;
       }
     }
+  }
+}
+
+// n × n in-register transposes (the unpack / shuffle / lane-permute network of AVX).
+inline void transpose_block(const float* in, int64_t ldi, float* out, int64_t ldo) {
+  using v = Vec<float>::type;
+  v r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = vload(in + i * ldi);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    vstore(out + i * ldo, __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    vstore(out + (i + 4) * ldo, __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  }
+}
+inline void transpose_block(const double* in, int64_t ldi, double* out, int64_t ldo) {
+  using v = Vec<double>::type;
+  const v r0 = vload(in), r1 = vload(in + ldi), r2 = vload(in + 2 * ldi), r3 = vload(in + 3 * ldi);
+  const v t0 = __builtin_shufflevector(r0, r1, 0, 4, 2, 6), t1 = __builtin_shufflevector(r0, r1, 1, 5, 3, 7);
+  const v t2 = __builtin_shufflevector(r2, r3, 0, 4, 2, 6), t3 = __builtin_shufflevector(r2, r3, 1, 5, 3, 7);
+  vstore(out, __builtin_shufflevector(t0, t2, 0, 1, 4, 5));
+  vstore(out + ldo, __builtin_shufflevector(t1, t3, 0, 1, 4, 5));
+  vstore(out + 2 * ldo, __builtin_shufflevector(t0, t2, 2, 3, 6, 7));
+  vstore(out + 3 * ldo, __builtin_shufflevector(t1, t3, 2, 3, 6, 7));
+}
+
+// out[c][r] = in[r][c] for an R × C matrix.
+template <class S>
+inline void transpose(SerialGroup, int R, int C, const S* in, S* out) {
+  if (R == 1 || C == 1) {
+    for (int i = 0; i < R * C; ++i) out[i] = in[i];
     return;
   }
-  // Dot products over contiguous q, four rows of B at a time (4 independent accumulators).
+  constexpr int n = Vec<S>::n;
+  const int R8 = R - R % n, C8 = C - C % n;
+  for (int r0 = 0; r0 < R8; r0 += n)
+    for (int c0 = 0; c0 < C8; c0 += n) transpose_block(in + int64_t(r0) * C + c0, C, out + int64_t(c0) * R + r0, R);
+  for (int r = 0; r < R; ++r)  // ragged edges
+    for (int c = (r < R8 ? C8 : 0); c < C; ++c) out[int64_t(c) * R + r] = in[int64_t(r) * C + c];
+}
+
+// C[m][:] = bias (or 0).
+template <class S>
+inline void init_rows(SerialGroup, int M, int P, const S* bias, S* C) {
   for (int m = 0; m < M; ++m) {
-    const S* a = A + int64_t(m) * Q;
     S* c = C + int64_t(m) * P;
-    int p = 0;
-    for (; p + 4 <= P; p += 4) {
-      const S* b0 = B + int64_t(p) * Q;
-      const S* b1 = b0 + Q;
-      const S* b2 = b1 + Q;
-      const S* b3 = b2 + Q;
-      S t0 = 0, t1 = 0, t2 = 0, t3 = 0;
-#pragma omp simd reduction(+ : t0, t1, t2, t3)
-      for (int q = 0; q < Q; ++q) {
-        const S aq = a[q];
-        t0 += aq * b0[q];
-        t1 += aq * b1[q];
-        t2 += aq * b2[q];
-        t3 += aq * b3[q];
-      }
-      const S i0 = acc ? c[p] : (bias ? bias[p] : S(0));
-      const S i1 = acc ? c[p + 1] : (bias ? bias[p + 1] : S(0));
-      const S i2 = acc ? c[p + 2] : (bias ? bias[p + 2] : S(0));
-      const S i3 = acc ? c[p + 3] : (bias ? bias[p + 3] : S(0));
-      c[p] = i0 + t0;
-      c[p + 1] = i1 + t1;
-      c[p + 2] = i2 + t2;
-      c[p + 3] = i3 + t3;
-    }
-    for (; p < P; ++p) {
-      const S* b0 = B + int64_t(p) * Q;
-      S t0 = 0;
-#pragma omp simd reduction(+ : t0)
-      for (int q = 0; q < Q; ++q) t0 += a[q] * b0[q];
-      c[p] = (acc ? c[p] : (bias ? bias[p] : S(0))) + t0;
+    if (bias) {
+      for (int p = 0; p < P; ++p) c[p] = bias[p];
+    } else {
+      for (int p = 0; p < P; ++p) c[p] = S(0);
     }
   }
 }
 
 template <class S>
 inline void gemm_tn(SerialGroup, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
-  for (int p = 0; p < P; ++p) rowcomb(M, A + p, P, B, Q, Q, C + int64_t(p) * Q, acc);
+  rc_gemm(P, Q, M, A, 1, P, B, Q, C, Q, acc);
 }
 
 template <class S>
 inline void gemm_nn(SerialGroup, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
-  for (int m = 0; m < M; ++m) rowcomb(P, A + int64_t(m) * P, 1, B, Q, Q, C + int64_t(m) * Q, acc);
+  rc_gemm(M, Q, P, A, P, 1, B, Q, C, Q, acc);
 }
 
 template <class S>
@@ -269,16 +376,15 @@ inline S group_sum(SerialGroup, S v, S*) {
 // Each thread owns whole output elements and sums its reduction sequentially: no atomics,
 // so the result does not depend on scheduling.
 template <class S>
-__device__ __forceinline__ void gemm_nt(CtaGroup g, int M, int P, int Q, const S* A, const S* B, S* C,
-                                        const S* bias, bool acc) {
-  for (int i = g.rank(); i < M * P; i += g.size()) {
-    const int m = i / P, p = i % P;
-    const S* a = A + int64_t(m) * Q;
-    const S* b = B + int64_t(p) * Q;
-    S t = acc ? C[i] : (bias ? bias[p] : S(0));
-    for (int q = 0; q < Q; ++q) t += a[q] * b[q];
-    C[i] = t;
+__device__ __forceinline__ void transpose(CtaGroup g, int R, int C, const S* in, S* out) {
+  for (int i = g.rank(); i < R * C; i += g.size()) {
+    const int r = i / C, c = i % C;
+    out[int64_t(c) * R + r] = in[i];
   }
+}
+template <class S>
+__device__ __forceinline__ void init_rows(CtaGroup g, int M, int P, const S* bias, S* C) {
+  for (int i = g.rank(); i < M * P; i += g.size()) C[i] = bias ? bias[i % P] : S(0);
 }
 template <class S>
 __device__ __forceinline__ void gemm_tn(CtaGroup g, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
@@ -335,7 +441,9 @@ FM_ALGO S forward_loss(G g, const Shape& s, int N, const S* x, const void* y, co
   const S* h = x;
   for (int l = 0; l < L; ++l) {
     const int din = s.d[l], dout = s.d[l + 1];
-    gemm_nt(g, N, dout, din, h, th.W[l], a.H[l], th.b[l], false);  // z = h Wᵀ + b
+    init_rows(g, N, dout, th.b[l], a.H[l]);
+    g.sync();
+    gemm_nn(g, N, din, dout, h, th.WT[l], a.H[l], true);  // z = b + h Wᵀ
     g.sync();
     if (l < L - 1) {
       S* H = a.H[l];
@@ -427,10 +535,12 @@ FM_ALGO void hvp(G g, const Shape& s, int N, const S* x, const Params<const S>& 
   for (int l = 0; l < L; ++l) {
     const int din = s.d[l], dout = s.d[l + 1];
     const S* hin = l == 0 ? x : a.H[l - 1];
-    gemm_nt(g, N, dout, din, hin, u.W[l], RZ[l], u.b[l], false);
+    init_rows(g, N, dout, u.b[l], RZ[l]);
+    g.sync();
+    gemm_nn(g, N, din, dout, hin, u.WT[l], RZ[l], true);
     if (l > 0) {
       g.sync();
-      gemm_nt(g, N, dout, din, RH[l - 1], th.W[l], RZ[l], static_cast<const S*>(nullptr), true);
+      gemm_nn(g, N, din, dout, RH[l - 1], th.WT[l], RZ[l], true);
     }
     g.sync();
     if (l < L - 1) {
@@ -517,12 +627,19 @@ struct MamlArgs {
   int n_lr = 0;               // size of the packed lr gradient (0: lr not learned)
 };
 
-// Per-task workspace, in S elements: θ_1..θ_K, g_0..g_{K−1}, the query gradients at
-// θ_1..θ_K, K sets of support activations, one set of query activations, v, u, hv and
-// the HVP scratch.
+// Per-task workspace, in S elements: θ_1..θ_K with transposed weights (PT each), g_0..
+// g_{K−1}, the query gradients at θ_1..θ_K, K sets of support activations, one set of
+// query activations, θ_0ᵀ (PT), v, u (PT), hv and the HVP scratch.
 FM_HD int64_t maml_workspace_size(const Shape& s, int K, int Ns, int Nq) {
-  return 3 * int64_t(K) * s.P + int64_t(K) * acts_size(s, Ns) + acts_size(s, Nq) + 3 * s.P +
-         hvp_scratch_size(s, Ns);
+  return int64_t(K) * s.PT + 2 * int64_t(K) * s.P + int64_t(K) * acts_size(s, Ns) + acts_size(s, Nq) +
+         2 * s.PT + 2 * s.P + hvp_scratch_size(s, Ns);
+}
+
+// Writes the transposed weights of a parameter set (its WT pointers) from its W.
+template <class S, class G>
+FM_ALGO void fill_transposes(G g, const Shape& s, const Params<const S>& src, S* const* WT) {
+  for (int l = 0; l < s.L; ++l) transpose(g, s.d[l + 1], s.d[l], src.W[l], WT[l]);
+  g.sync();
 }
 
 template <class S>
@@ -558,26 +675,28 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
     ys = static_cast<const int64_t*>(a.ys) + t * a.Ns;
     yq = static_cast<const int64_t*>(a.yq) + t * a.Nq;
   }
-  S* theta = ws;                 // θ_{k+1} at theta + k·P
-  S* gs = theta + K * P;         // g_k at gs + k·P
+  const int64_t PT = s.PT;
+  S* theta = ws;                 // θ_{k+1} (with its transposed weights) at theta + k·PT
+  S* gs = theta + K * PT;        // g_k at gs + k·P
   S* gq = gs + K * P;            // ∇Lq(θ_{k+1}) at gq + k·P
   S* acts = gq + K * P;          // support activations at θ_k
   const int64_t as = acts_size(s, a.Ns);
   S* qacts = acts + K * as;
-  S* v = qacts + acts_size(s, a.Nq);
-  S* u = v + P;
-  S* hvb = u + P;
+  S* th0t = qacts + acts_size(s, a.Nq);  // θ_0's transposed weights (θ_0 itself: user tensors)
+  S* v = th0t + PT;
+  S* u = v + P;                  // PT: with transposed weights
+  S* hvb = u + PT;
   S* scratch = hvb + P;
 
+  Params<const S> th0 = a.th0;
+  {
+    const Params<S> t0 = flat_params(s, th0t, true);
+    for (int l = 0; l < L; ++l) th0.WT[l] = t0.WT[l];
+    fill_transposes(g, s, th0, t0.WT);
+  }
   auto theta_k = [&](int k) -> Params<const S> {
-    if (k == 0) return a.th0;
-    Params<S> p = flat_params(s, theta + (k - 1) * P);
-    Params<const S> q;
-    for (int l = 0; l < L; ++l) {
-      q.W[l] = p.W[l];
-      q.b[l] = p.b[l];
-    }
-    return q;
+    if (k == 0) return th0;
+    return as_const(flat_params(s, theta + (k - 1) * PT, true));
   };
   // Elementwise loop over the flat parameter vector with the tensor index (for lr tables).
   // θ is not flat for k = 0 (user tensors), so every loop goes tensor by tensor.
@@ -590,7 +709,7 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
     forward_loss(g, s, a.Ns, xs, ys, th, ak, red);
     const Params<S> gk = flat_params(s, gs + k * P);
     backward(g, s, a.Ns, xs, th, ak, gk);
-    S* next = theta + k * P;
+    S* next = theta + k * PT;
     for (int l = 0; l < L; ++l) {
       const int64_t nw = int64_t(s.d[l + 1]) * s.d[l], nb = s.d[l + 1];
       const S* W = th.W[l];
@@ -610,6 +729,7 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
       }
     }
     g.sync();
+    fill_transposes(g, s, theta_k(k + 1), flat_params(s, next, true).WT);
     const S w = a.msl[k];
     if (w != S(0)) {
       const Params<const S> th1 = theta_k(k + 1);
@@ -660,12 +780,9 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
         for (int64_t i = g.rank(); i < nb; i += g.size()) u[ob + i] = lr_at(a, k, 2 * l + 1, ob + i) * v[ob + i];
       }
       g.sync();
-      const Params<S> up = flat_params(s, u);
-      Params<const S> uc;
-      for (int l = 0; l < L; ++l) {
-        uc.W[l] = up.W[l];
-        uc.b[l] = up.b[l];
-      }
+      const Params<S> up = flat_params(s, u, true);
+      const Params<const S> uc = as_const(up);
+      fill_transposes(g, s, uc, up.WT);
       const Acts<S> ak = carve_acts(s, a.Ns, acts + k * as);
       hvp(g, s, a.Ns, xs, theta_k(k), ak, uc, flat_params(s, hvb), scratch);
       for (int64_t i = g.rank(); i < P; i += g.size()) v[i] -= hvb[i];

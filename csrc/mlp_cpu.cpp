@@ -65,6 +65,7 @@ Params<P> task_params(const Shape& s, const std::vector<std::uintptr_t>& W, cons
   for (int l = 0; l < s.L; ++l) {
     p.W[l] = as_ptr<S>(W[l], name) + t * int64_t(s.d[l + 1]) * s.d[l];
     p.b[l] = as_ptr<S>(b[l], name) + t * int64_t(s.d[l + 1]);
+    p.WT[l] = nullptr;
   }
   return p;
 }
@@ -79,7 +80,7 @@ void loss_and_grad_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std:
                         const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b,
                         std::uintptr_t out_loss, const std::vector<std::uintptr_t>& gW,
                         const std::vector<std::uintptr_t>& gb) {
-  const int64_t per = mlp::acts_size(s, N) + 8;
+  const int64_t per = mlp::acts_size(s, N) + s.PT + 8;
   S* ws = scratch<S>(per * max_threads());
   const S* X = as_ptr<const S>(x, "x");
   as_ptr<const void>(y, "y");
@@ -89,7 +90,10 @@ void loss_and_grad_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std:
     SerialGroup g;
     S* w = ws + per * thread_id();
     const Acts<S> a = mlp::carve_acts(s, N, w);
-    const auto th = task_params<S, const S>(s, W, b, t, "weights");
+    auto th = task_params<S, const S>(s, W, b, t, "weights");
+    const auto thT = mlp::flat_params(s, w + mlp::acts_size(s, N), true);
+    for (int l = 0; l < s.L; ++l) th.WT[l] = thT.WT[l];
+    mlp::fill_transposes(g, s, th, thT.WT);
     const auto gr = task_params<S, S>(s, gW, gb, t, "grad");
     const S* xt = X + t * N * s.d[0];
     lo[t] = mlp::forward_loss(g, s, N, xt, task_y(s, y, t, N, sizeof(S)), th, a, static_cast<S*>(nullptr));
@@ -102,7 +106,7 @@ void hvp_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std::uintptr_t
               const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b,
               const std::vector<std::uintptr_t>& vW, const std::vector<std::uintptr_t>& vb,
               const std::vector<std::uintptr_t>& hW, const std::vector<std::uintptr_t>& hb) {
-  const int64_t per = mlp::acts_size(s, N) + mlp::hvp_scratch_size(s, N) + 2 * s.P + 8;
+  const int64_t per = mlp::acts_size(s, N) + mlp::hvp_scratch_size(s, N) + s.P + 2 * s.PT + 8;
   S* ws = scratch<S>(per * max_threads());
   const S* X = as_ptr<const S>(x, "x");
   as_ptr<const void>(y, "y");
@@ -113,8 +117,17 @@ void hvp_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std::uintptr_t
     const Acts<S> a = mlp::carve_acts(s, N, w);
     S* grad = w + mlp::acts_size(s, N);  // the gradient itself is not returned
     S* hs = grad + s.P;
-    const auto th = task_params<S, const S>(s, W, b, t, "weights");
-    const auto vv = task_params<S, const S>(s, vW, vb, t, "v");
+    S* tbuf = hs + mlp::hvp_scratch_size(s, N);
+    auto th = task_params<S, const S>(s, W, b, t, "weights");
+    auto vv = task_params<S, const S>(s, vW, vb, t, "v");
+    const auto thT = mlp::flat_params(s, tbuf, true);
+    const auto vT = mlp::flat_params(s, tbuf + s.PT, true);
+    for (int l = 0; l < s.L; ++l) {
+      th.WT[l] = thT.WT[l];
+      vv.WT[l] = vT.WT[l];
+    }
+    mlp::fill_transposes(g, s, th, thT.WT);
+    mlp::fill_transposes(g, s, vv, vT.WT);
     const auto hv = task_params<S, S>(s, hW, hb, t, "hv");
     const S* xt = X + t * N * s.d[0];
     mlp::forward_loss(g, s, N, xt, task_y(s, y, t, N, sizeof(S)), th, a, static_cast<S*>(nullptr));

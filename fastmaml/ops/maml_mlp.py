@@ -28,8 +28,9 @@ Two implementations, same numbers:
   reproducible). ``backward`` then only scales the stored meta-gradient by the incoming
   gradient. Without a gradient the call runs the forward only.
   Limits: at most 8 layers; the per-task workspace
-  ``(3K + 3) P + K·3Ns·Σd + 3Nq·Σd + 3Ns·Σd + Ns·max d`` elements (P parameters, Σd the
-  sum of the layer widths d_1..d_L; see :func:`fused_workspace_bytes`) must be at most
+  ``K·PT + 2K·P + 2PT + 2P + 3K·Ns·Σd + 3Nq·Σd + 3Ns·Σd + Ns·max d`` elements (P
+  parameters, PT = P + Σ|W_l| with the transposed weight copies, Σd the sum of the
+  layer widths d_1..d_L; see :func:`fused_workspace_bytes`) must be at most
   ``FUSED_CPU_MAX_WORKSPACE_BYTES`` (4 MiB, a few times the 1 MiB L2 of the target CPU)
   on CPU, and at most the device's opt-in shared memory per block (e.g. 227 KiB on
   H100) on CUDA. :func:`supports` and :func:`fits_fused` say whether a model fits.
@@ -64,8 +65,9 @@ def fused_workspace_bytes(dims: Sequence[int], steps: int, n_support: int, n_que
     L = len(dims) - 1
     P = sum(dims[l + 1] * dims[l] + dims[l + 1] for l in range(L))
     sd = sum(dims[1:])
-    elems = 3 * steps * P + steps * 3 * n_support * sd + 3 * n_query * sd + 3 * P + 3 * n_support * sd
-    elems += n_support * max(dims)
+    PT = P + sum(dims[l + 1] * dims[l] for l in range(L))  # with transposed weight copies
+    elems = (steps * PT + 2 * steps * P + steps * 3 * n_support * sd + 3 * n_query * sd + 2 * PT + 2 * P
+             + 3 * n_support * sd + n_support * max(dims))  # = csrc/mlp.h maml_workspace_size
     return elems * torch.empty((), dtype=dtype).element_size()
 
 
