@@ -276,7 +276,8 @@ def _run_fused(cfg: _Cfg, ws, bs, lrs):
         ext().maml_mlp_cpu(*args)
     else:
         partials = torch.empty(cfg.T * (1 + (P + n_lr if cfg.need_grad else 0)), dtype=dtype, device=device)
-        ext().maml_mlp_cuda(*args, partials.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+        with torch.cuda.device(device):
+            ext().maml_mlp_cuda(*args, partials.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
     if lr_mode == LR_STEP_ELEM and n_lr:
         dlr = dlr.view(cfg.K, -1)
     return loss.view(()), dflat, dlr

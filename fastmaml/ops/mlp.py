@@ -157,7 +157,8 @@ def mlp_loss_and_grad(
     if be == "cpu":
         ext().mlp_loss_and_grad_cpu(*args)
     else:
-        ext().mlp_loss_and_grad_cuda(*args, _stream(device))
+        with torch.cuda.device(device):
+            ext().mlp_loss_and_grad_cuda(*args, _stream(device))
     return lt, gw, gb
 
 
@@ -203,7 +204,8 @@ def mlp_hvp(
     if be == "cpu":
         ext().mlp_hvp_cpu(*args)
     else:
-        ext().mlp_hvp_cuda(*args, _stream(device))
+        with torch.cuda.device(device):
+            ext().mlp_hvp_cuda(*args, _stream(device))
     return hw, hb
 
 
