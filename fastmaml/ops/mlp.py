@@ -62,7 +62,6 @@ def check_layers(
         for name, t in ((f"{wn}[{l}]", W), (f"{bn}[{l}]", b)):
             _checks.float_dtype(name, t, dtype)
             _checks.same_device(name, t, device)
-            _checks.contiguous(name, t)
         if W.dim() != 2 + lead:
             want = "[T, out, in]" if per_task else "[out, in]"
             raise ValueError(f"{wn}[{l}] must be {want}, got shape {tuple(W.shape)}")
@@ -79,6 +78,8 @@ def check_layers(
         if out_f < 1 or in_f < 1:
             raise ValueError(f"{wn}[{l}] has an empty dimension: shape {tuple(W.shape)}")
         dims.append(out_f)
+        _checks.contiguous(f"{wn}[{l}]", W)
+        _checks.contiguous(f"{bn}[{l}]", b)
     return ws, bs, dims, dtype, device
 
 
@@ -92,8 +93,6 @@ def check_data(
     _checks.float_dtype(xname, x, dtype)
     _checks.same_device(xname, x, device)
     _checks.same_device(yname, y, device)
-    _checks.contiguous(xname, x)
-    _checks.contiguous(yname, y)
     if x.dim() != 3 or x.shape[2] != dims[0]:
         raise ValueError(f"{xname} must be [T, N, {dims[0]}], got shape {tuple(x.shape)}")
     if T is not None and x.shape[0] != T:
@@ -112,6 +111,8 @@ def check_data(
         _checks.shape(yname, y, (T, N))
         if check_labels and y.numel() and (int(y.min()) < 0 or int(y.max()) >= dims[-1]):
             raise ValueError(f"{yname} holds labels outside [0, {dims[-1]}): min {int(y.min())}, max {int(y.max())}")
+    _checks.contiguous(xname, x)
+    _checks.contiguous(yname, y)
     return x, y, T, N
 
 
