@@ -15,7 +15,8 @@ step only). ``lr`` is
 Gradients flow to weights, biases and tensor learning rates (not to xs/xq/ys/yq or to
 msl_weights, which must not require grad). The op is **once-differentiable**: its
 backward is the adjoint recursion with explicit Hessian-vector products, not a graph,
-so differentiating the meta-gradient again raises.
+so ``backward``/``autograd.grad`` with ``create_graph=True`` through it raises a
+RuntimeError.
 
 Two implementations, same numbers:
 
@@ -46,7 +47,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastmaml import _checks, backends
 from fastmaml._ext import ext
@@ -405,8 +405,13 @@ class _MamlMlp(torch.autograd.Function):
         ctx.lr_shapes = [t.shape for t in inputs[1 + 2 * cfg.L:]]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gloss, _gflat, _glr):
+        if torch.is_grad_enabled():
+            # create_graph=True: the meta-gradient has no graph (it is the adjoint's result),
+            # so a second derivative would silently be missing; refuse clearly instead.
+            raise RuntimeError(
+                "maml_mlp is once-differentiable: its backward is the fused adjoint recursion, not a graph, "
+                "so double backward (create_graph=True through maml_mlp) is not supported")
         cfg = ctx.cfg
         dflat, dlr = ctx.saved_tensors
         if dflat.numel() == 0:
