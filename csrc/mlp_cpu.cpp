@@ -143,8 +143,8 @@ template <class S>
 void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vector<std::uintptr_t>& W,
                const std::vector<std::uintptr_t>& b, std::uintptr_t xs, std::uintptr_t ys, std::uintptr_t xq,
                std::uintptr_t yq, int lr_mode, std::uintptr_t lr, double lr_value, std::uintptr_t msl,
-               bool first_order, bool need_grad, int64_t n_lr, std::uintptr_t out_loss, std::uintptr_t out_dtheta,
-               std::uintptr_t out_dlr) {
+               bool first_order, bool need_grad, int64_t n_lr, std::uintptr_t out_loss,
+               const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr) {
   mlp::MamlArgs<S> a;
   a.s = s;
   a.K = K;
@@ -165,7 +165,19 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   a.need_grad = need_grad;
   a.n_lr = need_grad ? int(n_lr) : 0;
   S* lo = as_ptr<S>(out_loss, "out_loss");
-  S* dth = need_grad ? as_ptr<S>(out_dtheta, "out_dtheta") : nullptr;
+  // dθ goes straight into the 2L gradient tensors (flat order W_1, b_1, ...).
+  S* dst[2 * mlp::kMaxLayers] = {};
+  int64_t seg[2 * mlp::kMaxLayers + 1] = {};
+  if (need_grad) {
+    require(int(out_dtheta.size()) == 2 * s.L, "out_dtheta: one pointer per parameter tensor expected");
+    for (int l = 0; l < s.L; ++l) {
+      dst[2 * l] = as_ptr<S>(out_dtheta[2 * l], "out_dtheta");
+      dst[2 * l + 1] = as_ptr<S>(out_dtheta[2 * l + 1], "out_dtheta");
+      seg[2 * l] = s.woff[l];
+      seg[2 * l + 1] = s.boff[l];
+    }
+    seg[2 * s.L] = s.P;
+  }
   S* dlr = (need_grad && n_lr > 0) ? as_ptr<S>(out_dlr, "out_dlr") : nullptr;
 
   const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq) + 16;
@@ -191,13 +203,14 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
     // Sum the chunk partials in chunk order, element by element.
     if (need_grad) {
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < P + a.n_lr; ++i) {
-        S acc = S(0);
-        for (int64_t c = 0; c < nchunks; ++c) acc += parts[c * stride + 1 + i];
-        if (i < P)
-          dth[i] = acc;
-        else
-          dlr[i - P] = acc;
+      for (int j = 0; j < 2 * s.L + 1; ++j) {  // one parameter tensor (or the lr gradient) per item
+        const int64_t i0 = j < 2 * s.L ? seg[j] : P, i1 = j < 2 * s.L ? seg[j + 1] : P + a.n_lr;
+        S* out = j < 2 * s.L ? dst[j] - i0 : dlr - P;
+        for (int64_t i = i0; i < i1; ++i) {
+          S acc = S(0);
+          for (int64_t c = 0; c < nchunks; ++c) acc += parts[c * stride + 1 + i];
+          out[i] = acc;
+        }
       }
     }
   }
@@ -245,7 +258,7 @@ void maml_mlp_cpu(int dtype, const std::vector<int>& dims, int act, int loss, in
                   const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b, std::uintptr_t xs,
                   std::uintptr_t ys, std::uintptr_t xq, std::uintptr_t yq, int lr_mode, std::uintptr_t lr,
                   double lr_value, std::uintptr_t msl, bool first_order, bool need_grad, int64_t n_lr,
-                  std::uintptr_t out_loss, std::uintptr_t out_dtheta, std::uintptr_t out_dlr) {
+                  std::uintptr_t out_loss, const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr) {
   const Shape s = shape_of(dims, act, loss);
   require(T >= 1 && K >= 1 && Ns >= 1 && Nq >= 1, "T, steps, Ns and Nq must be >= 1");
   require(lr_mode >= 0 && lr_mode <= 3, "lr_mode must be in [0, 3]");

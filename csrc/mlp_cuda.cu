@@ -162,20 +162,31 @@ __global__ void maml_kernel(mlp::MamlArgs<S> a, S* partials, int64_t stride, S* 
   mlp::maml_task(g, a, t, ws, red, part, part + 1, part + 1 + a.s.P);
 }
 
+// Where the flat meta-gradient goes: tensor j holds flat elements [seg[j], seg[j+1]).
+template <class S>
+struct GradOut {
+  S* dst[2 * mlp::kMaxLayers];
+  int64_t seg[2 * mlp::kMaxLayers + 1];
+  int n;
+};
+
 // out_i = Σ_t partials[t][i] in task order (one thread per element): deterministic.
 template <class S>
-__global__ void reduce_tasks_kernel(const S* partials, int64_t T, int64_t stride, int64_t P, S* loss, S* dtheta,
+__global__ void reduce_tasks_kernel(const S* partials, int64_t T, int64_t stride, int64_t P, S* loss, GradOut<S> go,
                                     S* dlr) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= stride) return;
   S acc = S(0);
   for (int64_t t = 0; t < T; ++t) acc += partials[t * stride + i];
-  if (i == 0)
+  if (i == 0) {
     *loss = acc;
-  else if (i <= P)
-    dtheta[i - 1] = acc;
-  else
+  } else if (i <= P) {
+    int j = 0;
+    while (i - 1 >= go.seg[j + 1]) ++j;
+    go.dst[j][i - 1 - go.seg[j]] = acc;
+  } else {
     dlr[i - 1 - P] = acc;
+  }
 }
 
 template <class S>
@@ -208,8 +219,9 @@ template <class S>
 void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vector<std::uintptr_t>& W,
                const std::vector<std::uintptr_t>& b, std::uintptr_t xs, std::uintptr_t ys, std::uintptr_t xq,
                std::uintptr_t yq, int lr_mode, std::uintptr_t lr, double lr_value, std::uintptr_t msl,
-               bool first_order, bool need_grad, int64_t n_lr, std::uintptr_t out_loss, std::uintptr_t out_dtheta,
-               std::uintptr_t out_dlr, std::uintptr_t partials, cudaStream_t st) {
+               bool first_order, bool need_grad, int64_t n_lr, std::uintptr_t out_loss,
+               const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr, std::uintptr_t partials,
+               cudaStream_t st) {
   mlp::MamlArgs<S> a;
   a.s = s;
   a.K = K;
@@ -235,11 +247,22 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   Placement<S, decltype(&maml_kernel<S>)> pl(&maml_kernel<S>, per, T, st, false);
   maml_kernel<S><<<unsigned(T), kThreads, pl.smem, st>>>(a, parts, stride, pl.global, per);
   FM_CUDA_CHECK_LAUNCH();
-  S* dth = need_grad ? as_ptr<S>(out_dtheta, "out_dtheta") : nullptr;
+  GradOut<S> go{};
+  if (need_grad) {
+    require(int(out_dtheta.size()) == 2 * s.L, "out_dtheta: one pointer per parameter tensor expected");
+    go.n = 2 * s.L;
+    for (int l = 0; l < s.L; ++l) {
+      go.dst[2 * l] = as_ptr<S>(out_dtheta[2 * l], "out_dtheta");
+      go.dst[2 * l + 1] = as_ptr<S>(out_dtheta[2 * l + 1], "out_dtheta");
+      go.seg[2 * l] = s.woff[l];
+      go.seg[2 * l + 1] = s.boff[l];
+    }
+    go.seg[2 * s.L] = s.P;
+  }
   S* dlr = (need_grad && n_lr > 0) ? as_ptr<S>(out_dlr, "out_dlr") : nullptr;
   const int threads = 256;
   reduce_tasks_kernel<S><<<unsigned((stride + threads - 1) / threads), threads, 0, st>>>(
-      parts, T, stride, s.P, as_ptr<S>(out_loss, "out_loss"), dth, dlr);
+      parts, T, stride, s.P, as_ptr<S>(out_loss, "out_loss"), go, dlr);
   FM_CUDA_CHECK_LAUNCH();
 }
 
@@ -282,8 +305,8 @@ void maml_mlp_cuda(int dtype, const std::vector<int>& dims, int act, int loss, i
                    const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b, std::uintptr_t xs,
                    std::uintptr_t ys, std::uintptr_t xq, std::uintptr_t yq, int lr_mode, std::uintptr_t lr,
                    double lr_value, std::uintptr_t msl, bool first_order, bool need_grad, int64_t n_lr,
-                   std::uintptr_t out_loss, std::uintptr_t out_dtheta, std::uintptr_t out_dlr, std::uintptr_t partials,
-                   std::uintptr_t stream) {
+                   std::uintptr_t out_loss, const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr,
+                   std::uintptr_t partials, std::uintptr_t stream) {
   const Shape s = shape_of(dims, act, loss);
   check_grid(T);
   require(K >= 1 && Ns >= 1 && Nq >= 1, "steps, Ns and Nq must be >= 1");

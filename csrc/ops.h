@@ -28,13 +28,13 @@ void mlp_hvp_cpu(int dtype, const std::vector<int>& dims, int act, int loss, int
 int64_t maml_mlp_workspace_elems(const std::vector<int>& dims, int K, int Ns, int Nq);
 // The fused MAML meta-step (forward, and with need_grad the adjoint, in one call). W/b:
 // shared θ ([d_l, d_{l-1}], [d_l]); lr_mode 0 scalar (lr pointer or lr_value), 1 [K, 2L],
-// 2 [P], 3 [K, P]; msl: [K] weights; outputs: loss [1], dθ [P] (flat W_1, b_1, ...),
-// dlr [n_lr] (n_lr = 0: lr not learned).
+// 2 [P], 3 [K, P]; msl: [K] weights; outputs: loss [1], dθ as 2L pointers (W_1, b_1, ...;
+// empty when !need_grad), dlr [n_lr] (n_lr = 0: lr not learned).
 void maml_mlp_cpu(int dtype, const std::vector<int>& dims, int act, int loss, int64_t T, int K, int Ns, int Nq,
                   const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b, std::uintptr_t xs,
                   std::uintptr_t ys, std::uintptr_t xq, std::uintptr_t yq, int lr_mode, std::uintptr_t lr,
                   double lr_value, std::uintptr_t msl, bool first_order, bool need_grad, int64_t n_lr,
-                  std::uintptr_t out_loss, std::uintptr_t out_dtheta, std::uintptr_t out_dlr);
+                  std::uintptr_t out_loss, const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr);
 #ifdef FASTMAML_WITH_CUDA
 void mlp_loss_and_grad_cuda(int dtype, const std::vector<int>& dims, int act, int loss, int64_t T, int N,
                             std::uintptr_t x, std::uintptr_t y, const std::vector<std::uintptr_t>& W,
@@ -53,8 +53,8 @@ void maml_mlp_cuda(int dtype, const std::vector<int>& dims, int act, int loss, i
                    const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b, std::uintptr_t xs,
                    std::uintptr_t ys, std::uintptr_t xq, std::uintptr_t yq, int lr_mode, std::uintptr_t lr,
                    double lr_value, std::uintptr_t msl, bool first_order, bool need_grad, int64_t n_lr,
-                   std::uintptr_t out_loss, std::uintptr_t out_dtheta, std::uintptr_t out_dlr, std::uintptr_t partials,
-                   std::uintptr_t stream);
+                   std::uintptr_t out_loss, const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr,
+                   std::uintptr_t partials, std::uintptr_t stream);
 // Largest dynamic shared memory per block (bytes) the fused kernel may use on `device`.
 int64_t maml_mlp_cuda_smem_limit(int device);
 #endif

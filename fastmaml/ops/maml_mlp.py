@@ -176,6 +176,8 @@ class _Cfg:
     first_order: bool
     need_grad: bool
     backend: str
+    fused: bool
+    out: tuple | None = None  # (meta-gradient, lr gradient) from forward to setup_context
 
 
 _MSL_CACHE: dict = {}
@@ -264,14 +266,15 @@ def _run_fused(cfg: _Cfg, ws, bs, lrs):
     n_lr = lr_t.numel() if (lr_learned and lr_t is not None) else 0
     P = sum(s.numel() for s in shapes)
     dtype, device = cfg.dtype, cfg.device
-    loss = torch.empty(1, dtype=dtype, device=device)
-    dflat = torch.empty(P if cfg.need_grad else 0, dtype=dtype, device=device)
-    dlr = torch.empty(n_lr, dtype=dtype, device=device)
+    loss = torch.empty((), dtype=dtype, device=device)
+    # the meta-gradient is written straight into tensors of the parameters' shapes
+    grads = [torch.empty(s, dtype=dtype, device=device) for s in shapes] if cfg.need_grad else None
+    dlr = torch.empty(n_lr, dtype=dtype, device=device) if n_lr else None
     args = [_DTYPE_CODE[dtype], cfg.dims, _ACT_CODE[cfg.act], _LOSS_CODE[cfg.loss], cfg.T, cfg.K, cfg.Ns, cfg.Nq,
             [w.data_ptr() for w in ws], [b.data_ptr() for b in bs], cfg.xs.data_ptr(), cfg.ys.data_ptr(),
             cfg.xq.data_ptr(), cfg.yq.data_ptr(), lr_mode, 0 if lr_t is None else lr_t.data_ptr(), cfg.lr_value,
-            cfg.msl.data_ptr(), cfg.first_order, cfg.need_grad, n_lr, loss.data_ptr(), dflat.data_ptr(),
-            dlr.data_ptr()]
+            cfg.msl.data_ptr(), cfg.first_order, cfg.need_grad, n_lr, loss.data_ptr(),
+            [g.data_ptr() for g in grads] if grads is not None else [], dlr.data_ptr() if dlr is not None else 0]
     if cfg.backend == "cpu":
         ext().maml_mlp_cpu(*args)
     else:
@@ -280,7 +283,7 @@ def _run_fused(cfg: _Cfg, ws, bs, lrs):
             ext().maml_mlp_cuda(*args, partials.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
     if lr_mode == LR_STEP_ELEM and n_lr:
         dlr = dlr.view(cfg.K, -1)
-    return loss.view(()), dflat, dlr
+    return loss, grads, dlr
 
 
 # ---- layer-wise path ----------------------------------------------------------------------------
@@ -334,8 +337,7 @@ def _run_layerwise(cfg: _Cfg, ws, bs, lrs):
             hw, hb = mlp_ops.mlp_hvp(thetas[k][0::2], thetas[k][1::2], cfg.xs, cfg.ys, u[0::2], u[1::2], **kw)
             hv = [t for pair in zip(hw, hb) for t in pair]
             v = [vi - hi for vi, hi in zip(v, hv)]
-    dflat = torch.cat([vi.sum(0).reshape(-1) for vi in v])
-    return meta, dflat, dl
+    return meta, [vi.sum(0) for vi in v], dl
 
 
 def _lr_of(lr_k, i: int):
@@ -376,36 +378,34 @@ def _dlr_add(cfg: _Cfg, dl: torch.Tensor, k: int, g, v, shapes) -> None:
 
 # ---- the autograd layer ---------------------------------------------------------------------------
 class _MamlMlp(torch.autograd.Function):
-    """Inputs: cfg, then the L weights, the L biases and the lr tensors. Outputs: the
-    meta-loss and, non-differentiable, the flat meta-gradient and the lr gradient that
-    the forward computed (fused adjoint)."""
+    """Inputs: cfg, then the L weights, the L biases and the lr tensors; output: the
+    meta-loss. The forward computes the meta-gradient too (the fused adjoint) and hands
+    it to setup_context through ``cfg``; backward only scales it."""
 
     @staticmethod
     def forward(cfg: _Cfg, *tensors):
         L = cfg.L
         ws, bs, lrs = tensors[:L], tensors[L:2 * L], tensors[2 * L:]
-        if cfg.backend in ("cpu", "cuda") and cfg.fused:
-            loss, dflat, dlr = _run_fused(cfg, ws, bs, lrs)
+        if cfg.fused:
+            loss, grads, dlr = _run_fused(cfg, ws, bs, lrs)
         else:
-            loss, dflat, dlr = _run_layerwise(cfg, ws, bs, lrs)
-        if dflat is None:
-            dflat = loss.new_empty(0)
-        if dlr is None:
-            dlr = loss.new_empty(0)
-        return loss, dflat, dlr
+            loss, grads, dlr = _run_layerwise(cfg, ws, bs, lrs)
+        cfg.out = (grads, dlr)
+        return loss
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         cfg = inputs[0]
-        _, dflat, dlr = output
-        ctx.mark_non_differentiable(dflat, dlr)
-        ctx.save_for_backward(dflat, dlr)
+        ctx.grads, ctx.dlr = cfg.out  # meta-gradient in flat order W_1, b_1, ...; lr gradient
+        cfg.out = None
         ctx.cfg = cfg
-        ctx.shapes = [t.shape for t in inputs[1:1 + 2 * cfg.L]]
-        ctx.lr_shapes = [t.shape for t in inputs[1 + 2 * cfg.L:]]
+        L = cfg.L
+        ctx.flat_shapes = [s for l in range(L) for s in (inputs[1 + l].shape, inputs[1 + L + l].shape)]
+        ctx.lr_shapes = [t.shape for t in inputs[1 + 2 * L:]]
+        ctx.used = False
 
     @staticmethod
-    def backward(ctx, gloss, _gflat, _glr):
+    def backward(ctx, gloss):
         if torch.is_grad_enabled():
             # create_graph=True: the meta-gradient has no graph (it is the adjoint's result),
             # so a second derivative would silently be missing; refuse clearly instead.
@@ -413,26 +413,20 @@ class _MamlMlp(torch.autograd.Function):
                 "maml_mlp is once-differentiable: its backward is the fused adjoint recursion, not a graph, "
                 "so double backward (create_graph=True through maml_mlp) is not supported")
         cfg = ctx.cfg
-        dflat, dlr = ctx.saved_tensors
-        if dflat.numel() == 0:
+        grads = ctx.grads
+        if grads is None:
             raise RuntimeError("maml_mlp: the forward ran without a gradient (no input required grad)")
-        L = cfg.L
-        scaled = dflat * gloss
-        grads_w, grads_b = [], []
-        off = 0
-        pshapes = [[ctx.shapes[l], ctx.shapes[L + l]] for l in range(L)]
-        for l in range(L):
-            for j, shp in enumerate(pshapes[l]):
-                n = shp.numel()
-                (grads_w if j == 0 else grads_b).append(scaled[off:off + n].view(shp))
-                off += n
-        out = [None] + grads_w + grads_b
+        # The common case, d(loss) = 1 on the first backward: hand out the stored tensors
+        # themselves (autograd may adopt them as .grad, so never twice).
+        if ctx.used or gloss.device.type != "cpu" or gloss.item() != 1.0:
+            grads = torch._foreach_mul(grads, gloss)
+        ctx.used = True
+        out = [None, *grads[0::2], *grads[1::2]]
         if ctx.lr_shapes:
-            if dlr.numel() == 0:
+            if ctx.dlr is None:
                 out += [None] * len(ctx.lr_shapes)
             else:
-                shapes = [s for l in range(L) for s in pshapes[l]]
-                out += _unpack_dlr(cfg, dlr, ctx.lr_shapes, shapes, gloss)
+                out += _unpack_dlr(cfg, ctx.dlr, ctx.lr_shapes, ctx.flat_shapes, gloss)
         return tuple(out)
 
 
@@ -480,11 +474,29 @@ def maml_mlp(
         msl_list = [float(w) for w in msl.tolist()]
     be = backends.resolve(backend, device, "maml_mlp")
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*ws, *bs, *lrs))
+    fused = be in ("cpu", "cuda") and _fits_cached(dims, K, Ns, Nq, dtype, device)
     cfg = _Cfg(dims, L, T, K, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
-               lr_value, len(lrs), bool(first_order), need_grad, be)
-    cfg.fused = be in ("cpu", "cuda") and fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device)[0]
-    loss_t, _, _ = _MamlMlp.apply(cfg, *ws, *bs, *lrs)
-    return loss_t
+               lr_value, len(lrs), bool(first_order), need_grad, be, fused)
+    if torch._C._are_functorch_transforms_active():
+        return _MamlMlp.apply(cfg, *ws, *bs, *lrs)
+    else:
+        # The C++ apply directly: Function.apply's Python wrapper re-binds the arguments
+        # with inspect.signature on every call (tens of µs), for nothing here.
+        return _APPLY(cfg, *ws, *bs, *lrs)
+
+
+_APPLY = super(torch.autograd.Function, _MamlMlp).apply
+_FITS_CACHE: dict = {}
+
+
+def _fits_cached(dims, K, Ns, Nq, dtype, device) -> bool:
+    limit = FUSED_CPU_MAX_WORKSPACE_BYTES if device.type == "cpu" else None
+    key = (tuple(dims), K, Ns, Nq, dtype, device, limit)
+    ok = _FITS_CACHE.get(key)
+    if ok is None:
+        ok = fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device)[0]
+        _FITS_CACHE[key] = ok
+    return ok
 
 
 __all__ = ["maml_mlp", "supports", "fits_fused", "fused_limits", "fused_workspace_bytes",
