@@ -165,9 +165,11 @@ FM_HD S act_d2(int act, S h) {
 
 // ---- policy-specialised primitives ------------------------------------------------------
 // All matrices are contiguous row-major with no padding.
-//   init_rows: C[M][P] = bias[p] (or 0);  transpose: out = inᵀ
-//   gemm_tn: C[P][Q] = (acc ? C : 0) + Σ_m A[m][p] B[m][q]                    (∇W = δᵀ h)
-//   gemm_nn: C[M][Q] = (acc ? C : 0) + Σ_p A[m][p] B[p][q]      (∂ℓ/∂h = δ W;  z += h Wᵀ)
+//   gemm_tn: C[P][Q] = Σ_m A1[m][p] B1[m][q] (+ Σ_m A2[m][p] B2[m][q])         (∇W = δᵀ h)
+//   gemm_nn: C[M][Q] = bias[q] + Σ_p A1[m][p] B1[p][q] (+ Σ_p A2[m][p] B2[p][q])
+//            (z = b + h Wᵀ with the transposed copy Wᵀ;  ∂ℓ/∂h = δ W)
+//   transpose: out = inᵀ
+//   (A2 = null: one product. The two-product forms are the R-operator's sums.)
 //   colsum:  c[P]    = (acc ? c : 0) + Σ_m A[m][p]                           (∇b = Σ_n δ)
 // group_sum: the sum of one value per group member, returned to every member, in a
 // fixed order (deterministic).
@@ -195,93 +197,153 @@ inline void vstore(S* p, typename Vec<S>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+// One product term for rc_gemm: element (i, r) of the left factor is a[i·ai + r·ar]; row
+// r of the right factor starts at b + r·bs; r < R.
+template <class S>
+struct Term {
+  int R;
+  const S* a;
+  int64_t ai, ar;
+  const S* b;
+  int64_t bs;
+};
+
 template <class S, int MR, int NV>
-inline void tile(int R, const S* a, int64_t ai, int64_t ar, const S* b, int64_t bs, S* out, int64_t ldo, bool acc) {
+inline void tile(const Term<S>& x, const Term<S>& y, int64_t i0, int q0, S* out, int64_t ldo, bool acc,
+                 const S* bias) {
   using v = typename Vec<S>::type;
   constexpr int n = Vec<S>::n;
   v c[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) c[i][j] = acc ? vload(out + i * ldo + j * n) : v{};
-  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < NV; ++j)
+      c[i][j] = acc ? vload(out + (i0 + i) * ldo + q0 + j * n) : (bias ? vload(bias + q0 + j * n) : v{});
+  for (int r = 0; r < x.R; ++r) {
     v bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = vload(b + r * bs + j * n);
+    for (int j = 0; j < NV; ++j) bv[j] = vload(x.b + r * x.bs + q0 + j * n);
     for (int i = 0; i < MR; ++i) {
-      const S ar_ = a[i * ai + r * ar];
-      for (int j = 0; j < NV; ++j) c[i][j] += ar_ * bv[j];
+      const S s = x.a[(i0 + i) * x.ai + r * x.ar];
+      for (int j = 0; j < NV; ++j) c[i][j] += s * bv[j];
+    }
+  }
+  for (int r = 0; r < y.R; ++r) {
+    v bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = vload(y.b + r * y.bs + q0 + j * n);
+    for (int i = 0; i < MR; ++i) {
+      const S s = y.a[(i0 + i) * y.ai + r * y.ar];
+      for (int j = 0; j < NV; ++j) c[i][j] += s * bv[j];
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) vstore(out + i * ldo + j * n, c[i][j]);
+    for (int j = 0; j < NV; ++j) vstore(out + (i0 + i) * ldo + q0 + j * n, c[i][j]);
 }
 
-// out[i][q] (+)= Σ_r a[i·ai + r·ar] · b[r·bs + q] for i < Mo, q < Q (out row stride ldo).
+// out[i][q] += Σ_r x.a(i, r) x.b(r, q) for one ragged column q, vectorised over
+// whichever of i or r is contiguous.
 template <class S>
-inline void rc_gemm(int Mo, int Q, int R, const S* a, int64_t ai, int64_t ar, const S* b, int64_t bs, S* out,
-                    int64_t ldo, bool acc) {
+inline void ragged_column(int Mo, const Term<S>& x, int q, S* out, int64_t ldo) {
+  if (x.R == 0) return;
+  if (x.ai == 1 && ldo == 1) {  // e.g. ∇W of a 1-input layer: out[i] += Σ_r a[i + r·ar] b[r]
+    for (int r = 0; r < x.R; ++r) {
+      const S br = x.b[r * x.bs + q];
+      const S* ar_ = x.a + r * x.ar;
+#pragma omp simd
+      for (int i = 0; i < Mo; ++i) out[i + q] += ar_[i] * br;
+    }
+  } else if (x.ar == 1 && x.bs == 1) {  // e.g. a 1-output layer: out[i] += Σ_r a[i·ai + r] b[r]
+    // four rows at a time: four independent vector accumulators share each load of b
+    using v = typename Vec<S>::type;
+    constexpr int n = Vec<S>::n;
+    int i0 = 0;
+    for (; i0 + 4 <= Mo; i0 += 4) {
+      const S* a0 = x.a + i0 * x.ai;
+      const S* a1 = a0 + x.ai;
+      const S* a2 = a1 + x.ai;
+      const S* a3 = a2 + x.ai;
+      v c0{}, c1{}, c2{}, c3{};
+      int r = 0;
+      for (; r + n <= x.R; r += n) {
+        const v bb = vload(x.b + r + q);
+        c0 += vload(a0 + r) * bb;
+        c1 += vload(a1 + r) * bb;
+        c2 += vload(a2 + r) * bb;
+        c3 += vload(a3 + r) * bb;
+      }
+      S t0 = S(0), t1 = S(0), t2 = S(0), t3 = S(0);
+      for (int k = 0; k < n; ++k) {
+        t0 += c0[k];
+        t1 += c1[k];
+        t2 += c2[k];
+        t3 += c3[k];
+      }
+      for (; r < x.R; ++r) {
+        const S bb = x.b[r + q];
+        t0 += a0[r] * bb;
+        t1 += a1[r] * bb;
+        t2 += a2[r] * bb;
+        t3 += a3[r] * bb;
+      }
+      out[i0 * ldo + q] += t0;
+      out[(i0 + 1) * ldo + q] += t1;
+      out[(i0 + 2) * ldo + q] += t2;
+      out[(i0 + 3) * ldo + q] += t3;
+    }
+    for (int i = i0; i < Mo; ++i) {
+      const S* ai_ = x.a + i * x.ai;
+      S t = S(0);
+#pragma omp simd reduction(+ : t)
+      for (int r = 0; r < x.R; ++r) t += ai_[r] * x.b[r + q];
+      out[i * ldo + q] += t;
+    }
+  } else {
+    for (int i = 0; i < Mo; ++i) {
+      S t = S(0);
+      for (int r = 0; r < x.R; ++r) t += x.a[i * x.ai + r * x.ar] * x.b[r * x.bs + q];
+      out[i * ldo + q] += t;
+    }
+  }
+}
+
+// out[i][q] = (acc ? out : bias ? bias[q] : 0) + Σ_r x.a(i, r) x.b(r, q) + Σ_r y.a(i, r) y.b(r, q)
+// for i < Mo, q < Q (out row stride ldo): two products summed in one pass over the
+// output, in register tiles of 6 × 2 vectors (12 accumulators) or 8 × 1 (enough
+// independent FMA chains to hide the FMA latency on two pipes; smaller tiles only for
+// ragged rows).
+template <class S>
+inline void rc_gemm2(int Mo, int Q, const Term<S>& x, const Term<S>& y, S* out, int64_t ldo, bool acc,
+                     const S* bias) {
   constexpr int n = Vec<S>::n;
   int q = 0;
-  // Tiles of 6 × 2 vectors (12 accumulators) or 8 × 1: enough independent FMA chains to
-  // cover the FMA latency on two pipes; smaller tiles only for the ragged rows.
   for (; q + 2 * n <= Q; q += 2 * n) {
     int i = 0;
-    for (; i + 6 <= Mo; i += 6) tile<S, 6, 2>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+    for (; i + 6 <= Mo; i += 6) tile<S, 6, 2>(x, y, i, q, out, ldo, acc, bias);
     if (i + 4 <= Mo) {
-      tile<S, 4, 2>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+      tile<S, 4, 2>(x, y, i, q, out, ldo, acc, bias);
       i += 4;
     }
     if (i + 2 <= Mo) {
-      tile<S, 2, 2>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+      tile<S, 2, 2>(x, y, i, q, out, ldo, acc, bias);
       i += 2;
     }
-    if (i < Mo) tile<S, 1, 2>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+    if (i < Mo) tile<S, 1, 2>(x, y, i, q, out, ldo, acc, bias);
   }
   for (; q + n <= Q; q += n) {
     int i = 0;
-    for (; i + 8 <= Mo; i += 8) tile<S, 8, 1>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+    for (; i + 8 <= Mo; i += 8) tile<S, 8, 1>(x, y, i, q, out, ldo, acc, bias);
     if (i + 4 <= Mo) {
-      tile<S, 4, 1>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+      tile<S, 4, 1>(x, y, i, q, out, ldo, acc, bias);
       i += 4;
     }
     if (i + 2 <= Mo) {
-      tile<S, 2, 1>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+      tile<S, 2, 1>(x, y, i, q, out, ldo, acc, bias);
       i += 2;
     }
-    if (i < Mo) tile<S, 1, 1>(R, a + i * ai, ai, ar, b + q, bs, out + i * ldo + q, ldo, acc);
+    if (i < Mo) tile<S, 1, 1>(x, y, i, q, out, ldo, acc, bias);
   }
-  // Ragged columns (fewer than one vector): vectorise over whichever of i or r is contiguous.
   for (; q < Q; ++q) {
-    if (ai == 1 && Mo >= n) {  // e.g. ∇W of a 1-input layer: out[i] += Σ_r a[i + r·ar] b[r]
-      if (!acc)
-        for (int i = 0; i < Mo; ++i) out[i * ldo + q] = S(0);
-      for (int r = 0; r < R; ++r) {
-        const S br = b[r * bs + q];
-        const S* ar_ = a + r * ar;
-        if (ldo == 1) {
-#pragma omp simd
-          for (int i = 0; i < Mo; ++i) out[i + q] += ar_[i] * br;
-        } else {
-          for (int i = 0; i < Mo; ++i) out[i * ldo + q] += ar_[i] * br;
-        }
-      }
-    } else if (ar == 1) {  // e.g. a 1-output layer: out[i] = Σ_r a[i·ai + r] b[r·bs]
-      for (int i = 0; i < Mo; ++i) {
-        const S* ai_ = a + i * ai;
-        S t = S(0);
-        if (bs == 1) {
-#pragma omp simd reduction(+ : t)
-          for (int r = 0; r < R; ++r) t += ai_[r] * b[r + q];
-        } else {
-          for (int r = 0; r < R; ++r) t += ai_[r] * b[r * bs + q];
-        }
-        out[i * ldo + q] = (acc ? out[i * ldo + q] : S(0)) + t;
-      }
-    } else {
-      for (int i = 0; i < Mo; ++i) {
-        S t = acc ? out[i * ldo + q] : S(0);
-        for (int r = 0; r < R; ++r) t += a[i * ai + r * ar] * b[r * bs + q];
-        out[i * ldo + q] = t;
-      }
-    }
+    if (!acc)
+      for (int i = 0; i < Mo; ++i) out[i * ldo + q] = bias ? bias[q] : S(0);
+    ragged_column(Mo, x, q, out, ldo);
+    ragged_column(Mo, y, q, out, ldo);
   }
 }
 
@@ -331,27 +393,19 @@ inline void transpose(SerialGroup, int R, int C, const S* in, S* out) {
     for (int c = (r < R8 ? C8 : 0); c < C; ++c) out[int64_t(c) * R + r] = in[int64_t(r) * C + c];
 }
 
-// C[m][:] = bias (or 0).
 template <class S>
-inline void init_rows(SerialGroup, int M, int P, const S* bias, S* C) {
-  for (int m = 0; m < M; ++m) {
-    S* c = C + int64_t(m) * P;
-    if (bias) {
-      for (int p = 0; p < P; ++p) c[p] = bias[p];
-    } else {
-      for (int p = 0; p < P; ++p) c[p] = S(0);
-    }
-  }
+inline void gemm_tn(SerialGroup, int M, int P, int Q, const S* A1, const S* B1, const S* A2, const S* B2, S* C) {
+  const Term<S> x{M, A1, 1, P, B1, Q};
+  const Term<S> y{A2 ? M : 0, A2, 1, P, B2, Q};
+  rc_gemm2(P, Q, x, y, C, Q, false, static_cast<const S*>(nullptr));
 }
 
 template <class S>
-inline void gemm_tn(SerialGroup, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
-  rc_gemm(P, Q, M, A, 1, P, B, Q, C, Q, acc);
-}
-
-template <class S>
-inline void gemm_nn(SerialGroup, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
-  rc_gemm(M, Q, P, A, P, 1, B, Q, C, Q, acc);
+inline void gemm_nn(SerialGroup, int M, int Q, int P1, const S* A1, const S* B1, int P2, const S* A2, const S* B2,
+                    S* C, const S* bias) {
+  const Term<S> x{P1, A1, P1, 1, B1, Q};
+  const Term<S> y{A2 ? P2 : 0, A2, P2, 1, B2, Q};
+  rc_gemm2(M, Q, x, y, C, Q, false, bias);
 }
 
 template <class S>
@@ -383,25 +437,26 @@ __device__ __forceinline__ void transpose(CtaGroup g, int R, int C, const S* in,
   }
 }
 template <class S>
-__device__ __forceinline__ void init_rows(CtaGroup g, int M, int P, const S* bias, S* C) {
-  for (int i = g.rank(); i < M * P; i += g.size()) C[i] = bias ? bias[i % P] : S(0);
-}
-template <class S>
-__device__ __forceinline__ void gemm_tn(CtaGroup g, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
+__device__ __forceinline__ void gemm_tn(CtaGroup g, int M, int P, int Q, const S* A1, const S* B1, const S* A2,
+                                        const S* B2, S* C) {
   for (int i = g.rank(); i < P * Q; i += g.size()) {
     const int p = i / Q, q = i % Q;
-    S t = acc ? C[i] : S(0);
-    for (int m = 0; m < M; ++m) t += A[int64_t(m) * P + p] * B[int64_t(m) * Q + q];
+    S t = S(0);
+    for (int m = 0; m < M; ++m) t += A1[int64_t(m) * P + p] * B1[int64_t(m) * Q + q];
+    if (A2)
+      for (int m = 0; m < M; ++m) t += A2[int64_t(m) * P + p] * B2[int64_t(m) * Q + q];
     C[i] = t;
   }
 }
 template <class S>
-__device__ __forceinline__ void gemm_nn(CtaGroup g, int M, int P, int Q, const S* A, const S* B, S* C, bool acc) {
+__device__ __forceinline__ void gemm_nn(CtaGroup g, int M, int Q, int P1, const S* A1, const S* B1, int P2,
+                                        const S* A2, const S* B2, S* C, const S* bias) {
   for (int i = g.rank(); i < M * Q; i += g.size()) {
     const int m = i / Q, q = i % Q;
-    const S* a = A + int64_t(m) * P;
-    S t = acc ? C[i] : S(0);
-    for (int p = 0; p < P; ++p) t += a[p] * B[int64_t(p) * Q + q];
+    S t = bias ? bias[q] : S(0);
+    for (int p = 0; p < P1; ++p) t += A1[int64_t(m) * P1 + p] * B1[int64_t(p) * Q + q];
+    if (A2)
+      for (int p = 0; p < P2; ++p) t += A2[int64_t(m) * P2 + p] * B2[int64_t(p) * Q + q];
     C[i] = t;
   }
 }
@@ -437,13 +492,12 @@ __device__ __forceinline__ S group_sum(CtaGroup g, S v, S* scratch) {
 template <class S, class G>
 FM_ALGO S forward_loss(G g, const Shape& s, int N, const S* x, const void* y, const Params<const S>& th,
                        const Acts<S>& a, S* red) {
+  const S* const kNull = nullptr;
   const int L = s.L;
   const S* h = x;
   for (int l = 0; l < L; ++l) {
     const int din = s.d[l], dout = s.d[l + 1];
-    init_rows(g, N, dout, th.b[l], a.H[l]);
-    g.sync();
-    gemm_nn(g, N, din, dout, h, th.WT[l], a.H[l], true);  // z = b + h Wᵀ
+    gemm_nn(g, N, dout, din, h, th.WT[l], 0, kNull, kNull, a.H[l], th.b[l]);  // z = b + h Wᵀ
     g.sync();
     if (l < L - 1) {
       S* H = a.H[l];
@@ -493,13 +547,14 @@ FM_ALGO S forward_loss(G g, const Shape& s, int N, const S* x, const void* y, co
 template <class S, class G>
 FM_ALGO void backward(G g, const Shape& s, int N, const S* x, const Params<const S>& th, const Acts<S>& a,
                       const Params<S>& grad) {
+  const S* const kNull = nullptr;
   for (int l = s.L - 1; l >= 0; --l) {
     const int din = s.d[l], dout = s.d[l + 1];
     const S* hin = l == 0 ? x : a.H[l - 1];
-    gemm_tn(g, N, dout, din, a.D[l], hin, grad.W[l], false);  // ∇W_l = δ_lᵀ h_{l−1}
+    gemm_tn(g, N, dout, din, a.D[l], hin, kNull, kNull, grad.W[l]);  // ∇W_l = δ_lᵀ h_{l−1}
     colsum(g, N, dout, a.D[l], grad.b[l], false);            // ∇b_l = Σ_n δ_l
     if (l > 0) {
-      gemm_nn(g, N, dout, din, a.D[l], th.W[l], a.E[l - 1], false);  // e = ∂ℓ/∂h_{l−1} = δ_l W_l
+      gemm_nn(g, N, din, dout, a.D[l], th.W[l], 0, kNull, kNull, a.E[l - 1], kNull);  // e = ∂ℓ/∂h_{l−1} = δ_l W_l
       g.sync();
       const S* H = a.H[l - 1];
       const S* E = a.E[l - 1];
@@ -518,6 +573,7 @@ FM_HD int64_t hvp_scratch_size(const Shape& s, int N) { return 3 * int64_t(N) * 
 template <class S, class G>
 FM_ALGO void hvp(G g, const Shape& s, int N, const S* x, const Params<const S>& th, const Acts<S>& a,
                  const Params<const S>& u, const Params<S>& hv, S* scratch) {
+  const S* const kNull = nullptr;
   const int L = s.L;
   S* RZ[kMaxLayers];
   S* RH[kMaxLayers];
@@ -535,13 +591,7 @@ FM_ALGO void hvp(G g, const Shape& s, int N, const S* x, const Params<const S>& 
   for (int l = 0; l < L; ++l) {
     const int din = s.d[l], dout = s.d[l + 1];
     const S* hin = l == 0 ? x : a.H[l - 1];
-    init_rows(g, N, dout, u.b[l], RZ[l]);
-    g.sync();
-    gemm_nn(g, N, din, dout, hin, u.WT[l], RZ[l], true);
-    if (l > 0) {
-      g.sync();
-      gemm_nn(g, N, din, dout, RH[l - 1], th.WT[l], RZ[l], true);
-    }
+    gemm_nn(g, N, dout, din, hin, u.WT[l], din, l > 0 ? RH[l - 1] : kNull, l > 0 ? th.WT[l] : kNull, RZ[l], u.b[l]);
     g.sync();
     if (l < L - 1) {
       const S* H = a.H[l];
@@ -582,12 +632,10 @@ FM_ALGO void hvp(G g, const Shape& s, int N, const S* x, const Params<const S>& 
   for (int l = L - 1; l >= 0; --l) {
     const int din = s.d[l], dout = s.d[l + 1];
     const S* hin = l == 0 ? x : a.H[l - 1];
-    gemm_tn(g, N, dout, din, RD[l], hin, hv.W[l], false);
-    if (l > 0) gemm_tn(g, N, dout, din, a.D[l], RH[l - 1], hv.W[l], true);
+    gemm_tn(g, N, dout, din, RD[l], hin, l > 0 ? a.D[l] : kNull, l > 0 ? RH[l - 1] : kNull, hv.W[l]);
     colsum(g, N, dout, RD[l], hv.b[l], false);
     if (l > 0) {
-      gemm_nn(g, N, dout, din, RD[l], th.W[l], RE, false);
-      gemm_nn(g, N, dout, din, a.D[l], u.W[l], RE, true);
+      gemm_nn(g, N, din, dout, RD[l], th.W[l], dout, a.D[l], u.W[l], RE, kNull);
       g.sync();
       const S* H = a.H[l - 1];
       const S* E = a.E[l - 1];
