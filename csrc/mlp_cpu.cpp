@@ -193,24 +193,25 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   {
     S* w = ws + per * thread_id();
     SerialGroup g;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t c = 0; c < nchunks; ++c) {
       S* part = parts + c * stride;
       std::fill(part, part + stride, S(0));
       const int64_t t1 = std::min(T, (c + 1) * cs);
       for (int64_t t = c * cs; t < t1; ++t) mlp::maml_task(g, a, t, w, static_cast<S*>(nullptr), part, part + 1, part + 1 + P);
     }
-    // Sum the chunk partials in chunk order, element by element.
-    if (need_grad) {
-#pragma omp for schedule(static)
-      for (int j = 0; j < 2 * s.L + 1; ++j) {  // one parameter tensor (or the lr gradient) per item
-        const int64_t i0 = j < 2 * s.L ? seg[j] : P, i1 = j < 2 * s.L ? seg[j + 1] : P + a.n_lr;
-        S* out = j < 2 * s.L ? dst[j] - i0 : dlr - P;
-        for (int64_t i = i0; i < i1; ++i) {
-          S acc = S(0);
-          for (int64_t c = 0; c < nchunks; ++c) acc += parts[c * stride + 1 + i];
-          out[i] = acc;
-        }
+  }
+  // Sum the chunk partials in chunk order, element by element (serially: a few µs, and
+  // no second barrier, which costs far more when the cores are shared).
+  if (need_grad) {
+    for (int j = 0; j < 2 * s.L + 1; ++j) {
+      const int64_t i0 = j < 2 * s.L ? seg[j] : P, i1 = j < 2 * s.L ? seg[j + 1] : P + a.n_lr;
+      S* out = j < 2 * s.L ? dst[j] - i0 : dlr - P;
+      for (int64_t i = i0; i < i1; ++i) out[i] = parts[1 + i];
+      for (int64_t c = 1; c < nchunks; ++c) {
+        const S* pc = parts + c * stride + 1;
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) out[i] += pc[i];
       }
     }
   }

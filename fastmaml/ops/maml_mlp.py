@@ -268,7 +268,7 @@ def _run_fused(cfg: _Cfg, ws, bs, lrs):
     dtype, device = cfg.dtype, cfg.device
     loss = torch.empty((), dtype=dtype, device=device)
     # the meta-gradient is written straight into tensors of the parameters' shapes
-    grads = [torch.empty(s, dtype=dtype, device=device) for s in shapes] if cfg.need_grad else None
+    grads = [torch.empty_like(p) for pair in zip(ws, bs) for p in pair] if cfg.need_grad else None
     dlr = torch.empty(n_lr, dtype=dtype, device=device) if n_lr else None
     args = [_DTYPE_CODE[dtype], cfg.dims, _ACT_CODE[cfg.act], _LOSS_CODE[cfg.loss], cfg.T, cfg.K, cfg.Ns, cfg.Nq,
             [w.data_ptr() for w in ws], [b.data_ptr() for b in bs], cfg.xs.data_ptr(), cfg.ys.data_ptr(),

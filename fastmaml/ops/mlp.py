@@ -42,11 +42,53 @@ def check_activation_loss(activation: object, loss: object) -> None:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _layers_fast(weights, biases, per_task: bool):
+    """The common valid case in a few µs (no message formatting); None when anything is
+    off, and then the detailed checks below find and name the problem."""
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        return None
+    L = len(weights)
+    if L == 0 or L != len(biases) or L > MAX_LAYERS:
+        return None
+    W0 = weights[0]
+    if not isinstance(W0, torch.Tensor):
+        return None
+    dtype, device = W0.dtype, W0.device
+    if dtype not in _FLOATS:
+        return None
+    nd = 3 if per_task else 2
+    T = W0.shape[0] if per_task and W0.dim() == 3 else None
+    dims = [W0.shape[-1]]
+    for W, b in zip(weights, biases):
+        if not (isinstance(W, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return None
+        if W.dtype != dtype or b.dtype != dtype or W.device != device or b.device != device:
+            return None
+        ws, bsh = W.shape, b.shape
+        if len(ws) != nd or ws[-1] != dims[-1] or ws[-2] < 1 or ws[-1] < 1:
+            return None
+        if per_task:
+            if ws[0] != T or tuple(bsh) != (T, ws[1]):
+                return None
+        elif tuple(bsh) != (ws[0],):
+            return None
+        if not (W.is_contiguous() and b.is_contiguous()):
+            return None
+        dims.append(ws[-2])
+    return list(weights), list(biases), dims, dtype, device
+
+
 def check_layers(
     weights: object, biases: object, *, per_task: bool, names: tuple[str, str] = ("weights", "biases")
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int], torch.dtype, torch.device]:
     """Validate an MLP's parameter lists; returns them with the widths ``[d_0, ..., d_L]``.
     ``per_task``: ``W_l [T, out, in]``, ``b_l [T, out]``; else ``[out, in]``, ``[out]``."""
+    fast = _layers_fast(weights, biases, per_task)
+    if fast is not None:
+        return fast
     wn, bn = names
     ws = _checks.tensor_list(wn, weights)
     bs = _checks.tensor_list(bn, biases)
