@@ -659,7 +659,6 @@ struct MamlArgs {
   Shape s;
   int K = 1;
   int Ns = 1, Nq = 1;
-  const S* theta0 = nullptr;  // not used directly: th0 holds the per-layer pointers
   Params<const S> th0;        // shared initial parameters (user tensors)
   const S* xs = nullptr;      // [T, Ns, d0]
   const void* ys = nullptr;   // [T, Ns, dL] or [T, Ns] int64
