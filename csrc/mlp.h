@@ -674,12 +674,16 @@ struct MamlArgs {
   int n_lr = 0;               // size of the packed lr gradient (0: lr not learned)
 };
 
-// Per-task workspace, in S elements: θ_1..θ_K with transposed weights (PT each), g_0..
-// g_{K−1}, the query gradients at θ_1..θ_K, K sets of support activations, one set of
-// query activations, θ_0ᵀ (PT), v, u (PT), hv and the HVP scratch.
-FM_HD int64_t maml_workspace_size(const Shape& s, int K, int Ns, int Nq) {
-  return int64_t(K) * s.PT + 2 * int64_t(K) * s.P + int64_t(K) * acts_size(s, Ns) + acts_size(s, Nq) +
-         2 * s.PT + 2 * s.P + hvp_scratch_size(s, Ns);
+// Per-task workspace, in S elements: θ_1..θ_K with transposed weights (PT each); the
+// support gradients g_k (n_g = K slots when the lr is learned, as dα_k needs them in
+// the adjoint, else 1 reused slot); the query gradients at the n_q steps with a nonzero
+// MSL weight; K sets of support activations; one region shared by the query
+// activations (forward phase) and the HVP scratch (adjoint phase); θ_0ᵀ (PT); v, u (PT)
+// and hv.
+FM_HD int64_t maml_workspace_size(const Shape& s, int K, int Ns, int Nq, int n_g, int n_q) {
+  const int64_t qa = acts_size(s, Nq), hs = hvp_scratch_size(s, Ns);
+  return int64_t(K) * s.PT + int64_t(n_g + n_q) * s.P + int64_t(K) * acts_size(s, Ns) + (qa > hs ? qa : hs) +
+         2 * s.PT + 2 * s.P;
 }
 
 // Writes the transposed weights of a parameter set (its WT pointers) from its W.
@@ -724,16 +728,26 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
   }
   const int64_t PT = s.PT;
   S* theta = ws;                 // θ_{k+1} (with its transposed weights) at theta + k·PT
-  S* gs = theta + K * PT;        // g_k at gs + k·P
-  S* gq = gs + K * P;            // ∇Lq(θ_{k+1}) at gq + k·P
-  S* acts = gq + K * P;          // support activations at θ_k
+  const int n_g = a.n_lr > 0 ? K : 1;
+  int n_q = 0;
+  for (int k = 0; k < K; ++k) n_q += a.msl[k] != S(0);
+  S* gs = theta + K * PT;        // g_k at gs + (n_g == K ? k : 0)·P
+  S* gq = gs + n_g * P;          // ∇Lq(θ_{k+1}) at gq + (#nonzero w_j, j < k)·P
+  S* acts = gq + n_q * P;        // support activations at θ_k
   const int64_t as = acts_size(s, a.Ns);
-  S* qacts = acts + K * as;
-  S* th0t = qacts + acts_size(s, a.Nq);  // θ_0's transposed weights (θ_0 itself: user tensors)
+  S* qacts = acts + K * as;      // query activations (forward phase) ...
+  S* scratch = qacts;            // ... and the HVP scratch (adjoint phase) share a region
+  const int64_t qa = acts_size(s, a.Nq), hs = hvp_scratch_size(s, a.Ns);
+  S* th0t = qacts + (qa > hs ? qa : hs);  // θ_0's transposed weights (θ_0 itself: user tensors)
   S* v = th0t + PT;
   S* u = v + P;                  // PT: with transposed weights
   S* hvb = u + PT;
-  S* scratch = hvb + P;
+  auto g_slot = [&](int k) -> S* { return gs + (n_g == K ? k : 0) * P; };
+  auto q_slot = [&](int k) -> S* {
+    int j = 0;
+    for (int i = 0; i < k; ++i) j += a.msl[i] != S(0);
+    return gq + j * P;
+  };
 
   Params<const S> th0 = a.th0;
   {
@@ -754,7 +768,7 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
     const Params<const S> th = theta_k(k);
     const Acts<S> ak = carve_acts(s, a.Ns, acts + k * as);
     forward_loss(g, s, a.Ns, xs, ys, th, ak, red);
-    const Params<S> gk = flat_params(s, gs + k * P);
+    const Params<S> gk = flat_params(s, g_slot(k));
     backward(g, s, a.Ns, xs, th, ak, gk);
     S* next = theta + k * PT;
     for (int l = 0; l < L; ++l) {
@@ -783,7 +797,7 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
       const Acts<S> aq = carve_acts(s, a.Nq, qacts);
       const S lq = forward_loss(g, s, a.Nq, xq, yq, th1, aq, red);
       meta += w * lq;
-      if (a.need_grad) backward(g, s, a.Nq, xq, th1, aq, flat_params(s, gq + k * P));
+      if (a.need_grad) backward(g, s, a.Nq, xq, th1, aq, flat_params(s, q_slot(k)));
     }
   }
   if (g.rank() == 0) *loss_acc += meta * a.inv_T;
@@ -795,12 +809,12 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
   for (int k = K - 1; k >= 0; --k) {
     const S w = a.msl[k] * a.inv_T;
     if (a.msl[k] != S(0)) {
-      const S* gqk = gq + k * P;
+      const S* gqk = q_slot(k);
       for (int64_t i = g.rank(); i < P; i += g.size()) v[i] += w * gqk[i];
       g.sync();
     }
     // dM/dα_k += −g_k ⊙ v_{k+1}, reduced to the lr's granularity
-    const S* gk = gs + k * P;
+    const S* gk = g_slot(k);
     if (a.n_lr > 0) {
       if (a.lr_mode == kLrElem || a.lr_mode == kLrStepElem) {
         S* dl = dlr_acc + (a.lr_mode == kLrStepElem ? k * P : 0);

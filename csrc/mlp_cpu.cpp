@@ -180,7 +180,9 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   }
   S* dlr = (need_grad && n_lr > 0) ? as_ptr<S>(out_dlr, "out_dlr") : nullptr;
 
-  const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq) + 16;
+  int n_q = 0;
+  for (int k = 0; k < K; ++k) n_q += a.msl[k] != S(0);
+  const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq, a.n_lr > 0 ? K : 1, n_q) + 16;
   const int64_t cs = chunk_size(T);
   const int64_t nchunks = (T + cs - 1) / cs;
   const int64_t stride = 1 + (need_grad ? s.P + a.n_lr : 0);
@@ -250,9 +252,10 @@ void mlp_hvp_cpu(int dtype, const std::vector<int>& dims, int act, int loss, int
     require(false, "dtype code must be 0 (float32) or 1 (float64)");
 }
 
-int64_t maml_mlp_workspace_elems(const std::vector<int>& dims, int K, int Ns, int Nq) {
+int64_t maml_mlp_workspace_elems(const std::vector<int>& dims, int K, int Ns, int Nq, bool lr_learned, int n_msl) {
   const Shape s = shape_of(dims, 0, 0);
-  return mlp::maml_workspace_size(s, K, Ns, Nq);
+  require(n_msl >= 0 && n_msl <= K, "n_msl must be in [0, steps]");
+  return mlp::maml_workspace_size(s, K, Ns, Nq, lr_learned ? K : 1, n_msl);
 }
 
 void maml_mlp_cpu(int dtype, const std::vector<int>& dims, int act, int loss, int64_t T, int K, int Ns, int Nq,

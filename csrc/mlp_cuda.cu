@@ -219,7 +219,7 @@ template <class S>
 void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vector<std::uintptr_t>& W,
                const std::vector<std::uintptr_t>& b, std::uintptr_t xs, std::uintptr_t ys, std::uintptr_t xq,
                std::uintptr_t yq, int lr_mode, std::uintptr_t lr, double lr_value, std::uintptr_t msl,
-               bool first_order, bool need_grad, int64_t n_lr, std::uintptr_t out_loss,
+               bool first_order, bool need_grad, int64_t n_lr, int n_msl, std::uintptr_t out_loss,
                const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr, std::uintptr_t partials,
                cudaStream_t st) {
   mlp::MamlArgs<S> a;
@@ -243,7 +243,8 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   a.n_lr = need_grad ? int(n_lr) : 0;
   const int64_t stride = 1 + (need_grad ? s.P + a.n_lr : 0);
   S* parts = as_ptr<S>(partials, "partials");
-  const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq) + 16;
+  // the MSL weights live on the device: the launcher is told how many are nonzero
+  const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq, a.n_lr > 0 ? K : 1, n_msl) + 16;
   Placement<S, decltype(&maml_kernel<S>)> pl(&maml_kernel<S>, per, T, st, false);
   maml_kernel<S><<<unsigned(T), kThreads, pl.smem, st>>>(a, parts, stride, pl.global, per);
   FM_CUDA_CHECK_LAUNCH();
@@ -305,18 +306,19 @@ void maml_mlp_cuda(int dtype, const std::vector<int>& dims, int act, int loss, i
                    const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b, std::uintptr_t xs,
                    std::uintptr_t ys, std::uintptr_t xq, std::uintptr_t yq, int lr_mode, std::uintptr_t lr,
                    double lr_value, std::uintptr_t msl, bool first_order, bool need_grad, int64_t n_lr,
-                   std::uintptr_t out_loss, const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr,
-                   std::uintptr_t partials, std::uintptr_t stream) {
+                   int n_msl, std::uintptr_t out_loss, const std::vector<std::uintptr_t>& out_dtheta,
+                   std::uintptr_t out_dlr, std::uintptr_t partials, std::uintptr_t stream) {
   const Shape s = shape_of(dims, act, loss);
   check_grid(T);
   require(K >= 1 && Ns >= 1 && Nq >= 1, "steps, Ns and Nq must be >= 1");
   require(lr_mode >= 0 && lr_mode <= 3, "lr_mode must be in [0, 3]");
+  require(n_msl >= 0 && n_msl <= K, "n_msl must be in [0, steps]");
   if (dtype == kFloat32)
     maml_impl<float>(s, T, K, Ns, Nq, W, b, xs, ys, xq, yq, lr_mode, lr, lr_value, msl, first_order, need_grad, n_lr,
-                     out_loss, out_dtheta, out_dlr, partials, as_stream(stream));
+                     n_msl, out_loss, out_dtheta, out_dlr, partials, as_stream(stream));
   else if (dtype == kFloat64)
     maml_impl<double>(s, T, K, Ns, Nq, W, b, xs, ys, xq, yq, lr_mode, lr, lr_value, msl, first_order, need_grad,
-                      n_lr, out_loss, out_dtheta, out_dlr, partials, as_stream(stream));
+                      n_lr, n_msl, out_loss, out_dtheta, out_dlr, partials, as_stream(stream));
   else
     require(false, "dtype code must be 0 (float32) or 1 (float64)");
 }

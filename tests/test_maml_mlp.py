@@ -128,21 +128,32 @@ def test_shapes(path, case, dtype):
 def test_fused_limit_boundary(monkeypatch):
     """At the limit the fused kernel runs; one byte below it the layer-wise path does; same numbers."""
     dims, T, Ns, Nq, K = [3, 24, 24, 2], 2, 7, 5, 2
-    need = MM.fused_workspace_bytes(dims, K, Ns, Nq, torch.float64)
+    need = MM.fused_workspace_bytes(dims, K, Ns, Nq, torch.float64, lr_learned=True)
     calls = []
     real = MM._run_fused
     monkeypatch.setattr(MM, "_run_fused", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(MM, "FUSED_CPU_MAX_WORKSPACE_BYTES", need)
-    assert MM.fits_fused(dims, K, Ns, Nq, dtype=torch.float64)[0]
+    assert MM.fits_fused(dims, K, Ns, Nq, dtype=torch.float64, lr_learned=True)[0]
     _, g_fused = check(dims, T, Ns, Nq, K, lr_kind="table")
     assert calls == [1]
     monkeypatch.setattr(MM, "FUSED_CPU_MAX_WORKSPACE_BYTES", need - 1)
-    ok, why = MM.fits_fused(dims, K, Ns, Nq, dtype=torch.float64)
+    ok, why = MM.fits_fused(dims, K, Ns, Nq, dtype=torch.float64, lr_learned=True)
     assert not ok and "exceeds" in why
     _, g_layer = check(dims, T, Ns, Nq, K, lr_kind="table")
     assert calls == [1]
     for a, b in zip(g_fused, g_layer):
         assert_close("fused vs layer-wise", a, b, torch.float64)
+
+
+@pytest.mark.parametrize("lr_learned,n_msl", [(False, 1), (True, 1), (True, 3), (False, 2)])
+def test_workspace_formula_matches_kernel(lr_learned, n_msl):
+    C = fastmaml._ext.ext()
+    for dims, K, Ns, Nq in [([1, 40, 40, 1], 5, 10, 10), ([3, 7, 2], 3, 4, 9), ([5, 9, 8, 7, 3], 4, 13, 2)]:
+        n = min(n_msl, K)
+        assert MM.fused_workspace_bytes(dims, K, Ns, Nq, torch.float32, lr_learned=lr_learned, n_msl=n) == \
+            4 * C.maml_mlp_workspace_elems(dims, K, Ns, Nq, lr_learned, n)
+    # the sinusoid configuration fits an H100's 227 KB of shared memory per block
+    assert MM.fused_workspace_bytes([1, 40, 40, 1], 5, 10, 10, torch.float32) <= 227 * 1024 - 128 * 8
 
 
 def test_wide_model_past_default_limit_uses_layerwise():

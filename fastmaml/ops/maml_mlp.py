@@ -29,16 +29,19 @@ Two implementations, same numbers:
   reproducible). ``backward`` then only scales the stored meta-gradient by the incoming
   gradient. Without a gradient the call runs the forward only.
   Limits: at most 8 layers; the per-task workspace
-  ``K·PT + 2K·P + 2PT + 2P + 3K·Ns·Σd + 3Nq·Σd + 3Ns·Σd + Ns·max d`` elements (P
-  parameters, PT = P + Σ|W_l| with the transposed weight copies, Σd the sum of the
-  layer widths d_1..d_L; see :func:`fused_workspace_bytes`) must be at most
+  ``K·PT + (n_g + n_msl)·P + 2PT + 2P + 3K·Ns·Σd + max(3Nq·Σd, 3Ns·Σd + Ns·max d)``
+  elements (P parameters, PT = P + Σ|W_l| with the transposed weight copies, Σd the sum
+  of the layer widths d_1..d_L, n_g = K when the lr is learned else 1, n_msl the number
+  of nonzero MSL weights; see :func:`fused_workspace_bytes`; the sinusoid MLP at K = 5,
+  10 + 10 points, float32: 182 KB) must be at most
   ``FUSED_CPU_MAX_WORKSPACE_BYTES`` (4 MiB, a few times the 1 MiB L2 of the target CPU)
   on CPU, and at most the device's opt-in shared memory per block (e.g. 227 KiB on
   H100) on CUDA. :func:`supports` and :func:`fits_fused` say whether a model fits.
 - **layer-wise** (``reference`` and ``triton`` backends, and past the fused limits): a
   Python loop over the K steps (never over tasks) composed of
-  :func:`fastmaml.ops.mlp_loss_and_grad`, :func:`fastmaml.ops.sgd_step` and, in the
-  backward, :func:`fastmaml.ops.mlp_hvp` implementing the same adjoint.
+  :func:`fastmaml.ops.mlp_loss_and_grad`, :func:`fastmaml.ops.sgd_step` and, for the
+  adjoint (run in the forward as well, when a gradient is needed),
+  :func:`fastmaml.ops.mlp_hvp`.
 """
 
 from __future__ import annotations
@@ -59,15 +62,19 @@ LR_SCALAR, LR_TABLE, LR_ELEM, LR_STEP_ELEM = 0, 1, 2, 3
 
 
 # ---- limits ---------------------------------------------------------------------------------
-def fused_workspace_bytes(dims: Sequence[int], steps: int, n_support: int, n_query: int, dtype=torch.float32) -> int:
+def fused_workspace_bytes(dims: Sequence[int], steps: int, n_support: int, n_query: int, dtype=torch.float32, *,
+                          lr_learned: bool = False, n_msl: int = 1) -> int:
     """Bytes of the per-task workspace of the fused kernel (CPU: per thread; CUDA: shared
-    memory per CTA)."""
+    memory per CTA). ``lr_learned``: the K support gradients are kept for dα; ``n_msl``:
+    the number of steps with a nonzero multi-step-loss weight (1 for plain MAML)."""
     L = len(dims) - 1
     P = sum(dims[l + 1] * dims[l] + dims[l + 1] for l in range(L))
     sd = sum(dims[1:])
     PT = P + sum(dims[l + 1] * dims[l] for l in range(L))  # with transposed weight copies
-    elems = (steps * PT + 2 * steps * P + steps * 3 * n_support * sd + 3 * n_query * sd + 2 * PT + 2 * P
-             + 3 * n_support * sd + n_support * max(dims))  # = csrc/mlp.h maml_workspace_size
+    n_g = steps if lr_learned else 1
+    # = csrc/mlp.h maml_workspace_size
+    elems = (steps * PT + (n_g + n_msl) * P + steps * 3 * n_support * sd
+             + max(3 * n_query * sd, 3 * n_support * sd + n_support * max(dims)) + 2 * PT + 2 * P)
     return elems * torch.empty((), dtype=dtype).element_size()
 
 
@@ -86,13 +93,13 @@ def fused_limits(device: torch.device | str = "cpu") -> dict:
 
 
 def fits_fused(dims: Sequence[int], steps: int, n_support: int, n_query: int, *, dtype=torch.float32,
-               device: torch.device | str = "cpu") -> tuple[bool, str]:
+               device: torch.device | str = "cpu", lr_learned: bool = False, n_msl: int = 1) -> tuple[bool, str]:
     """Whether an MLP of widths ``dims`` fits the fused kernel; (ok, reason)."""
     L = len(dims) - 1
     lim = fused_limits(device)
     if L < 1 or L > lim["max_layers"]:
         return False, f"{L} layers (the fused kernel takes 1..{lim['max_layers']})"
-    need = fused_workspace_bytes(dims, steps, n_support, n_query, dtype)
+    need = fused_workspace_bytes(dims, steps, n_support, n_query, dtype, lr_learned=lr_learned, n_msl=n_msl)
     if need > lim["max_workspace_bytes"]:
         return False, (f"per-task workspace of {need} bytes exceeds the fused limit of "
                        f"{lim['max_workspace_bytes']} bytes on {torch.device(device).type}")
@@ -100,8 +107,8 @@ def fits_fused(dims: Sequence[int], steps: int, n_support: int, n_query: int, *,
 
 
 def supports(model_or_dims, activation: str | None = None, loss: str = "mse", *, steps: int = 5,
-             n_support: int = 10, n_query: int = 10, dtype=torch.float32,
-             device: torch.device | str = "cpu") -> tuple[bool, str]:
+             n_support: int = 10, n_query: int = 10, dtype=torch.float32, device: torch.device | str = "cpu",
+             lr_learned: bool = False, n_msl: int = 1) -> tuple[bool, str]:
     """Whether the fused MLP path applies; returns (ok, reason).
 
     ``model_or_dims``: an ``nn.Sequential`` of ``nn.Linear`` (with bias) alternating with
@@ -148,7 +155,8 @@ def supports(model_or_dims, activation: str | None = None, loss: str = "mse", *,
         return False, f"activation {activation!r} is not one of {tuple(_ACT_CODE)}"
     if loss not in _LOSS_CODE:
         return False, f"loss {loss!r} is not one of {tuple(_LOSS_CODE)}"
-    return fits_fused(dims, steps, n_support, n_query, dtype=dtype, device=device)
+    return fits_fused(dims, steps, n_support, n_query, dtype=dtype, device=device, lr_learned=lr_learned,
+                      n_msl=n_msl)
 
 
 # ---- input handling ---------------------------------------------------------------------------
@@ -177,6 +185,7 @@ class _Cfg:
     need_grad: bool
     backend: str
     fused: bool
+    n_msl: int
     out: tuple | None = None  # (meta-gradient, lr gradient) from forward to setup_context
 
 
@@ -273,7 +282,8 @@ def _run_fused(cfg: _Cfg, ws, bs, lrs):
     args = [_DTYPE_CODE[dtype], cfg.dims, _ACT_CODE[cfg.act], _LOSS_CODE[cfg.loss], cfg.T, cfg.K, cfg.Ns, cfg.Nq,
             [w.data_ptr() for w in ws], [b.data_ptr() for b in bs], cfg.xs.data_ptr(), cfg.ys.data_ptr(),
             cfg.xq.data_ptr(), cfg.yq.data_ptr(), lr_mode, 0 if lr_t is None else lr_t.data_ptr(), cfg.lr_value,
-            cfg.msl.data_ptr(), cfg.first_order, cfg.need_grad, n_lr, loss.data_ptr(),
+            cfg.msl.data_ptr(), cfg.first_order, cfg.need_grad, n_lr, *([cfg.n_msl] if cfg.backend == "cuda" else []),
+            loss.data_ptr(),
             [g.data_ptr() for g in grads] if grads is not None else [], dlr.data_ptr() if dlr is not None else 0]
     if cfg.backend == "cpu":
         ext().maml_mlp_cpu(*args)
@@ -474,9 +484,11 @@ def maml_mlp(
         msl_list = [float(w) for w in msl.tolist()]
     be = backends.resolve(backend, device, "maml_mlp")
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*ws, *bs, *lrs))
-    fused = be in ("cpu", "cuda") and _fits_cached(dims, K, Ns, Nq, dtype, device)
+    lr_learned = need_grad and any(t.requires_grad for t in lrs)
+    n_msl = sum(1 for w in msl_list if w != 0.0)
+    fused = be in ("cpu", "cuda") and _fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl)
     cfg = _Cfg(dims, L, T, K, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
-               lr_value, len(lrs), bool(first_order), need_grad, be, fused)
+               lr_value, len(lrs), bool(first_order), need_grad, be, fused, n_msl)
     if torch._C._are_functorch_transforms_active():
         return _MamlMlp.apply(cfg, *ws, *bs, *lrs)
     else:
@@ -489,12 +501,12 @@ _APPLY = super(torch.autograd.Function, _MamlMlp).apply
 _FITS_CACHE: dict = {}
 
 
-def _fits_cached(dims, K, Ns, Nq, dtype, device) -> bool:
+def _fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl) -> bool:
     limit = FUSED_CPU_MAX_WORKSPACE_BYTES if device.type == "cpu" else None
-    key = (tuple(dims), K, Ns, Nq, dtype, device, limit)
+    key = (tuple(dims), K, Ns, Nq, dtype, device, limit, lr_learned, n_msl)
     ok = _FITS_CACHE.get(key)
     if ok is None:
-        ok = fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device)[0]
+        ok = fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device, lr_learned=lr_learned, n_msl=n_msl)[0]
         _FITS_CACHE[key] = ok
     return ok
 
