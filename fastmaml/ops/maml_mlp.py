@@ -80,7 +80,8 @@ def fused_workspace_bytes(dims: Sequence[int], steps: int, n_support: int, n_que
 
 def _cuda_smem_limit(device: torch.device) -> int:
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    return int(ext().maml_mlp_cuda_smem_limit(idx))
+    # the launcher adds a 16-element margin to the workspace: keep 256 bytes spare
+    return int(ext().maml_mlp_cuda_smem_limit(idx)) - 256
 
 
 def fused_limits(device: torch.device | str = "cpu") -> dict:
