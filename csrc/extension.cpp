@@ -183,4 +183,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("max_blocks"));
   m.attr("SGD_STEP_CUDA_TABLE") = py::make_tuple(kSgdStepMaxTensors, kSgdStepMaxBlocks, kSgdStepBlockThreads,
                                                  kSgdStepFwdRows);
+
+  // mlp_loss_and_grad / mlp_hvp / maml_mlp (csrc/mlp.h)
+  m.def("mlp_loss_and_grad_cpu", &mlp_loss_and_grad_cpu, "per-task MLP loss [T] and gradient (CPU)");
+  m.def("mlp_hvp_cpu", &mlp_hvp_cpu, "per-task MLP Hessian-vector product (CPU)");
+  m.def("maml_mlp_workspace_elems", &maml_mlp_workspace_elems, "per-task workspace of maml_mlp (elements)");
+  m.def("maml_mlp_cpu", &maml_mlp_cpu, "fused MAML meta-step of an MLP: forward (+ adjoint) (CPU)");
+#ifdef FASTMAML_WITH_CUDA
+  m.def("mlp_loss_and_grad_cuda", &mlp_loss_and_grad_cuda);
+  m.def("mlp_hvp_cuda", &mlp_hvp_cuda);
+  m.def("maml_mlp_cuda", &maml_mlp_cuda);
+  m.def("maml_mlp_cuda_smem_limit", &maml_mlp_cuda_smem_limit);
+#else
+  m.def("mlp_loss_and_grad_cuda", [](py::args, py::kwargs) { no_cuda(); });
+  m.def("mlp_hvp_cuda", [](py::args, py::kwargs) { no_cuda(); });
+  m.def("maml_mlp_cuda", [](py::args, py::kwargs) { no_cuda(); });
+  m.def("maml_mlp_cuda_smem_limit", [](int) -> int64_t { no_cuda(); });
+#endif
 }

@@ -134,13 +134,20 @@ def maml_mlp(
     are treated as constants).
     """
     T = xs.shape[0]
-    params = [p.unsqueeze(0).expand(T, *p.shape) for pair in zip(weights, biases) for p in pair]
+    grad_on = torch.is_grad_enabled()
     if msl_weights is None:
         w = [0.0] * (steps - 1) + [1.0]
     else:
         w = [msl_weights[k] for k in range(steps)]
     meta = xs.new_zeros(())
     with torch.enable_grad():
+        # The inner gradients need θ in the graph even under no_grad or when θ itself is
+        # not trained (only the lr, say): use a detached leaf then.
+        params = [
+            (p if (p.requires_grad and grad_on) else p.detach().requires_grad_()).unsqueeze(0).expand(T, *p.shape)
+            for pair in zip(weights, biases)
+            for p in pair
+        ]
         for k in range(steps):
             ls = mlp_loss(params[0::2], params[1::2], xs, ys, activation=activation, loss=loss).sum()
             g = torch.autograd.grad(ls, params, create_graph=not first_order)
@@ -153,7 +160,7 @@ def maml_mlp(
             if isinstance(w[k], torch.Tensor) or w[k] != 0.0:
                 lq = mlp_loss(params[0::2], params[1::2], xq, yq, activation=activation, loss=loss)
                 meta = meta + w[k] * lq.mean()
-    return meta
+    return meta if grad_on else meta.detach()
 
 
 def step_lr(lr, k: int, i: int, shape: torch.Size):

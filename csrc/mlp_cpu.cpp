@@ -1,0 +1,279 @@
+// CPU launchers of the MLP ops: OpenMP over tasks, one task per thread at a time, the
+// per-task algorithm of mlp.h run with the SerialGroup policy. The meta-gradient of
+// maml_mlp is summed over tasks in a fixed order (fixed chunks of tasks, each summed in
+// task order, then the chunk partials in chunk order; the chunking depends on T only),
+// so results are bitwise reproducible from run to run and for any thread count.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "mlp.h"
+#include "ops.h"
+
+namespace fastmaml {
+namespace {
+
+using mlp::Acts;
+using mlp::Params;
+using mlp::Shape;
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// One reusable buffer (the bindings hold the GIL, so calls never overlap): no allocation
+// and no page faults in the hot path after the first call of a given size.
+std::vector<double>& scratch_buffer() {
+  static std::vector<double> buf;
+  return buf;
+}
+template <class S>
+S* scratch(int64_t elems) {
+  auto& buf = scratch_buffer();
+  const size_t need = size_t((elems * int64_t(sizeof(S)) + 7) / 8) + 8;
+  if (buf.size() < need) buf.resize(need);
+  return reinterpret_cast<S*>(buf.data());
+}
+
+Shape shape_of(const std::vector<int>& dims, int act, int loss) {
+  require(dims.size() >= 2, "dims must hold at least 2 widths");
+  require(act == mlp::kRelu || act == mlp::kTanh, "activation code must be 0 (relu) or 1 (tanh)");
+  require(loss == mlp::kMse || loss == mlp::kCrossEntropy, "loss code must be 0 (mse) or 1 (cross_entropy)");
+  return mlp::make_shape(dims.data(), int(dims.size()) - 1, act, loss);
+}
+
+template <class S, class P>
+Params<P> task_params(const Shape& s, const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b,
+                      int64_t t, const char* name) {
+  require(int(W.size()) == s.L && int(b.size()) == s.L, std::string(name) + ": one pointer per layer expected");
+  Params<P> p;
+  for (int l = 0; l < s.L; ++l) {
+    p.W[l] = as_ptr<S>(W[l], name) + t * int64_t(s.d[l + 1]) * s.d[l];
+    p.b[l] = as_ptr<S>(b[l], name) + t * int64_t(s.d[l + 1]);
+    p.WT[l] = nullptr;
+  }
+  return p;
+}
+
+const void* task_y(const Shape& s, std::uintptr_t y, int64_t t, int N, int dtype_size) {
+  const char* base = reinterpret_cast<const char*>(y);
+  return s.loss == mlp::kMse ? base + t * N * s.d[s.L] * dtype_size : base + t * N * int64_t(sizeof(int64_t));
+}
+
+template <class S>
+void loss_and_grad_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std::uintptr_t y,
+                        const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b,
+                        std::uintptr_t out_loss, const std::vector<std::uintptr_t>& gW,
+                        const std::vector<std::uintptr_t>& gb) {
+  const int64_t per = mlp::acts_size(s, N) + s.PT + 8;
+  S* ws = scratch<S>(per * max_threads());
+  const S* X = as_ptr<const S>(x, "x");
+  as_ptr<const void>(y, "y");
+  S* lo = as_ptr<S>(out_loss, "out_loss");
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    SerialGroup g;
+    S* w = ws + per * thread_id();
+    const Acts<S> a = mlp::carve_acts(s, N, w);
+    auto th = task_params<S, const S>(s, W, b, t, "weights");
+    const auto thT = mlp::flat_params(s, w + mlp::acts_size(s, N), true);
+    for (int l = 0; l < s.L; ++l) th.WT[l] = thT.WT[l];
+    mlp::fill_transposes(g, s, th, thT.WT);
+    const auto gr = task_params<S, S>(s, gW, gb, t, "grad");
+    const S* xt = X + t * N * s.d[0];
+    lo[t] = mlp::forward_loss(g, s, N, xt, task_y(s, y, t, N, sizeof(S)), th, a, static_cast<S*>(nullptr));
+    mlp::backward(g, s, N, xt, th, a, gr);
+  }
+}
+
+template <class S>
+void hvp_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std::uintptr_t y,
+              const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b,
+              const std::vector<std::uintptr_t>& vW, const std::vector<std::uintptr_t>& vb,
+              const std::vector<std::uintptr_t>& hW, const std::vector<std::uintptr_t>& hb) {
+  const int64_t per = mlp::acts_size(s, N) + mlp::hvp_scratch_size(s, N) + s.P + 2 * s.PT + 8;
+  S* ws = scratch<S>(per * max_threads());
+  const S* X = as_ptr<const S>(x, "x");
+  as_ptr<const void>(y, "y");
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    SerialGroup g;
+    S* w = ws + per * thread_id();
+    const Acts<S> a = mlp::carve_acts(s, N, w);
+    S* grad = w + mlp::acts_size(s, N);  // the gradient itself is not returned
+    S* hs = grad + s.P;
+    S* tbuf = hs + mlp::hvp_scratch_size(s, N);
+    auto th = task_params<S, const S>(s, W, b, t, "weights");
+    auto vv = task_params<S, const S>(s, vW, vb, t, "v");
+    const auto thT = mlp::flat_params(s, tbuf, true);
+    const auto vT = mlp::flat_params(s, tbuf + s.PT, true);
+    for (int l = 0; l < s.L; ++l) {
+      th.WT[l] = thT.WT[l];
+      vv.WT[l] = vT.WT[l];
+    }
+    mlp::fill_transposes(g, s, th, thT.WT);
+    mlp::fill_transposes(g, s, vv, vT.WT);
+    const auto hv = task_params<S, S>(s, hW, hb, t, "hv");
+    const S* xt = X + t * N * s.d[0];
+    mlp::forward_loss(g, s, N, xt, task_y(s, y, t, N, sizeof(S)), th, a, static_cast<S*>(nullptr));
+    mlp::backward(g, s, N, xt, th, a, mlp::flat_params(s, grad));
+    mlp::hvp(g, s, N, xt, th, a, vv, hv, hs);
+  }
+}
+
+// Fixed chunking of the tasks for the deterministic meta-gradient sum: depends on T only.
+int64_t chunk_size(int64_t T) { return std::max<int64_t>(1, T / 64); }
+
+template <class S>
+void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vector<std::uintptr_t>& W,
+               const std::vector<std::uintptr_t>& b, std::uintptr_t xs, std::uintptr_t ys, std::uintptr_t xq,
+               std::uintptr_t yq, int lr_mode, std::uintptr_t lr, double lr_value, std::uintptr_t msl,
+               bool first_order, bool need_grad, int64_t n_lr, std::uintptr_t out_loss,
+               const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr) {
+  mlp::MamlArgs<S> a;
+  a.s = s;
+  a.K = K;
+  a.Ns = Ns;
+  a.Nq = Nq;
+  a.th0 = task_params<S, const S>(s, W, b, 0, "weights");
+  a.xs = as_ptr<const S>(xs, "xs");
+  a.ys = as_ptr<const void>(ys, "ys");
+  a.xq = as_ptr<const S>(xq, "xq");
+  a.yq = as_ptr<const void>(yq, "yq");
+  a.lr_mode = lr_mode;
+  a.lr = lr ? reinterpret_cast<const S*>(lr) : nullptr;
+  require(lr_mode == mlp::kLrScalar || a.lr != nullptr, "lr pointer is null for a tensor learning rate");
+  a.lr_value = S(lr_value);
+  a.msl = as_ptr<const S>(msl, "msl_weights");
+  a.inv_T = S(1) / S(T);
+  a.first_order = first_order;
+  a.need_grad = need_grad;
+  a.n_lr = need_grad ? int(n_lr) : 0;
+  S* lo = as_ptr<S>(out_loss, "out_loss");
+  // dθ goes straight into the 2L gradient tensors (flat order W_1, b_1, ...).
+  S* dst[2 * mlp::kMaxLayers] = {};
+  int64_t seg[2 * mlp::kMaxLayers + 1] = {};
+  if (need_grad) {
+    require(int(out_dtheta.size()) == 2 * s.L, "out_dtheta: one pointer per parameter tensor expected");
+    for (int l = 0; l < s.L; ++l) {
+      dst[2 * l] = as_ptr<S>(out_dtheta[2 * l], "out_dtheta");
+      dst[2 * l + 1] = as_ptr<S>(out_dtheta[2 * l + 1], "out_dtheta");
+      seg[2 * l] = s.woff[l];
+      seg[2 * l + 1] = s.boff[l];
+    }
+    seg[2 * s.L] = s.P;
+  }
+  S* dlr = (need_grad && n_lr > 0) ? as_ptr<S>(out_dlr, "out_dlr") : nullptr;
+
+  int n_q = 0;
+  for (int k = 0; k < K; ++k) n_q += a.msl[k] != S(0);
+  const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq, a.n_lr > 0 ? K : 1, n_q) + 16;
+  const int64_t cs = chunk_size(T);
+  const int64_t nchunks = (T + cs - 1) / cs;
+  const int64_t stride = 1 + (need_grad ? s.P + a.n_lr : 0);
+  const int nth = max_threads();
+  S* ws = scratch<S>(per * nth + nchunks * stride);
+  S* parts = ws + per * nth;
+  const int64_t P = s.P;
+
+#pragma omp parallel
+  {
+    S* w = ws + per * thread_id();
+    SerialGroup g;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < nchunks; ++c) {
+      S* part = parts + c * stride;
+      std::fill(part, part + stride, S(0));
+      const int64_t t1 = std::min(T, (c + 1) * cs);
+      for (int64_t t = c * cs; t < t1; ++t) mlp::maml_task(g, a, t, w, static_cast<S*>(nullptr), part, part + 1, part + 1 + P);
+    }
+  }
+  // Sum the chunk partials in chunk order, element by element (serially: a few µs, and
+  // no second barrier, which costs far more when the cores are shared).
+  if (need_grad) {
+    for (int j = 0; j < 2 * s.L + 1; ++j) {
+      const int64_t i0 = j < 2 * s.L ? seg[j] : P, i1 = j < 2 * s.L ? seg[j + 1] : P + a.n_lr;
+      S* out = j < 2 * s.L ? dst[j] - i0 : dlr - P;
+      for (int64_t i = i0; i < i1; ++i) out[i] = parts[1 + i];
+      for (int64_t c = 1; c < nchunks; ++c) {
+        const S* pc = parts + c * stride + 1;
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) out[i] += pc[i];
+      }
+    }
+  }
+  S loss = S(0);
+  for (int64_t c = 0; c < nchunks; ++c) loss += parts[c * stride];
+  *lo = loss;
+}
+
+}  // namespace
+
+void mlp_loss_and_grad_cpu(int dtype, const std::vector<int>& dims, int act, int loss, int64_t T, int N,
+                           std::uintptr_t x, std::uintptr_t y, const std::vector<std::uintptr_t>& W,
+                           const std::vector<std::uintptr_t>& b, std::uintptr_t out_loss,
+                           const std::vector<std::uintptr_t>& gW, const std::vector<std::uintptr_t>& gb) {
+  const Shape s = shape_of(dims, act, loss);
+  require(T >= 1 && N >= 1, "T and N must be >= 1");
+  if (dtype == kFloat32)
+    loss_and_grad_impl<float>(s, T, N, x, y, W, b, out_loss, gW, gb);
+  else if (dtype == kFloat64)
+    loss_and_grad_impl<double>(s, T, N, x, y, W, b, out_loss, gW, gb);
+  else
+    require(false, "dtype code must be 0 (float32) or 1 (float64)");
+}
+
+void mlp_hvp_cpu(int dtype, const std::vector<int>& dims, int act, int loss, int64_t T, int N, std::uintptr_t x,
+                 std::uintptr_t y, const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b,
+                 const std::vector<std::uintptr_t>& vW, const std::vector<std::uintptr_t>& vb,
+                 const std::vector<std::uintptr_t>& hW, const std::vector<std::uintptr_t>& hb) {
+  const Shape s = shape_of(dims, act, loss);
+  require(T >= 1 && N >= 1, "T and N must be >= 1");
+  if (dtype == kFloat32)
+    hvp_impl<float>(s, T, N, x, y, W, b, vW, vb, hW, hb);
+  else if (dtype == kFloat64)
+    hvp_impl<double>(s, T, N, x, y, W, b, vW, vb, hW, hb);
+  else
+    require(false, "dtype code must be 0 (float32) or 1 (float64)");
+}
+
+int64_t maml_mlp_workspace_elems(const std::vector<int>& dims, int K, int Ns, int Nq, bool lr_learned, int n_msl) {
+  const Shape s = shape_of(dims, 0, 0);
+  require(n_msl >= 0 && n_msl <= K, "n_msl must be in [0, steps]");
+  return mlp::maml_workspace_size(s, K, Ns, Nq, lr_learned ? K : 1, n_msl);
+}
+
+void maml_mlp_cpu(int dtype, const std::vector<int>& dims, int act, int loss, int64_t T, int K, int Ns, int Nq,
+                  const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b, std::uintptr_t xs,
+                  std::uintptr_t ys, std::uintptr_t xq, std::uintptr_t yq, int lr_mode, std::uintptr_t lr,
+                  double lr_value, std::uintptr_t msl, bool first_order, bool need_grad, int64_t n_lr,
+                  std::uintptr_t out_loss, const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr) {
+  const Shape s = shape_of(dims, act, loss);
+  require(T >= 1 && K >= 1 && Ns >= 1 && Nq >= 1, "T, steps, Ns and Nq must be >= 1");
+  require(lr_mode >= 0 && lr_mode <= 3, "lr_mode must be in [0, 3]");
+  if (dtype == kFloat32)
+    maml_impl<float>(s, T, K, Ns, Nq, W, b, xs, ys, xq, yq, lr_mode, lr, lr_value, msl, first_order, need_grad, n_lr,
+                     out_loss, out_dtheta, out_dlr);
+  else if (dtype == kFloat64)
+    maml_impl<double>(s, T, K, Ns, Nq, W, b, xs, ys, xq, yq, lr_mode, lr, lr_value, msl, first_order, need_grad,
+                      n_lr, out_loss, out_dtheta, out_dlr);
+  else
+    require(false, "dtype code must be 0 (float32) or 1 (float64)");
+}
+
+}  // namespace fastmaml

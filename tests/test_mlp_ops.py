@@ -1,0 +1,179 @@
+"""fastmaml.ops.mlp_loss_and_grad / mlp_hvp on every backend against the reference
+(and the HVP against torch.func.jvp(grad) and torch.autograd.functional.hvp)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import fastmaml
+from fastmaml import backends
+from fastmaml import reference as ref
+from fastmaml.ops import mlp_hvp, mlp_loss_and_grad
+from fastmaml.reference.mlp import mlp_loss
+
+TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-4, 1e-5)}  # (rtol, atol) relative to the max
+
+
+def assert_close(name, got, want, dtype):
+    """Compare with a tolerance relative to the largest magnitude; report the worst element."""
+    rtol, atol = TOL[dtype]
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got - want).abs()
+    scale = want.abs().max().item() + 1e-30
+    worst = int(err.reshape(-1).argmax()) if err.numel() else 0
+    bad = err.max().item() if err.numel() else 0.0
+    assert bad <= rtol * scale + atol, (
+        f"{name}: max abs error {bad:.3e} (scale {scale:.3e}) at flat index {worst}: "
+        f"got {got.reshape(-1)[worst].item():.10g}, want {want.reshape(-1)[worst].item():.10g}; "
+        f"{int((err > rtol * scale + atol).sum())} of {err.numel()} elements off")
+
+
+def make_mlp(dims, T, N, loss, dtype, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    L = len(dims) - 1
+    ws = [(torch.randn(T, dims[l + 1], dims[l], generator=g, dtype=dtype) / dims[l] ** 0.5).to(device) for l in range(L)]
+    bs = [(0.1 * torch.randn(T, dims[l + 1], generator=g, dtype=dtype)).to(device) for l in range(L)]
+    x = torch.randn(T, N, dims[0], generator=g, dtype=dtype).to(device)
+    if loss == "mse":
+        y = torch.randn(T, N, dims[-1], generator=g, dtype=dtype).to(device)
+    else:
+        y = torch.randint(0, dims[-1], (T, N), generator=g).to(device)
+    return ws, bs, x, y
+
+
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DIMS = [[1, 40, 40, 1], [3, 17, 9, 5], [13, 8, 24, 33, 4], [6, 3]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("dims", DIMS, ids=lambda d: "-".join(map(str, d)))
+def test_loss_grad_hvp_match_reference(backend, dtype, activation, loss, dims):
+    device = "cuda" if backend == "cuda" else "cpu"
+    ws, bs, x, y = make_mlp(dims, 3, 11, loss, dtype, device=device)
+    g = torch.Generator().manual_seed(1)
+    vw = [torch.randn(w.shape, generator=g, dtype=dtype).to(device) for w in ws]
+    vb = [torch.randn(b.shape, generator=g, dtype=dtype).to(device) for b in bs]
+    before = [t.clone() for t in (*ws, *bs, x, y, *vw, *vb)]
+    kw = {"activation": activation, "loss": loss}
+    lt, gw, gb = mlp_loss_and_grad(ws, bs, x, y, backend=backend, **kw)
+    rl, rw, rb = ref.mlp_loss_and_grad(ws, bs, x, y, **kw)
+    assert_close("loss", lt, rl, dtype)
+    for l in range(len(ws)):
+        assert_close(f"grad_w[{l}]", gw[l], rw[l], dtype)
+        assert_close(f"grad_b[{l}]", gb[l], rb[l], dtype)
+    hw, hb = mlp_hvp(ws, bs, x, y, vw, vb, backend=backend, **kw)
+    rhw, rhb = ref.mlp_hvp(ws, bs, x, y, vw, vb, **kw)
+    for l in range(len(ws)):
+        assert_close(f"hv_w[{l}]", hw[l], rhw[l], dtype)
+        assert_close(f"hv_b[{l}]", hb[l], rhb[l], dtype)
+    for a, b in zip(before, (*ws, *bs, x, y, *vw, *vb)):
+        assert torch.equal(a, b), "an input was modified in place"
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_hvp_against_forward_over_reverse_and_functional_hvp(activation, loss):
+    dtype = torch.float64
+    dims = [4, 9, 7, 3]
+    ws, bs, x, y = make_mlp(dims, 2, 6, loss, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    vw = [torch.randn(w.shape, generator=g, dtype=dtype) for w in ws]
+    vb = [torch.randn(b.shape, generator=g, dtype=dtype) for b in bs]
+    hw, hb = mlp_hvp(ws, bs, x, y, vw, vb, activation=activation, loss=loss, backend="cpu")
+    L = len(ws)
+    for t in range(2):
+        params = tuple(p[t:t + 1].clone() for p in (*ws, *bs))
+        tang = tuple(p[t:t + 1] for p in (*vw, *vb))
+
+        def f(*ps):
+            return mlp_loss(list(ps[:L]), list(ps[L:]), x[t:t + 1], y[t:t + 1], activation=activation, loss=loss).sum()
+
+        _, jv = torch.func.jvp(lambda *ps: torch.func.grad(f, argnums=tuple(range(2 * L)))(*ps), params, tang)
+        _, fh = torch.autograd.functional.hvp(f, params, tang)
+        mine = [p[t:t + 1] for p in (*hw, *hb)]
+        for i in range(2 * L):
+            assert_close(f"task {t} param {i} vs jvp(grad)", mine[i], jv[i], dtype)
+            assert_close(f"task {t} param {i} vs functional.hvp", mine[i], fh[i], dtype)
+
+
+def test_cpu_loss_and_grad_bitwise_reproducible():
+    ws, bs, x, y = make_mlp([5, 33, 17, 2], 9, 13, "mse", torch.float32)
+    a = mlp_loss_and_grad(ws, bs, x, y, backend="cpu")
+    b = mlp_loss_and_grad(ws, bs, x, y, backend="cpu")
+    for p, q in zip([a[0], *a[1], *a[2]], [b[0], *b[1], *b[2]]):
+        assert torch.equal(p, q)
+
+
+def test_triton_backend_runs_or_says_why():
+    if not backends.status("triton").available:
+        pytest.skip("triton backend unavailable: " + backends.status("triton").reason)
+    ws, bs, x, y = make_mlp([3, 8, 4], 2, 5, "mse", torch.float32)
+    if importlib.util.find_spec("fastmaml.triton.mlp") is None:
+        with pytest.raises(RuntimeError, match="triton backend of the MLP ops is not available"):
+            mlp_loss_and_grad(ws, bs, x, y, backend="triton")
+        return
+    lt, gw, gb = mlp_loss_and_grad(ws, bs, x, y, backend="triton")
+    rl, rw, rb = ref.mlp_loss_and_grad(ws, bs, x, y)
+    assert_close("triton loss", lt, rl, torch.float32)
+    for l in range(2):
+        assert_close(f"triton grad_w[{l}]", gw[l], rw[l], torch.float32)
+        assert_close(f"triton grad_b[{l}]", gb[l], rb[l], torch.float32)
+
+
+# ---- bad inputs ------------------------------------------------------------------------------
+def _good():
+    return make_mlp([3, 5, 2], 2, 4, "mse", torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_inputs_raise_clear_errors(backend):
+    ws, bs, x, y = _good()
+    f = lambda *a, **k: mlp_loss_and_grad(*a, backend=backend, **k)  # noqa: E731
+    with pytest.raises(TypeError, match=r"weights\[0\] must be float32 or float64"):
+        f([ws[0].int(), ws[1]], bs, x, y)
+    with pytest.raises(TypeError, match=r"biases\[1\] must have dtype torch.float64"):
+        f(ws, [bs[0], bs[1].float()], x, y)
+    with pytest.raises(ValueError, match=r"x must be on cpu"):
+        f(ws, bs, x.to("meta"), y)
+    with pytest.raises(ValueError, match=r"weights\[1\] takes 4 inputs but layer 0 has 5 outputs"):
+        f([ws[0], torch.randn(2, 2, 4, dtype=torch.float64)], bs, x, y)
+    with pytest.raises(ValueError, match=r"biases\[0\] must have shape"):
+        f(ws, [torch.randn(2, 3, dtype=torch.float64), bs[1]], x, y)
+    with pytest.raises(ValueError, match=r"x must be contiguous"):
+        f(ws, bs, x.transpose(0, 1).contiguous().transpose(0, 1), y)
+    with pytest.raises(ValueError, match=r"weights\[0\] must be contiguous"):
+        f([ws[0].transpose(1, 2).contiguous().transpose(1, 2), ws[1]], bs, x, y)
+    with pytest.raises(ValueError, match=r"x must hold T=2 tasks"):
+        f(ws, bs, x[:1], y[:1])
+    with pytest.raises(ValueError, match=r"y must have shape"):
+        f(ws, bs, x, y[:, :3])
+    with pytest.raises(ValueError, match="activation must be one of"):
+        f(ws, bs, x, y, activation="gelu")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        f(ws, bs, x, y, loss="l1")
+    with pytest.raises(TypeError, match="y must be int64 class labels"):
+        f(ws, bs, x, y, loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"y holds labels outside \[0, 2\)"):
+        f(ws, bs, x, torch.full((2, 4), 2), loss="cross_entropy")
+    with pytest.raises(TypeError, match="weights must be a list or tuple"):
+        f(ws[0], bs, x, y)
+    z = [torch.zeros(0, *w.shape[1:], dtype=w.dtype) for w in ws]
+    zb = [torch.zeros(0, *b.shape[1:], dtype=b.dtype) for b in bs]
+    with pytest.raises(ValueError, match=r"T = 0"):
+        f(z, zb, x[:0], y[:0])
+    vw = [torch.zeros_like(w) for w in ws]
+    vb = [torch.zeros_like(b) for b in bs]
+    with pytest.raises(ValueError, match=r"v_weights\[0\] must have shape \(2, 5, 3\)"):
+        mlp_hvp(ws, bs, x, y, [v[:1].contiguous() for v in vw], [v[:1].contiguous() for v in vb], backend=backend)
+
+
+def test_ops_exported():
+    assert fastmaml.ops.mlp_loss_and_grad is mlp_loss_and_grad
+    assert fastmaml.ops.mlp_hvp is mlp_hvp
