@@ -76,7 +76,8 @@ def mlp_loss_and_grad(
         bs = [b.detach().requires_grad_(True) for b in biases]
         lt = mlp_loss(ws, bs, x, y, activation=activation, loss=loss)
         # Task t's loss depends only on task t's slice, so ∇ of Σ_t L_t is the per-task gradient.
-        grads = torch.autograd.grad(lt.sum(), ws + bs)
+        # contiguous like every backend's outputs (autograd may hand back transposed views)
+        grads = [g.contiguous() for g in torch.autograd.grad(lt.sum(), ws + bs)]
     L = len(ws)
     return lt.detach(), list(grads[:L]), list(grads[L:])
 
@@ -101,7 +102,7 @@ def mlp_hvp(
         grads = torch.autograd.grad(lt.sum(), ws + bs, create_graph=True)
         dot = sum((g * v).sum() for g, v in zip(grads, list(v_weights) + list(v_biases)))
         hv = torch.autograd.grad(dot, ws + bs, allow_unused=True)
-    hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, ws + bs)]
+    hv = [torch.zeros_like(p) if h is None else h.contiguous() for h, p in zip(hv, ws + bs)]
     L = len(ws)
     return hv[:L], hv[L:]
 
