@@ -4,9 +4,9 @@ Batched per-task inner loops and second-order meta-gradients by explicit, fused
 Hessian-vector products. See README.md and DESIGN.md.
 """
 
-from fastmaml import backends, ops, reference
+from fastmaml import backends, mlp_route, ops, reference
 from fastmaml.maml import MAML, maml_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "reference", "MAML", "maml_loss", "__version__"]
+__all__ = ["backends", "mlp_route", "ops", "reference", "MAML", "maml_loss", "__version__"]

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fastmaml import _checks, generic
+from fastmaml import _checks, generic, mlp_route
 from fastmaml import reference as ref
 from fastmaml._maml_common import PureFn, resolve_loss, resolve_msl
 
@@ -48,6 +48,10 @@ def maml_loss(
 ) -> torch.Tensor:
     """Meta-loss M = (1/T) Σ_t Σ_k w_k Lq(θ_{t,k}) of a pure function ``fn(params, x)``.
 
+    ``fn`` may also be an ``nn.Module`` (called as ``functional_call(fn, params, (x,))``):
+    then an ``nn.Sequential`` MLP of Linear and ReLU/Tanh takes the fused MLP op by
+    itself (see :mod:`fastmaml.mlp_route`), like ``fastmaml.MAML`` does.
+
     params: dict name -> tensor θ (float32/float64), shared by the tasks.
     lrs: float (fixed) | 0-d tensor (scalar, learned if it requires grad) |
         [n_adapted] | [K, n_adapted] (MAML++ LSLR) | list/dict of per-element tensors
@@ -62,9 +66,49 @@ def maml_loss(
     """
     backend = _check_backend(backend)
     kw = dict(steps=steps, first_order=first_order, loss=loss, msl_weights=msl_weights, adapt=adapt)
+    if isinstance(fn, nn.Module):
+        module = fn
+        if isinstance(params, Mapping) and backend != "reference":
+            st_ok = _fused_route_for(module, params, lrs, adapt, loss, msl_weights, steps, xs, ys, xq, backend)
+            if st_ok is not None:
+                return mlp_route.run(st_ok, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order,
+                                     loss=loss, msl_weights=_msl_list(msl_weights, steps),  # type: ignore[arg-type]
+                                     backend=backend)
+
+        def fn(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(module, dict(p), (x,))
+
     if backend == "reference":
         return ref.maml_loss(fn, params, lrs, xs, ys, xq, yq, **kw)  # type: ignore[arg-type]
     return generic.maml_loss(fn, params, lrs, xs, ys, xq, yq, backend=backend, **kw)  # type: ignore[arg-type]
+
+
+def _msl_list(msl_weights: object, steps: int) -> list[float] | None:
+    return None if msl_weights is None else resolve_msl(msl_weights, steps)
+
+
+def _lr_learned(lrs: object) -> bool:
+    if isinstance(lrs, torch.Tensor):
+        return lrs.requires_grad
+    if isinstance(lrs, Mapping):
+        lrs = list(lrs.values())
+    if isinstance(lrs, (list, tuple)):
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in lrs)
+    return False
+
+
+def _fused_route_for(module: nn.Module, params: Mapping[str, torch.Tensor], lrs: object, adapt: object, loss: object,
+                     msl_weights: object, steps: int, xs: object, ys: object, xq: object,
+                     backend: str) -> mlp_route.MlpModel | None:
+    """The MLP structure when ``maml_loss`` called with a module takes the MLP route."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        return None  # the generic path reports it
+    adapted = list(params) if adapt is None else list(adapt)  # type: ignore[call-overload]
+    msl = _msl_list(msl_weights, steps)
+    n_msl = 1 if msl is None else sum(1 for w in msl if w != 0.0)
+    which, _, st = mlp_route.route(module, params, adapted, loss, _lr_learned(lrs) and torch.is_grad_enabled(),
+                                   n_msl, steps, xs, ys, xq, backend)  # type: ignore[arg-type]
+    return st if which is not None else None
 
 
 def _has_conv(model: nn.Module) -> bool:
@@ -211,8 +255,9 @@ class MAML(nn.Module):
         return "loop" if (device.type == "cpu" and _has_conv(self.model)) else "vmap"
 
     def _select_path(self, device: torch.device) -> tuple[str, str]:
-        """The dispatch: which implementation runs the meta-step, and why.
-        (The fused MLP path, when it exists, is chosen here.)"""
+        """Which generic implementation runs the meta-step, and why. ``forward`` first
+        asks :func:`fastmaml.mlp_route.route` whether the fused MLP op applies (it
+        needs the data's shapes), and takes it when it does."""
         if self.backend == "reference":
             return "reference", "backend='reference' requested: unrolled autograd over a loop of tasks"
         tm = self._task_map(device)
@@ -229,8 +274,18 @@ class MAML(nn.Module):
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
         """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d)."""
         self.check_model()
-        device = next(iter(self._params().values())).device
+        params = self._params()
+        device = next(iter(params.values())).device
         self.path, self.path_reason = self._select_path(device)
+        n_msl = 1 if self.msl_weights is None else sum(1 for w in self.msl_weights if w != 0.0)
+        which, why, st = mlp_route.route(self.model, params, self.adapt_names, self.loss,
+                                         self.learn_lr and torch.is_grad_enabled(), n_msl, self.inner_steps,
+                                         xs, ys, xq, self.backend)
+        if which is not None and st is not None:
+            self.path, self.path_reason = which, why
+            return mlp_route.run(st, params, self._lrs_arg(), xs, ys, xq, yq, steps=self.inner_steps,
+                                 first_order=self.first_order, loss=self.loss,  # type: ignore[arg-type]
+                                 msl_weights=self.msl_weights, backend=self.backend)
         versions = self._buffer_versions()
         kw = dict(steps=self.inner_steps, first_order=self.first_order, loss=self.loss,
                   msl_weights=self.msl_weights, adapt=self.adapt_names)

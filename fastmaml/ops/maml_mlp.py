@@ -107,45 +107,53 @@ def fits_fused(dims: Sequence[int], steps: int, n_support: int, n_query: int, *,
     return True, f"fits: per-task workspace {need} of {lim['max_workspace_bytes']} bytes"
 
 
+def mlp_structure(model: torch.nn.Module) -> tuple[list[int], str] | str:
+    """``([d_0, ..., d_L], activation)`` of an ``nn.Sequential`` of ``nn.Linear`` (with
+    bias) alternating with one kind of activation (``nn.ReLU`` or ``nn.Tanh``) and ending
+    in ``nn.Linear``, or a string saying why ``model`` is not such an MLP."""
+    if not isinstance(model, (torch.nn.Sequential, torch.nn.Linear)):
+        return f"model is a {type(model).__name__}, not an nn.Sequential of nn.Linear and ReLU/Tanh"
+    mods = list(model.children()) if isinstance(model, torch.nn.Sequential) else [model]
+    dims: list[int] = []
+    acts = set()
+    for i, m in enumerate(mods):
+        if i % 2 == 0:
+            if not isinstance(m, torch.nn.Linear):
+                return f"layer {i} is {type(m).__name__}, expected nn.Linear"
+            if m.bias is None:
+                return f"layer {i}: nn.Linear without bias is not supported by the fused path"
+            if not dims:
+                dims.append(m.in_features)
+            elif m.in_features != dims[-1]:
+                return f"layer {i} takes {m.in_features} inputs, previous layer gives {dims[-1]}"
+            dims.append(m.out_features)
+        elif isinstance(m, torch.nn.ReLU):
+            acts.add("relu")
+        elif isinstance(m, torch.nn.Tanh):
+            acts.add("tanh")
+        else:
+            return f"layer {i} is {type(m).__name__}, expected nn.ReLU or nn.Tanh"
+    if not mods or not isinstance(mods[-1], torch.nn.Linear):
+        return "the model must end with nn.Linear"
+    if len(acts) > 1:
+        return "mixed activations (ReLU and Tanh) are not supported by the fused path"
+    return dims, (acts.pop() if acts else "relu")
+
+
 def supports(model_or_dims, activation: str | None = None, loss: str = "mse", *, steps: int = 5,
              n_support: int = 10, n_query: int = 10, dtype=torch.float32, device: torch.device | str = "cpu",
              lr_learned: bool = False, n_msl: int = 1) -> tuple[bool, str]:
     """Whether the fused MLP path applies; returns (ok, reason).
 
-    ``model_or_dims``: an ``nn.Sequential`` of ``nn.Linear`` (with bias) alternating with
-    one kind of activation (``nn.ReLU`` or ``nn.Tanh``), ending in ``nn.Linear``; or the
-    list of widths ``[d_0, ..., d_L]`` (then ``activation`` names the activation).
+    ``model_or_dims``: an MLP module (see :func:`mlp_structure`) or the list of widths
+    ``[d_0, ..., d_L]`` (then ``activation`` names the activation).
     """
     dims: list[int]
     if isinstance(model_or_dims, torch.nn.Module):
-        mods = list(model_or_dims.children()) if isinstance(model_or_dims, torch.nn.Sequential) else [model_or_dims]
-        if not isinstance(model_or_dims, (torch.nn.Sequential, torch.nn.Linear)):
-            return False, f"model is a {type(model_or_dims).__name__}, not an nn.Sequential of nn.Linear and ReLU/Tanh"
-        dims = []
-        acts = set()
-        for i, m in enumerate(mods):
-            want_linear = i % 2 == 0
-            if want_linear:
-                if not isinstance(m, torch.nn.Linear):
-                    return False, f"layer {i} is {type(m).__name__}, expected nn.Linear"
-                if m.bias is None:
-                    return False, f"layer {i}: nn.Linear without bias is not supported by the fused path"
-                if not dims:
-                    dims.append(m.in_features)
-                elif m.in_features != dims[-1]:
-                    return False, f"layer {i} takes {m.in_features} inputs, previous layer gives {dims[-1]}"
-                dims.append(m.out_features)
-            elif isinstance(m, torch.nn.ReLU):
-                acts.add("relu")
-            elif isinstance(m, torch.nn.Tanh):
-                acts.add("tanh")
-            else:
-                return False, f"layer {i} is {type(m).__name__}, expected nn.ReLU or nn.Tanh"
-        if not mods or not isinstance(mods[-1], torch.nn.Linear):
-            return False, "the model must end with nn.Linear"
-        if len(acts) > 1:
-            return False, "mixed activations (ReLU and Tanh) are not supported by the fused path"
-        model_act = acts.pop() if acts else "relu"
+        parsed = mlp_structure(model_or_dims)
+        if isinstance(parsed, str):
+            return False, parsed
+        dims, model_act = parsed
         if activation is not None and activation != model_act:
             return False, f"activation {activation!r} does not match the model's {model_act!r}"
         activation = model_act
@@ -512,13 +520,14 @@ def _fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl) -> bool:
     return ok
 
 
-__all__ = ["maml_mlp", "supports", "fits_fused", "fused_limits", "fused_workspace_bytes",
+__all__ = ["maml_mlp", "mlp_structure", "supports", "fits_fused", "fused_limits", "fused_workspace_bytes",
            "FUSED_CPU_MAX_WORKSPACE_BYTES"]
 
 # ``fastmaml.ops.maml_mlp`` is the function once the package is imported (the function
 # shadows this module's name in fastmaml.ops), so the dispatch helpers ride along on it:
 # ``fastmaml.ops.maml_mlp.supports(...)`` works either way.
 maml_mlp.supports = supports  # type: ignore[attr-defined]
+maml_mlp.mlp_structure = mlp_structure  # type: ignore[attr-defined]
 maml_mlp.fits_fused = fits_fused  # type: ignore[attr-defined]
 maml_mlp.fused_limits = fused_limits  # type: ignore[attr-defined]
 maml_mlp.fused_workspace_bytes = fused_workspace_bytes  # type: ignore[attr-defined]

@@ -1,0 +1,132 @@
+"""Dispatch of the MAML layer to the fused MLP op (``fastmaml.ops.maml_mlp``).
+
+``fastmaml.MAML`` and ``fastmaml.maml_loss`` take this route by themselves when the
+model is an ``nn.Sequential`` of ``nn.Linear`` (with bias) and one kind of activation
+(``nn.ReLU`` or ``nn.Tanh``) ending in ``nn.Linear``, every trainable parameter is
+adapted in the inner loop (no ANIL subset), the loss is ``"mse"`` or
+``"cross_entropy"`` by name, and the data are ``[T, N, in]``. Within the route,
+``maml_mlp`` runs its one-call fused kernel when a task's workspace fits the limits
+(``maml_mlp.fits_fused``) and its layer-wise path (a loop over steps, never over
+tasks) past them. Anything else takes the generic path (``fastmaml.generic``). Both
+give the reference's numbers; :func:`route` says which applies and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastmaml import _checks
+from fastmaml.ops import maml_mlp as _maml_mlp_op
+
+FUSED = "fused_mlp"
+LAYERWISE = "mlp_layerwise"
+
+
+@dataclass(frozen=True)
+class MlpModel:
+    """The structure of a supported MLP: parameter names per layer and the activation."""
+
+    weight_names: tuple[str, ...]
+    bias_names: tuple[str, ...]
+    dims: tuple[int, ...]
+    activation: str
+
+
+def mlp_structure(model: object) -> tuple[MlpModel | None, str]:
+    """(structure, '') for a supported ``nn.Sequential`` MLP, else (None, why not)."""
+    if not isinstance(model, nn.Sequential):
+        return None, f"the model is a {type(model).__name__}, not an nn.Sequential of nn.Linear and ReLU/Tanh"
+    parsed = _maml_mlp_op.mlp_structure(model)
+    if isinstance(parsed, str):
+        return None, parsed
+    dims, act = parsed
+    names = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
+    return MlpModel(tuple(f"{n}.weight" for n in names), tuple(f"{n}.bias" for n in names), tuple(dims), act), ""
+
+
+def route(
+    model: object,
+    params: Mapping[str, torch.Tensor],
+    adapted: Sequence[str],
+    loss: object,
+    lr_learned: bool,
+    n_msl: int,
+    steps: int,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    xq: torch.Tensor,
+    backend: str,
+) -> tuple[str | None, str, MlpModel | None]:
+    """Which MLP route applies: (FUSED | LAYERWISE | None, reason, structure)."""
+    if backend == "reference":
+        return None, "backend='reference' requested", None
+    st, why = mlp_structure(model)
+    if st is None:
+        return None, why, None
+    names = set(st.weight_names) | set(st.bias_names)
+    if set(params) != names:
+        frozen = sorted(names - set(params))
+        return None, f"parameters {frozen} are frozen (requires_grad=False); the fused MLP op adapts every tensor", None
+    if set(adapted) != names:
+        return None, "only a subset of the parameters is adapted (ANIL); the fused MLP op adapts every tensor", None
+    if not isinstance(loss, str) or loss not in ("mse", "cross_entropy"):
+        return None, "a custom loss callable; the fused MLP op takes 'mse' or 'cross_entropy'", None
+    if not (isinstance(xs, torch.Tensor) and isinstance(xq, torch.Tensor) and isinstance(ys, torch.Tensor)):
+        return None, "inputs are not tensors", None
+    want_y = 3 if loss == "mse" else 2
+    if xs.dim() != 3 or xq.dim() != 3 or ys.dim() != want_y:
+        return None, (f"data are not [T, N, in] with {'[T, N, out]' if loss == 'mse' else '[T, N] labels'} targets "
+                      f"(xs {tuple(xs.shape)}, ys {tuple(ys.shape)})"), st
+    p0 = params[st.weight_names[0]]
+    if p0.dtype not in _checks.FLOAT_DTYPES or xs.dtype != p0.dtype:
+        return None, f"dtype {xs.dtype} of xs vs {p0.dtype} of the parameters (the generic path reports it)", st
+    ok, why = _maml_mlp_op.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
+                                      device=p0.device, lr_learned=lr_learned, n_msl=n_msl)
+    dims = "-".join(map(str, st.dims))
+    if ok:
+        return FUSED, f"fused MLP kernel ({dims}, {st.activation}): one call per meta-step; {why}", st
+    return LAYERWISE, f"MLP {dims} past the fused limits ({why}): layer-wise MLP ops, loop over steps", st
+
+
+def mlp_lr(lrs: object, names: Sequence[str], steps: int) -> object:
+    """The learning rates in the form ``ops.maml_mlp`` takes (flat order W_1, b_1, ...).
+    ``names`` is that order; ``lrs`` is in the MAML layer's forms."""
+    if isinstance(lrs, torch.Tensor) and lrs.dim() == 1:
+        return lrs.unsqueeze(0).expand(steps, lrs.shape[0])  # one rate per tensor, all steps
+    if isinstance(lrs, Mapping):
+        return [lrs[n] for n in names]
+    return lrs
+
+
+def run(
+    st: MlpModel,
+    params: Mapping[str, torch.Tensor],
+    lrs: object,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    *,
+    steps: int,
+    first_order: bool,
+    loss: str,
+    msl_weights: Sequence[float] | None,
+    backend: str,
+) -> torch.Tensor:
+    """The meta-loss by ``ops.maml_mlp`` (fused kernel or its layer-wise path)."""
+    ws = [params[n] for n in st.weight_names]
+    bs = [params[n] for n in st.bias_names]
+    flat = [n for pair in zip(st.weight_names, st.bias_names) for n in pair]
+    for name, t in (("xs", xs), ("ys", ys), ("xq", xq), ("yq", yq)):
+        if t.is_floating_point():
+            _checks.finite(name, t)
+    msl = None
+    if msl_weights is not None:
+        msl = torch.tensor(list(msl_weights), dtype=ws[0].dtype, device=ws[0].device)
+    return _maml_mlp_op(ws, bs, xs, ys, xq, yq, mlp_lr(lrs, flat, steps), steps=steps, first_order=first_order,
+                        activation=st.activation, loss=loss, msl_weights=msl,
+                        backend=None if backend == "auto" else backend)

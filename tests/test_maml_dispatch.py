@@ -1,0 +1,169 @@
+"""fastmaml.MAML / fastmaml.maml_loss pick the fused MLP op by themselves for
+nn.Sequential MLPs of Linear and ReLU/Tanh, report the path and why, and give the
+reference's numbers on every variant; everything else takes the generic path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastmaml
+from tests.maml_cases import assert_close, meta_batch
+
+F64 = torch.float64
+
+
+def mlp(sizes=(3, 8, 6, 2), act=nn.ReLU, dtype=F64, seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def grads_of(maml: fastmaml.MAML, data) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    maml.zero_grad(set_to_none=True)
+    loss = maml(*data)
+    loss.backward()
+    ps = list(maml.model.parameters()) + [p for p in maml.lrs if p.requires_grad]
+    return loss.detach(), [p.grad.clone() for p in ps]
+
+
+VARIANTS = [
+    # lr_mode, learn_lr, first_order, msl
+    ("scalar", False, False, None),
+    ("scalar", True, False, None),
+    ("scalar", True, True, None),
+    ("per_step_layer", True, False, None),
+    ("per_element", True, False, None),
+    ("per_step_element", True, False, [0.2, 0.3, 1.0]),
+    ("scalar", False, True, [0.5, 0.0, 1.0]),
+]
+
+
+@pytest.mark.parametrize("lr_mode,learn_lr,first_order,msl", VARIANTS)
+@pytest.mark.parametrize("act,loss", [(nn.ReLU, "mse"), (nn.Tanh, "cross_entropy")])
+def test_module_takes_fused_path_and_matches_reference(lr_mode, learn_lr, first_order, msl, act, loss):
+    model = mlp(act=act)
+    classes = 2 if loss == "cross_entropy" else None
+    data = meta_batch(4, 5, 7, 3, 2, classes=classes)
+    kw = dict(inner_lr=0.3, inner_steps=3, first_order=first_order, lr_mode=lr_mode, learn_lr=learn_lr, loss=loss,
+              msl_weights=msl)
+    fast = fastmaml.MAML(model, **kw)
+    ref = fastmaml.MAML(copy.deepcopy(model), backend="reference", **kw)
+    with torch.no_grad():  # same (non-trivial) learning rates in both
+        for a, b in zip(fast.lrs, ref.lrs):
+            a.copy_(0.1 + 0.2 * torch.rand_like(a))
+            b.copy_(a)
+    lf, gf = grads_of(fast, data)
+    assert fast.path == "fused_mlp", fast.path_reason
+    assert "fused MLP kernel" in fast.path_reason
+    lr_, gr = grads_of(ref, data)
+    assert ref.path == "reference"
+    assert_close("meta-loss", lf, lr_, 1e-10)
+    assert len(gf) == len(gr)
+    for i, (a, b) in enumerate(zip(gf, gr)):
+        assert_close(f"grad[{i}]", a, b, 1e-10)
+
+
+def test_inputs_and_parameters_unchanged_by_the_fused_meta_step():
+    model = mlp()
+    maml = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2)
+    data = meta_batch(3, 4, 4, 3, 2)
+    before = [t.clone() for t in data] + [p.detach().clone() for p in model.parameters()]
+    maml(*data).backward()
+    assert maml.path == "fused_mlp"
+    after = list(data) + [p.detach() for p in model.parameters()]
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_functional_maml_loss_with_a_module_takes_fused_path():
+    model = mlp()
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    data = meta_batch(3, 5, 6, 3, 2)
+    out = fastmaml.maml_loss(model, params, 0.2, *data, steps=2)
+    g = torch.autograd.grad(out, list(params.values()))
+
+    def fn(p, x):  # the same network as a pure function: generic path
+        return torch.func.functional_call(model, p, (x,))
+
+    ref = fastmaml.maml_loss(fn, params, 0.2, *data, steps=2, backend="reference")
+    gr = torch.autograd.grad(ref, list(params.values()))
+    assert_close("meta-loss", out.detach(), ref.detach(), 1e-10)
+    for a, b in zip(g, gr):
+        assert_close("grad", a, b, 1e-10)
+    with pytest.raises(RuntimeError, match="once-differentiable|double backward|create_graph"):
+        g2 = torch.autograd.grad(fastmaml.maml_loss(model, params, 0.2, *data, steps=2), list(params.values()),
+                                 create_graph=True)
+        g2[0].sum().backward()
+
+
+def test_past_the_fused_limit_takes_the_layerwise_mlp_path(monkeypatch):
+    from fastmaml.ops import maml_mlp as op_module  # the function; its module holds the limit
+
+    mod = __import__("importlib").import_module("fastmaml.ops.maml_mlp")
+    monkeypatch.setattr(mod, "FUSED_CPU_MAX_WORKSPACE_BYTES", 1024)
+    monkeypatch.setattr(mod, "_FITS_CACHE", {})
+    assert op_module is not None
+    model = mlp()
+    maml = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2)
+    ref = fastmaml.MAML(copy.deepcopy(model), inner_lr=0.1, inner_steps=2, backend="reference")
+    data = meta_batch(3, 4, 4, 3, 2)
+    lf, gf = grads_of(maml, data)
+    assert maml.path == "mlp_layerwise", maml.path_reason
+    assert "past the fused limits" in maml.path_reason
+    lr_, gr = grads_of(ref, data)
+    assert_close("meta-loss", lf, lr_, 1e-10)
+    for a, b in zip(gf, gr):
+        assert_close("grad", a, b, 1e-10)
+
+
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("anil", "subset"),
+        ("callable_loss", "custom loss"),
+        ("no_bias", "without bias"),
+        ("sigmoid", "expected nn.ReLU or nn.Tanh"),
+        ("frozen", "frozen"),
+        ("not_sequential", "not an nn.Sequential"),
+    ],
+)
+def test_other_models_take_the_generic_path_and_say_why(case, reason):
+    model = mlp()
+    kw: dict = dict(inner_lr=0.1, inner_steps=2)
+    if case == "anil":
+        kw["adapt"] = ["4.weight", "4.bias"]
+    elif case == "callable_loss":
+        kw["loss"] = lambda pred, y: ((pred - y) ** 2).mean()
+    elif case == "no_bias":
+        model = nn.Sequential(nn.Linear(3, 8, bias=False), nn.ReLU(), nn.Linear(8, 2)).to(F64)
+    elif case == "sigmoid":
+        model = nn.Sequential(nn.Linear(3, 8), nn.Sigmoid(), nn.Linear(8, 2)).to(F64)
+    elif case == "frozen":
+        model[0].bias.requires_grad_(False)
+    elif case == "not_sequential":
+
+        class Wrap(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = mlp()
+
+            def forward(self, x):
+                return self.net(x)
+
+        model = Wrap()
+    maml = fastmaml.MAML(model, **kw)
+    data = meta_batch(2, 4, 4, 3, 2)
+    loss = maml(*data)
+    loss.backward()
+    assert maml.path == "generic", (maml.path, maml.path_reason)
+    route = fastmaml.mlp_route.route(model, maml._params(), maml.adapt_names, maml.loss, False, 1, 2, data[0],
+                                     data[1], data[2], "auto")
+    assert route[0] is None and reason in route[1], route[1]
