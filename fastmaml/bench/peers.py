@@ -278,23 +278,11 @@ def _jax_layers(model: nn.Module) -> list[tuple[str, dict]]:
     return spec
 
 
-def make_jax(p: Problem) -> Prepared:
-    try:
-        import jax
-        import jax.numpy as jnp
-        from jax import lax
-    except Exception as exc:
-        raise Unavailable(f"jax is not installed ({exc})") from None
-    cfg = p.cfg
-    spec = _jax_layers(p.model)
-    if p.device.type == "cuda":
-        try:
-            jdev = jax.devices("gpu")[0]
-        except Exception as exc:
-            raise Unavailable(f"jax has no GPU backend here ({exc}); a CPU JAX beside CUDA torch would not "
-                              "be a like-for-like comparison") from None
-    else:
-        jdev = jax.devices("cpu")[0]
+def jax_forward(spec: list[tuple[str, dict]]) -> Callable:
+    """``forward(params, x)`` in jax.numpy/jax.lax for a spec from :func:`_jax_layers`
+    (NCHW activations and OIHW conv weights, as PyTorch lays them out)."""
+    import jax.numpy as jnp
+    from jax import lax
 
     def forward(params, x):
         it = iter(params)
@@ -321,6 +309,28 @@ def make_jax(p: Problem) -> Prepared:
             elif op == "flatten":
                 h = h.reshape(h.shape[0], -1)
         return h
+
+    return forward
+
+
+def make_jax(p: Problem) -> Prepared:
+    try:
+        import jax
+        import jax.numpy as jnp
+    except Exception as exc:
+        raise Unavailable(f"jax is not installed ({exc})") from None
+    cfg = p.cfg
+    spec = _jax_layers(p.model)
+    if p.device.type == "cuda":
+        try:
+            jdev = jax.devices("gpu")[0]
+        except Exception as exc:
+            raise Unavailable(f"jax has no GPU backend here ({exc}); a CPU JAX beside CUDA torch would not "
+                              "be a like-for-like comparison") from None
+    else:
+        jdev = jax.devices("cpu")[0]
+
+    forward = jax_forward(spec)
 
     if cfg.fam.loss == "mse":
         def loss_fn(pred, y):
@@ -362,7 +372,7 @@ def make_jax(p: Problem) -> Prepared:
     def to_torch(out) -> list[torch.Tensor]:
         import numpy as np
 
-        return [torch.from_numpy(np.asarray(g)).to(p.device) for g in out]
+        return [torch.from_numpy(np.array(g)).to(p.device) for g in out]
 
     return Prepared(step, to_torch, lambda out: jax.block_until_ready(out), framework="jax",
                     notes=[f"jax {jax.__version__} on {jdev.platform}"])
