@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="quick", action="store_true", default=True, help="quick suite (default)")
     mode.add_argument("--full", dest="quick", action="store_false", help="every configuration and peer")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's default, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -131,6 +133,8 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     args = parse_args(argv)
     t_start = time.perf_counter()
     device = _device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     q = args.quick
     if args.suite is None:
         names = suites.QUICK_DEFAULT if q else suites.SUITES

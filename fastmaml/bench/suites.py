@@ -81,7 +81,8 @@ def plan(suites: tuple[str, ...], o: Options, base: Settings) -> list[Unit]:
                        "jax": "quick mode: XLA's CPU conv step is 10-50x slower than PyTorch's; run --full"}
     for s in suites:
         if s == "sinusoid":
-            add(s, "sinusoid", (25,) if q else (25, 1000), (5,), orders((False, True)), base)
+            # full mode adds K=1 (the fused-MLP issue's sweep) to the paper's K=5
+            add(s, "sinusoid", (25,) if q else (25, 1000), (5,) if q else (1, 5), orders((False, True)), base)
         elif s == "wide-mlp":
             add(s, "wide_mlp", (32,), (5,) if q else (1, 5), orders((False,) if q else (False, True)), base)
         elif s == "omniglot":
