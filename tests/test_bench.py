@@ -229,6 +229,8 @@ def test_cli_writes_table_json_markdown_and_plot(tmp_path, capsys):
     from fastmaml.bench.__main__ import run, update_results_md
 
     results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# results\n\n<!-- fastmaml-bench:placeholder -->\nNo figures yet.\n"
+                          "<!-- /fastmaml-bench:placeholder -->\n")
     argv = ["--suite", "sinusoid,scaling-T", "--tasks", "2", "--steps", "1", "--order", "second",
             "--peers", "fastmaml,loop,vmap", "--reps", "2", "--out", str(tmp_path / "out"),
             "--results-md", str(results_md), "--no-progress", "--device", "cpu"]
@@ -248,6 +250,7 @@ def test_cli_writes_table_json_markdown_and_plot(tmp_path, capsys):
         assert rows["fastmaml"]["status"] in ("ok", "unavailable")
     md = results_md.read_text()
     assert "<!-- fastmaml-bench:cpu -->" in md and "| loop |" in md and meta["command"] in md
+    assert md.startswith("# results") and "No figures yet" not in md
     # a second run replaces its device's section; another device kind gets its own section
     update_results_md(results_md, "cpu", "### second cpu run")
     update_results_md(results_md, "gpu", "### gpu run")

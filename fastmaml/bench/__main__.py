@@ -115,6 +115,9 @@ def update_results_md(path: Path, section_key: str, text: str) -> None:
     block = f"{begin}\n{text.rstrip()}\n{end}\n"
     if path.exists():
         old = path.read_text()
+        # the "no figures yet" note goes once a section is written
+        old = re.sub(r"<!-- fastmaml-bench:placeholder -->.*?<!-- /fastmaml-bench:placeholder -->\n?", "", old,
+                     flags=re.S)
         pat = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
         new = pat.sub(lambda _m: block, old) if pat.search(old) else old.rstrip() + "\n\n" + block
     else:
@@ -202,6 +205,7 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     for res in results:
         print(report.text_table(res))
         print()
+    print(report.legend())
     print(f"wall time {meta['wall_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths.values())
           + (f" (no plot: {why})" if why else ""))
     return results, meta, paths

@@ -5,8 +5,7 @@ Each peer is written plainly and idiomatically, the way its users write it:
 - ``loop``: a Python loop over tasks; per task K inner steps with
   ``torch.autograd.grad(create_graph=True)`` and one ``backward`` of the task's query
   loss. This is learn2learn's ``MAML.clone()/adapt()`` algorithm, written out, because
-  learn2learn itself does not build on Python 3.11 (its Cython extensions fail to
-  compile), so it cannot be installed next to this package's toolchain.
+  learn2learn itself does not build on Python 3.11, so it is not installed here.
 - ``higher``: ``higher.innerloop_ctx`` per task with a differentiable SGD.
 - ``vmap``: torch.func in eager mode: ``grad`` of the mean over tasks of
   ``vmap(task_loss)``, the inner loop unrolled with ``torch.func.grad``.

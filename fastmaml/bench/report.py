@@ -196,7 +196,22 @@ def markdown_doc(results: list[ConfigResult], meta: dict, command: str) -> str:
         "",
     ]
     body = [markdown_table(r) for r in results]
-    return "\n".join(head + body)
+    return "\n".join(head + [legend(markdown=True), ""] + body)
+
+
+def legend(markdown: bool = False) -> str:
+    """What each method row is."""
+    from fastmaml.bench.peers import METHODS
+
+    bn = ("; with BatchNorm its second-order meta-gradient is wrong (torch.func's batching rule for "
+          "batch_norm's backward, pytorch/functorch#534), so the conv rows say DISAGREES")
+    notes = {"loop": "; learn2learn itself does not build on Python 3.11, so it is not installed",
+             "vmap": bn, "compile": " (cold compile: inductor caches disabled)" + bn,
+             "jax": " (same network and weights in jax.numpy/jax.lax)"}
+    items = [f"{k}: {v}{notes.get(k, '')}" for k, v in METHODS.items()]
+    if markdown:
+        return "Methods:\n\n" + "\n".join(f"- `{i.split(':', 1)[0]}`:{i.split(':', 1)[1]}" for i in items)
+    return "methods:\n" + "\n".join(f"  {i}" for i in items)
 
 
 def write_json(results: list[ConfigResult], meta: dict, path: Path) -> None:
