@@ -30,6 +30,12 @@ def _cpu_model() -> str:
 
 
 def _version(mod: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(mod)
+    except metadata.PackageNotFoundError:
+        pass
     try:
         m = __import__(mod)
         return str(getattr(m, "__version__", "?"))
@@ -42,7 +48,7 @@ def _git_commit() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip() != ""
         return {"commit": commit or None, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
@@ -62,7 +68,7 @@ def machine_info(device: torch.device) -> dict:
         "device": str(device),
         "gpu": gpu,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "cuda": torch.version.cuda, "triton": _version("triton"), "jax": _version("jax"),
+                     "cuda": torch.version.cuda, "triton": _version("triton"), "jax": _version("jax"), "jaxlib": _version("jaxlib"),
                      "higher": _version("higher"), "numpy": _version("numpy"), "fastmaml": fastmaml.__version__},
         "git": _git_commit(),
     }
