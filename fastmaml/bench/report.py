@@ -68,7 +68,8 @@ def machine_info(device: torch.device) -> dict:
         "device": str(device),
         "gpu": gpu,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "cuda": torch.version.cuda, "triton": _version("triton"), "jax": _version("jax"), "jaxlib": _version("jaxlib"),
+                     "cuda": torch.version.cuda, "triton": _version("triton"), "jax": _version("jax"),
+                     "jaxlib": _version("jaxlib"),
                      "higher": _version("higher"), "numpy": _version("numpy"), "fastmaml": fastmaml.__version__},
         "git": _git_commit(),
     }
