@@ -1,0 +1,28 @@
+"""Fused MLP benchmark (issue 4, item 5): the sinusoid configuration (MLP 1-40-40-1,
+T = 25 and 1000, K = 1 and 5, second and first order) and the wide MLP
+(784-256-128-64-64-5, Omniglot's non-convolutional MAML network, 5-way 1-shot, T=32,
+K = 1 and 5): fastmaml's fused path (the path fastmaml.MAML picks for an MLP) against its
+generic path, torch.func vmap (eager), torch.compile of torch.func.grad of the vmapped
+meta-loss (plus mode="reduce-overhead" on a GPU), JAX jit and the per-task loop. Reports
+median time, tasks/s and achieved GFLOP/s against the matmul FLOP count of the meta-step
+(fastmaml.bench.configs.mlp_meta_step_flops: per task K·6·Ns·P + 6·Nq·P, plus K·12·Ns·P
+for the K Hessian-vector products of second order; P = the weight count), and the
+micro ops (mlp_loss_and_grad, mlp_hvp, sgd_step).
+
+    python benchmarks/bench_mlp.py [more options of python -m fastmaml.bench]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+from fastmaml.bench.__main__ import main  # noqa: E402
+
+ARGS = ["--full", "--suite", "micro,sinusoid,wide-mlp", "--order", "both",
+        "--peers", "fastmaml,fastmaml-generic,vmap,compile,compile-ro,jax,loop", "--out", "bench_out/mlp"]
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS + sys.argv[1:]))

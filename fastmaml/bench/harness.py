@@ -1,0 +1,232 @@
+"""Runs one configuration: every method checked against the float64 reference, then
+warmed up, measured for peak memory and timed; speedups only between methods whose
+meta-gradients agree.
+
+Per configuration:
+1. Reference: the per-task loop (plain unrolled autograd) in float64 on meta-batch 0,
+   and the same loop in float32, whose error is float32's own rounding for this
+   configuration (at lr 0.4 or with ReLU/max-pool kinks it reaches 1e-2 relative).
+2. Per method: the first call (on batch 0; compile included for compiled methods) is
+   timed as "time to first meta-step" and its meta-gradient is compared with the
+   reference. Agreement: max|g − g_ref| / max|g_ref| ≤ max(RTOL_FLOOR, 4 × the float32
+   loop's own relative error) — the flash-attention rule, "no worse than a few times
+   PyTorch's own error at the same precision". A method that disagrees is still timed
+   but gets no speedup (``speedup`` stays ``None`` and the table says why).
+3. A warm-up call that also measures the peak-memory growth, then timed repetitions on
+   rotated meta-batches (``i mod n_batches``) until ``reps`` or the time budget is
+   used (at least ``min_reps``): median, quartiles, min and max.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fastmaml.bench import measure, peers
+from fastmaml.bench.configs import Config, build_model, config_flops, make_batch
+
+RTOL_FLOOR = 2e-4  # relative agreement floor in float32
+BASELINE_FACTOR = 4.0  # × the float32 loop's own relative error
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    backend: str = "auto"
+    warmup: int = 1
+    reps: int = 10
+    min_reps: int = 3
+    budget_s: float = 5.0  # per method: stop repeating after this much timed time
+    n_batches: int = 3  # rotated meta-batches
+    check: bool = True  # compare with the float64 reference
+    memory: bool = True
+
+
+@dataclass
+class Row:
+    method: str
+    label: str
+    status: str = "ok"  # ok | disagrees | failed | unavailable | skipped
+    reason: str = ""
+    first_s: float | None = None
+    median_s: float | None = None
+    q1_s: float | None = None
+    q3_s: float | None = None
+    min_s: float | None = None
+    max_s: float | None = None
+    times_s: list[float] = field(default_factory=list)
+    tasks_per_s: float | None = None
+    peak_bytes: int | None = None
+    memory_kind: str = ""
+    max_abs_diff: float | None = None
+    rel_diff: float | None = None
+    tol_rel: float | None = None
+    agrees: bool | None = None
+    speedup: float | None = None  # fastmaml's speed over this method (median / fastmaml median)
+    speedup_note: str = ""
+    gflops: float | None = None
+    info: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ConfigResult:
+    config: dict
+    rows: list[Row]
+    reference: dict
+    flops: int | None = None
+    suite: str = ""
+
+    def as_dict(self) -> dict:
+        return {"suite": self.suite, "config": self.config, "flops_per_meta_step": self.flops,
+                "reference": self.reference, "rows": [asdict(r) for r in self.rows]}
+
+
+def compare(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float]:
+    """Max absolute difference and its ratio to max|ref| over all parameter tensors."""
+    if len(grads) != len(ref):
+        raise ValueError(f"the method returned {len(grads)} gradient tensors, the reference has {len(ref)}")
+    worst = 0.0
+    for g, r in zip(grads, ref):
+        if tuple(g.shape) != tuple(r.shape):
+            raise ValueError(f"gradient shape {tuple(g.shape)} differs from the reference's {tuple(r.shape)}")
+        d = (g.detach().to(device=r.device, dtype=torch.float64) - r).abs().max().item()
+        worst = max(worst, d if math.isfinite(d) else math.inf)
+    scale = max(r.abs().max().item() for r in ref) or 1.0
+    return worst, worst / scale
+
+
+def tolerance(baseline_rel: float) -> float:
+    return max(RTOL_FLOOR, BASELINE_FACTOR * baseline_rel)
+
+
+def assign_speedups(rows: list[Row], fast_key: str = "fastmaml") -> None:
+    """speedup of ``fast_key`` over every other timed row — only where both agree."""
+    fast = next((r for r in rows if r.method == fast_key), None)
+    for r in rows:
+        r.speedup = None
+        if r.median_s is None:
+            continue
+        if fast is None or fast.median_s is None:
+            r.speedup_note = f"{fast_key} not measured"
+        elif fast.agrees is not True:
+            r.speedup_note = f"{fast_key} meta-gradient " + ("disagrees" if fast.agrees is False else "not checked")
+        elif r.agrees is not True:
+            r.speedup_note = "meta-gradient " + ("disagrees" if r.agrees is False else "not checked") + ": no speedup"
+        else:
+            r.speedup = r.median_s / fast.median_s
+            r.speedup_note = ""
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def run_method(method: str, problem: peers.Problem, s: Settings, ref: list[torch.Tensor] | None,
+               tol_rel: float | None) -> Row:
+    cfg = problem.cfg
+    row = Row(method, peers.METHODS.get(method, method))
+    try:
+        prepared = peers.make(method, problem, s.backend)
+    except peers.Unavailable as exc:
+        row.status, row.reason = "unavailable", str(exc)
+        return row
+    except Exception as exc:  # noqa: BLE001 - a failing peer is a result, reported with its error
+        row.status, row.reason = "failed", f"setup: {type(exc).__name__}: {exc}"
+        return row
+    row.notes = list(prepared.notes)
+    dev, fw = problem.device, prepared.framework
+    n = len(problem.batches)
+    try:
+        # 1. first call (compile included) on batch 0, checked against the reference
+        row.first_s, out = measure.time_call(lambda: prepared.step(0), prepared.sync, dev, fw)
+        if ref is not None:
+            row.max_abs_diff, row.rel_diff = compare(prepared.to_torch(out), ref)
+            row.tol_rel = tol_rel
+            row.agrees = bool(row.rel_diff <= tol_rel)  # type: ignore[operator]
+            if not row.agrees:
+                row.status = "disagrees"
+                row.reason = (f"meta-gradient off by {row.max_abs_diff:.3g} abs, {row.rel_diff:.3g} relative "
+                              f"(tolerance {tol_rel:.3g} relative)")
+        del out
+        # 2. warm-up; the first warm-up call measures the peak-memory growth
+        for w in range(max(1, s.warmup)):
+            i = (1 + w) % n
+            if w == 0 and s.memory:
+                row.peak_bytes, row.memory_kind, out = measure.peak_growth(
+                    lambda: prepared.step(i), prepared.sync, dev, fw)
+            else:
+                _, out = measure.time_call(lambda: prepared.step(i), prepared.sync, dev, fw)
+            del out
+        # 3. timed repetitions on rotated batches
+        spent = 0.0
+        rep = 0
+        while rep < s.reps and (rep < s.min_reps or spent < s.budget_s):
+            i = (1 + s.warmup + rep) % n
+            dt, out = measure.time_call(lambda: prepared.step(i), prepared.sync, dev, fw)
+            del out
+            row.times_s.append(dt)
+            spent += dt
+            rep += 1
+    except Exception as exc:  # noqa: BLE001
+        row.status = "failed"
+        msg = str(exc).strip().splitlines()
+        row.reason = f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"
+        row.info["traceback"] = traceback.format_exc(limit=6)[-3000:]
+    try:
+        row.info.update(prepared.info())
+    except Exception as exc:  # noqa: BLE001
+        row.info["info_error"] = str(exc)
+    if row.times_s:
+        ts = row.times_s
+        row.median_s = statistics.median(ts)
+        row.q1_s, row.q3_s = _quartiles(ts)
+        row.min_s, row.max_s = min(ts), max(ts)
+        row.tasks_per_s = cfg.T / row.median_s
+        fl = config_flops(cfg)
+        if fl is not None:
+            row.gflops = fl / row.median_s / 1e9
+    return row
+
+
+def make_problem(cfg: Config, s: Settings) -> peers.Problem:
+    model = build_model(cfg.family, cfg.seed).to(s.device)
+    batches = [make_batch(cfg, i, s.device) for i in range(s.n_batches)]
+    return peers.Problem(cfg, model, batches, s.device)
+
+
+def run_config(cfg: Config, methods: list[str], s: Settings, suite: str = "",
+               progress: Callable[[str], None] | None = None) -> ConfigResult:
+    """Measure ``methods`` on ``cfg``; ``progress(text)`` is called before each unit of work."""
+    problem = make_problem(cfg, s)
+    ref = None
+    reference: dict = {"checked": s.check}
+    tol_rel = None
+    if s.check:
+        if progress:
+            progress(f"{cfg.name}: float64 reference")
+        ref = peers.reference_meta_grad(problem, 0)
+        base = peers.loop_meta_grad(build_model(cfg.family, cfg.seed).to(s.device), problem.batches[0], cfg)
+        base_abs, base_rel = compare(base, ref)
+        tol_rel = tolerance(base_rel)
+        reference.update(method="per-task loop, unrolled autograd, float64, meta-batch 0",
+                         max_abs_grad=max(r.abs().max().item() for r in ref),
+                         float32_loop_max_abs_diff=base_abs, float32_loop_rel_diff=base_rel,
+                         tolerance_rel=tol_rel,
+                         rule=f"rel_diff <= max({RTOL_FLOOR}, {BASELINE_FACTOR} x float32 loop's rel_diff)")
+        del base
+    rows = []
+    for m in methods:
+        if progress:
+            progress(f"{cfg.name}: {m}")
+        rows.append(run_method(m, problem, s, ref, tol_rel))
+    assign_speedups(rows)
+    return ConfigResult(cfg.as_dict(), rows, reference, config_flops(cfg), suite)

@@ -1,0 +1,304 @@
+"""Outputs: the terminal tables, the JSON file, the Markdown tables and the plot."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from fastmaml.bench.harness import ConfigResult, Row
+
+# ---------------------------------------------------------------------------------
+# Machine and versions
+# ---------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(mod: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(mod)
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        m = __import__(mod)
+        return str(getattr(m, "__version__", "?"))
+    except Exception:  # noqa: BLE001 - not installed, or broken
+        return None
+
+
+def _git_commit() -> dict:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        return {"commit": commit or None, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def machine_info(device: torch.device) -> dict:
+    import fastmaml
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": gpu,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "cuda": torch.version.cuda, "triton": _version("triton"), "jax": _version("jax"),
+                     "jaxlib": _version("jaxlib"),
+                     "higher": _version("higher"), "numpy": _version("numpy"), "fastmaml": fastmaml.__version__},
+        "git": _git_commit(),
+    }
+
+
+# ---------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    if s < 1.0:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def fmt_bytes(b: int | None) -> str:
+    if b is None:
+        return "n/a"
+    if b < 2**20:
+        return f"{b / 2**10:.0f} KiB"
+    if b < 2**30:
+        return f"{b / 2**20:.1f} MiB"
+    return f"{b / 2**30:.2f} GiB"
+
+
+def _spread(r: Row) -> str:
+    if r.median_s is None:
+        return ""
+    return f"IQR {fmt_time(r.q1_s)}–{fmt_time(r.q3_s)}, n={len(r.times_s)}"
+
+
+def _diff(r: Row) -> str:
+    if r.max_abs_diff is None:
+        return "not checked" if r.median_s is not None else "—"
+    mark = "" if r.agrees else " ✗"
+    return f"{r.max_abs_diff:.1e} ({r.rel_diff:.1e} rel){mark}"
+
+
+def _speedup(r: Row) -> str:
+    if r.speedup is not None:
+        return f"{r.speedup:.2f}×"
+    return "—"
+
+
+def _note(r: Row) -> str:
+    parts = []
+    if r.status != "ok":
+        parts.append(f"{r.status.upper()}: {r.reason}")
+    if r.info.get("path"):
+        parts.append(f"path={r.info['path']}")
+    for k in ("unique_graphs", "graph_breaks", "recompiles"):
+        if r.info.get(k):
+            parts.append(f"{k}={r.info[k]}")
+    if r.speedup is None and r.speedup_note and r.status == "ok":
+        parts.append(r.speedup_note)
+    return "; ".join(parts)
+
+
+COLUMNS = ["method", "median/step", "spread", "first step", "tasks/s", "peak mem", "speedup",
+           "max |Δ| vs f64 ref", "GFLOP/s", "notes"]
+
+
+def row_cells(r: Row) -> list[str]:
+    return [r.method, fmt_time(r.median_s), _spread(r), fmt_time(r.first_s),
+            "—" if r.tasks_per_s is None else f"{r.tasks_per_s:,.0f}",
+            fmt_bytes(r.peak_bytes) if r.median_s is not None else "—", _speedup(r), _diff(r),
+            "—" if r.gflops is None else f"{r.gflops:.2f}", _note(r)]
+
+
+def _title(res: ConfigResult) -> str:
+    c = res.config
+    t = c.get("name", "?")
+    if c.get("model"):
+        t += f" — {c['model']}, inner lr {c['inner_lr']}"
+    return t
+
+
+def _footer(res: ConfigResult) -> str:
+    ref = res.reference
+    parts = []
+    if res.flops:
+        parts.append(f"{res.flops / 1e6:.1f} MFLOP per meta-step (matmul count, see configs.mlp_meta_step_flops)")
+    if ref.get("float32_loop_rel_diff") is not None:
+        parts.append(f"float32 loop vs float64 reference: {ref['float32_loop_rel_diff']:.1e} relative; "
+                     f"agreement tolerance {ref['tolerance_rel']:.1e} relative")
+    elif ref.get("tolerance_rel") is not None:
+        parts.append(f"agreement tolerance {ref['tolerance_rel']:.1e} relative")
+    parts.append("speedup = that method's median / fastmaml's median (only where both meta-gradients agree)")
+    return "; ".join(parts)
+
+
+def text_table(res: ConfigResult) -> str:
+    cells = [COLUMNS] + [row_cells(r) for r in res.rows]
+    widths = [max(len(c[i]) for c in cells[:]) for i in range(len(COLUMNS) - 1)]
+    lines = [f"== {_title(res)}"]
+    for c in cells:
+        lines.append("  ".join(x.ljust(w) for x, w in zip(c[:-1], widths)) + "  " + c[-1])
+    lines.append(f"   ({_footer(res)})")
+    return "\n".join(lines)
+
+
+def markdown_table(res: ConfigResult) -> str:
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = [f"#### {_title(res)}", "", "| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join(["---"] * len(COLUMNS)) + "|"]
+    for r in res.rows:
+        lines.append("| " + " | ".join(esc(x) for x in row_cells(r)) + " |")
+    lines += ["", f"_{_footer(res)}_", ""]
+    return "\n".join(lines)
+
+
+def markdown_doc(results: list[ConfigResult], meta: dict, command: str) -> str:
+    m = meta
+    v = m["versions"]
+    g = m["git"]
+    head = [
+        f"### {m['gpu'] or m['cpu']} ({m['device']})",
+        "",
+        f"- command: `{command}`",
+        f"- date: {m['date']}; commit {g.get('commit') or '?'}{' (uncommitted changes)' if g.get('dirty') else ''}",
+        f"- machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
+        + (f", GPU {m['gpu']}" if m["gpu"] else "") + f"; {m['platform']}",
+        f"- versions: python {v['python']}, torch {v['torch']}, triton {v['triton']}, jax {v['jax']}, "
+        f"higher {v['higher']}, fastmaml {v['fastmaml']}",
+        f"- wall time of the run: {m.get('wall_s', 0):.0f} s",
+        "",
+    ]
+    body = [markdown_table(r) for r in results]
+    return "\n".join(head + [legend(markdown=True), ""] + body)
+
+
+def legend(markdown: bool = False) -> str:
+    """What each method row is."""
+    from fastmaml.bench.peers import METHODS
+
+    bn = ("; with BatchNorm its second-order meta-gradient is wrong (torch.func's batching rule for "
+          "batch_norm's backward, pytorch/functorch#534), so the conv rows say DISAGREES")
+    notes = {"loop": "; learn2learn itself does not build on Python 3.11, so it is not installed",
+             "vmap": bn, "compile": " (cold compile: inductor caches disabled)" + bn,
+             "jax": " (same network and weights in jax.numpy/jax.lax)"}
+    items = [f"{k}: {v}{notes.get(k, '')}" for k, v in METHODS.items()]
+    if markdown:
+        return "Methods:\n\n" + "\n".join(f"- `{i.split(':', 1)[0]}`:{i.split(':', 1)[1]}" for i in items)
+    return "methods:\n" + "\n".join(f"  {i}" for i in items)
+
+
+def write_json(results: list[ConfigResult], meta: dict, path: Path) -> None:
+    path.write_text(json.dumps({"meta": meta, "results": [r.as_dict() for r in results]}, indent=1,
+                               default=str))
+
+
+# ---------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------
+
+
+def plot(results: list[ConfigResult], path: Path) -> str | None:
+    """Speedup of fastmaml (or time per meta-step) against T, and peak memory against K.
+    Returns None on success, or why no plot was drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001
+        return f"matplotlib is not available ({exc})"
+    scaling = [r for r in results if r.suite == "scaling-T"]
+    memory = [r for r in results if r.suite == "memory-K"]
+    if not scaling and not memory:
+        # fall back: time per method of every end-to-end configuration
+        scaling = [r for r in results if r.suite not in ("micro",)]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+
+    def series(res_list, x_key, y_fn):
+        out: dict[str, list[tuple[float, float]]] = {}
+        for res in res_list:
+            x = res.config.get(x_key)
+            for r in res.rows:
+                y = y_fn(r)
+                if x is not None and y is not None:
+                    out.setdefault(r.method, []).append((x, y))
+        return out
+
+    ax = axes[0]
+    sp = series(scaling, "T", lambda r: r.speedup if r.method != "fastmaml" else None)
+    if sp:
+        for m, pts in sp.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"vs {m}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("speedup of fastmaml (×)")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no speedup to plot\n(fastmaml not measured, or no agreement)", ha="center",
+                va="center", transform=ax.transAxes)
+    ax.set_xscale("log")
+    ax.set_xlabel("meta-batch size T")
+    ax.set_title("speedup vs T (" + (scaling[0].config.get("family", "") if scaling else "") + ")")
+
+    ax = axes[1]
+    ts = series(scaling, "T", lambda r: r.median_s)
+    for m, pts in ts.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], "o-", label=m)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("meta-batch size T")
+    ax.set_ylabel("median time per meta-step (ms)")
+    ax.set_title("time vs T")
+    if ts:
+        ax.legend(fontsize=8)
+
+    ax = axes[2]
+    mem = series(memory, "K", lambda r: r.peak_bytes / 2**20 if r.peak_bytes is not None else None)
+    for m, pts in mem.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+    ax.set_xlabel("inner steps K")
+    ax.set_ylabel("peak memory growth of one meta-step (MiB)")
+    ax.set_title("memory vs K (" + (memory[0].config.get("family", "") if memory else "not run") + ")")
+    if mem:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
