@@ -71,8 +71,10 @@ def maml_loss(
         if isinstance(params, Mapping) and backend != "reference":
             st_ok = _fused_route_for(module, params, lrs, adapt, loss, msl_weights, steps, xs, ys, xq, backend)
             if st_ok is not None:
-                return mlp_route.run(st_ok, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order,
-                                     loss=loss, msl_weights=_msl_list(msl_weights, steps),  # type: ignore[arg-type]
+                msl = mlp_route.msl_tensor(_msl_list(msl_weights, steps), params[st_ok.weight_names[0]])
+                return mlp_route.run(st_ok, [params[n] for n in st_ok.weight_names],
+                                     [params[n] for n in st_ok.bias_names], lrs, xs, ys, xq, yq, steps=steps,
+                                     first_order=first_order, loss=loss, msl_weights=msl,  # type: ignore[arg-type]
                                      backend=backend)
 
         def fn(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -213,6 +215,8 @@ class MAML(nn.Module):
         self.hvp = "auto"
         self.check_model()
         self.path, self.path_reason = self._select_path(p0.device)
+        self._route_cache: dict = {}
+        self._msl_tensor = None if self.msl_weights is None else mlp_route.msl_tensor(self.msl_weights, p0)
 
     # --- the pieces the paths share ---------------------------------------------------
     def check_model(self) -> None:
@@ -267,25 +271,58 @@ class MAML(nn.Module):
                     "faster than vmap's grouped conv)")
         return "generic", f"generic adjoint path: {why}"
 
+    def _mlp_plan(self, xs: object, ys: object, xq: object) -> tuple[mlp_route.MlpModel, list[nn.Linear]] | None:
+        """The MLP route for this call, or None for the generic/reference paths. The
+        decision depends on the model's structure, which parameters are trainable, the
+        data shapes, dtype, device and grad mode; it is cached on exactly those (a few
+        µs per call instead of walking the module tree), and sets ``path``/``path_reason``."""
+        model = self.model
+        if self.backend == "reference" or not isinstance(model, nn.Sequential):
+            return None
+        if not (isinstance(xs, torch.Tensor) and isinstance(ys, torch.Tensor) and isinstance(xq, torch.Tensor)):
+            return None
+        mods = tuple(model._modules.values())
+        linears = [m for m in mods if isinstance(m, nn.Linear)]
+        flags = tuple((m.weight.requires_grad, m.bias is not None and m.bias.requires_grad) for m in linears)
+        w0 = linears[0].weight if linears else None
+        grad_on = torch.is_grad_enabled()
+        key = (mods, flags, xs.shape, ys.shape, xq.shape, xs.dtype,
+               None if w0 is None else (w0.dtype, w0.device), grad_on, tuple(p.requires_grad for p in self.lrs))
+        hit = self._route_cache.get(key)
+        if hit is None:
+            n_msl = 1 if self.msl_weights is None else sum(1 for w in self.msl_weights if w != 0.0)
+            which, why, st = mlp_route.route(model, self._params(), self.adapt_names, self.loss,
+                                             self.learn_lr and grad_on, n_msl, self.inner_steps, xs, ys, xq,
+                                             self.backend)  # type: ignore[arg-type]
+            hit = (which, why, st if which is not None else None)
+            if len(self._route_cache) > 64:
+                self._route_cache.clear()
+            self._route_cache[key] = hit
+        which, why, st = hit
+        if st is None:
+            return None
+        self.path, self.path_reason = which, why  # type: ignore[assignment]
+        return st, linears
+
     def _buffer_versions(self) -> list[int]:
         return [b._version for b in self.model.buffers()]
 
     # --- public -------------------------------------------------------------------------
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
         """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d)."""
+        mlp = self._mlp_plan(xs, ys, xq)
+        if mlp is not None:
+            st, linears = mlp
+            msl = self._msl_tensor
+            if msl is not None and (msl.dtype != linears[0].weight.dtype or msl.device != linears[0].weight.device):
+                msl = self._msl_tensor = mlp_route.msl_tensor(self.msl_weights, linears[0].weight)
+            return mlp_route.run(st, [m.weight for m in linears], [m.bias for m in linears], self._lrs_arg(),
+                                 xs, ys, xq, yq, steps=self.inner_steps, first_order=self.first_order,
+                                 loss=self.loss, msl_weights=msl, backend=self.backend)  # type: ignore[arg-type]
         self.check_model()
         params = self._params()
         device = next(iter(params.values())).device
         self.path, self.path_reason = self._select_path(device)
-        n_msl = 1 if self.msl_weights is None else sum(1 for w in self.msl_weights if w != 0.0)
-        which, why, st = mlp_route.route(self.model, params, self.adapt_names, self.loss,
-                                         self.learn_lr and torch.is_grad_enabled(), n_msl, self.inner_steps,
-                                         xs, ys, xq, self.backend)
-        if which is not None and st is not None:
-            self.path, self.path_reason = which, why
-            return mlp_route.run(st, params, self._lrs_arg(), xs, ys, xq, yq, steps=self.inner_steps,
-                                 first_order=self.first_order, loss=self.loss,  # type: ignore[arg-type]
-                                 msl_weights=self.msl_weights, backend=self.backend)
         versions = self._buffer_versions()
         kw = dict(steps=self.inner_steps, first_order=self.first_order, loss=self.loss,
                   msl_weights=self.msl_weights, adapt=self.adapt_names)

@@ -13,6 +13,7 @@ give the reference's numbers; :func:`route` says which applies and why.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -102,9 +103,19 @@ def mlp_lr(lrs: object, names: Sequence[str], steps: int) -> object:
     return lrs
 
 
+def finite_inputs(**tensors: torch.Tensor) -> None:
+    """NaN/Inf in a float input raises ValueError naming it. One reduction per tensor
+    (a sum is non-finite when any element is), then the exact check only on failure."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not math.isfinite(float(t.sum())):
+            _checks.finite(name, t)  # raises for NaN/Inf
+            raise ValueError(f"{name} holds values so large that their sum overflows ({t.dtype}); rescale the data")
+
+
 def run(
     st: MlpModel,
-    params: Mapping[str, torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
     lrs: object,
     xs: torch.Tensor,
     ys: torch.Tensor,
@@ -114,19 +125,18 @@ def run(
     steps: int,
     first_order: bool,
     loss: str,
-    msl_weights: Sequence[float] | None,
+    msl_weights: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    """The meta-loss by ``ops.maml_mlp`` (fused kernel or its layer-wise path)."""
-    ws = [params[n] for n in st.weight_names]
-    bs = [params[n] for n in st.bias_names]
+    """The meta-loss by ``ops.maml_mlp`` (fused kernel or its layer-wise path).
+    ``weights``/``biases`` in layer order (``st.weight_names``/``st.bias_names``)."""
+    finite_inputs(xs=xs, ys=ys, xq=xq, yq=yq)
     flat = [n for pair in zip(st.weight_names, st.bias_names) for n in pair]
-    for name, t in (("xs", xs), ("ys", ys), ("xq", xq), ("yq", yq)):
-        if t.is_floating_point():
-            _checks.finite(name, t)
-    msl = None
-    if msl_weights is not None:
-        msl = torch.tensor(list(msl_weights), dtype=ws[0].dtype, device=ws[0].device)
-    return _maml_mlp_op(ws, bs, xs, ys, xq, yq, mlp_lr(lrs, flat, steps), steps=steps, first_order=first_order,
-                        activation=st.activation, loss=loss, msl_weights=msl,
+    return _maml_mlp_op(list(weights), list(biases), xs, ys, xq, yq, mlp_lr(lrs, flat, steps), steps=steps,
+                        first_order=first_order, activation=st.activation, loss=loss, msl_weights=msl_weights,
                         backend=None if backend == "auto" else backend)
+
+
+def msl_tensor(msl_weights: Sequence[float] | None, like: torch.Tensor) -> torch.Tensor | None:
+    """MSL weights as the ``[K]`` tensor ``ops.maml_mlp`` takes (None: plain MAML)."""
+    return None if msl_weights is None else torch.tensor(list(msl_weights), dtype=like.dtype, device=like.device)
