@@ -5,16 +5,16 @@
 #
 #   FASTMAML_CHECK_OUT=/some/dir bash benchmarks/gpu_check.sh      (default: $OUT, else ./gpu_check_out)
 #
-# Files written (at most 8, flat, so the device tool brings them all back):
-#   log.txt        everything printed, with the time each stage took
-#   info.txt       nvidia-smi and `python -m fastmaml info`
-#   tests.txt      pytest output of the CUDA- and Triton-marked tests on the GPU
-#   bench.json     the quick benchmark suite's figures (machine, versions, commit)
-#   bench.png      its plot
-#   bench.md       its tables, ready for benchmarks/RESULTS.md
-#   summary.txt    one line per stage: ok/FAILED and seconds
-# Budget: under 8 minutes on an H100/H200 (16 cores): build ~1-2 min, tests ~2 min,
-# benchmarks ~3 min; each stage has its own timeout so a hang cannot eat the lease.
+# Files written (at most 8, at most one folder down, so the device tool brings them all back):
+#   log.txt          everything printed (nvidia-smi, `python -m fastmaml info`, build, the
+#                    sgd_step and Triton-MLP micro-benchmarks), with the time each stage took
+#   tests.txt        pytest output of the CUDA- and Triton-marked tests on the GPU
+#   summary.txt      one line per stage: ok/FAILED and seconds
+#   RESULTS-gpu.md   the quick suite's tables with machine and command, for benchmarks/RESULTS.md
+#   bench/           the quick suite's JSON, Markdown table and PNG plot
+# Budget: under 8 minutes on an H100/H200 (16 cores): build ~1-2 min (only this card's
+# architecture), tests ~2 min, benchmarks ~4 min; each stage has its own timeout so a hang
+# cannot eat the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${FASTMAML_CHECK_OUT:-${OUT:-./gpu_check_out}}"
@@ -43,12 +43,15 @@ if [ -z "${FASTMAML_CUDA_ARCH:-}" ] && command -v nvidia-smi >/dev/null; then
 fi
 export FASTMAML_CUDA=1 MAX_JOBS=16
 
-{ nvidia-smi || true; } > "$out/info.txt" 2>&1
+stage smi 30 nvidia-smi
 stage build 300 python -m pip install --no-build-isolation --no-deps -e . || { cat "$out/summary.txt"; exit 1; }
-stage info 60 bash -c "python -m fastmaml info | tee -a '$out/info.txt'"
+stage info 60 python -m fastmaml info
 # CUDA-marked tests plus every Triton test, now on GPU tensors.
 stage tests 240 bash -c "python -m pytest -q -rs -m 'cuda or triton' tests 2>&1 | tee '$out/tests.txt'; exit \${PIPESTATUS[0]}"
-stage bench 300 python -m fastmaml.bench --quick --device cuda --out "$out/bench_run" \
-  --json "$out/bench.json" --plot "$out/bench.png" --results-md "$out/bench.md"
+stage sgd_step 60 python benchmarks/bench_sgd_step.py --backend cuda --out /tmp/sgd_cuda.json
+stage sgd_step_triton 60 python benchmarks/bench_sgd_step.py --backend triton --out /tmp/sgd_triton.json
+stage mlp_triton 90 python benchmarks/bench_mlp_triton.py --reps 50 --out /tmp/mlp_triton.json
+stage bench 300 python -m fastmaml.bench --quick --device cuda --order second --no-progress \
+  --out "$out/bench" --results-md "$out/RESULTS-gpu.md"
 cat "$out/summary.txt"
 ! grep -q FAILED "$out/summary.txt"
