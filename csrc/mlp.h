@@ -674,6 +674,35 @@ struct MamlArgs {
   int n_lr = 0;               // size of the packed lr gradient (0: lr not learned)
 };
 
+// The MamlArgs fields that the CPU and the CUDA launchers fill alike from the integers
+// that cross the Python boundary (host code; th0 is set by each launcher, whose
+// parameter layouts differ).
+template <class S>
+inline MamlArgs<S> make_maml_args(const Shape& s, int64_t T, int K, int Ns, int Nq, std::uintptr_t xs,
+                                  std::uintptr_t ys, std::uintptr_t xq, std::uintptr_t yq, int lr_mode,
+                                  std::uintptr_t lr, double lr_value, std::uintptr_t msl, bool first_order,
+                                  bool need_grad, int64_t n_lr) {
+  MamlArgs<S> a;
+  a.s = s;
+  a.K = K;
+  a.Ns = Ns;
+  a.Nq = Nq;
+  a.xs = as_ptr<const S>(xs, "xs");
+  a.ys = as_ptr<const void>(ys, "ys");
+  a.xq = as_ptr<const S>(xq, "xq");
+  a.yq = as_ptr<const void>(yq, "yq");
+  a.lr_mode = lr_mode;
+  a.lr = lr ? reinterpret_cast<const S*>(lr) : nullptr;
+  require(lr_mode == kLrScalar || a.lr != nullptr, "lr pointer is null for a tensor learning rate");
+  a.lr_value = S(lr_value);
+  a.msl = as_ptr<const S>(msl, "msl_weights");
+  a.inv_T = S(1) / S(T);
+  a.first_order = first_order;
+  a.need_grad = need_grad;
+  a.n_lr = need_grad ? int(n_lr) : 0;
+  return a;
+}
+
 // Per-task workspace, in S elements: θ_1..θ_K with transposed weights (PT each); the
 // support gradients g_k (n_g = K slots when the lr is learned, as dα_k needs them in
 // the adjoint, else 1 reused slot); the query gradients at the n_q steps with a nonzero

@@ -145,25 +145,9 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
                std::uintptr_t yq, int lr_mode, std::uintptr_t lr, double lr_value, std::uintptr_t msl,
                bool first_order, bool need_grad, int64_t n_lr, std::uintptr_t out_loss,
                const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr) {
-  mlp::MamlArgs<S> a;
-  a.s = s;
-  a.K = K;
-  a.Ns = Ns;
-  a.Nq = Nq;
+  mlp::MamlArgs<S> a = mlp::make_maml_args<S>(s, T, K, Ns, Nq, xs, ys, xq, yq, lr_mode, lr, lr_value, msl,
+                                               first_order, need_grad, n_lr);
   a.th0 = task_params<S, const S>(s, W, b, 0, "weights");
-  a.xs = as_ptr<const S>(xs, "xs");
-  a.ys = as_ptr<const void>(ys, "ys");
-  a.xq = as_ptr<const S>(xq, "xq");
-  a.yq = as_ptr<const void>(yq, "yq");
-  a.lr_mode = lr_mode;
-  a.lr = lr ? reinterpret_cast<const S*>(lr) : nullptr;
-  require(lr_mode == mlp::kLrScalar || a.lr != nullptr, "lr pointer is null for a tensor learning rate");
-  a.lr_value = S(lr_value);
-  a.msl = as_ptr<const S>(msl, "msl_weights");
-  a.inv_T = S(1) / S(T);
-  a.first_order = first_order;
-  a.need_grad = need_grad;
-  a.n_lr = need_grad ? int(n_lr) : 0;
   S* lo = as_ptr<S>(out_loss, "out_loss");
   // dθ goes straight into the 2L gradient tensors (flat order W_1, b_1, ...).
   S* dst[2 * mlp::kMaxLayers] = {};

@@ -222,25 +222,9 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
                bool first_order, bool need_grad, int64_t n_lr, int n_msl, std::uintptr_t out_loss,
                const std::vector<std::uintptr_t>& out_dtheta, std::uintptr_t out_dlr, std::uintptr_t partials,
                cudaStream_t st) {
-  mlp::MamlArgs<S> a;
-  a.s = s;
-  a.K = K;
-  a.Ns = Ns;
-  a.Nq = Nq;
+  mlp::MamlArgs<S> a = mlp::make_maml_args<S>(s, T, K, Ns, Nq, xs, ys, xq, yq, lr_mode, lr, lr_value, msl,
+                                               first_order, need_grad, n_lr);
   a.th0 = base_params<const S>(s, W, b, "weights");
-  a.xs = as_ptr<const S>(xs, "xs");
-  a.ys = as_ptr<const void>(ys, "ys");
-  a.xq = as_ptr<const S>(xq, "xq");
-  a.yq = as_ptr<const void>(yq, "yq");
-  a.lr_mode = lr_mode;
-  a.lr = lr ? reinterpret_cast<const S*>(lr) : nullptr;
-  require(lr_mode == mlp::kLrScalar || a.lr != nullptr, "lr pointer is null for a tensor learning rate");
-  a.lr_value = S(lr_value);
-  a.msl = as_ptr<const S>(msl, "msl_weights");
-  a.inv_T = S(1) / S(T);
-  a.first_order = first_order;
-  a.need_grad = need_grad;
-  a.n_lr = need_grad ? int(n_lr) : 0;
   const int64_t stride = 1 + (need_grad ? s.P + a.n_lr : 0);
   S* parts = as_ptr<S>(partials, "partials");
   // the MSL weights live on the device: the launcher is told how many are nonzero
