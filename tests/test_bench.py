@@ -162,6 +162,41 @@ def test_refuse_speedup_on_disagreement(monkeypatch):
     assert all(r.speedup is None for r in res.rows)
 
 
+def test_slow_methods_get_one_warmup_and_at_least_one_rep(monkeypatch):
+    """A method whose warm-up step exceeds budget / min_reps gets no further warm-up and
+    min_reps = 1 (JAX or compiled conv nets on a CPU); a fast one keeps warmup/min_reps."""
+    cfg = Config("sinusoid", 2, 1, 0.01, False)
+    calls = {"slow": 0, "fast": 0}
+
+    def fake_make(method, p, backend="auto"):
+        model = configs.build_model(cfg.family).to(p.device)
+
+        def step(i):
+            calls[method] += 1
+            if method == "slow":
+                measure_sleep(0.25)
+            return peers.loop_meta_grad(model, p.batches[i], cfg)
+
+        return peers.Prepared(step, list, lambda o: None)
+
+    import time as _time
+
+    def measure_sleep(s):
+        _time.sleep(s)
+
+    monkeypatch.setattr(peers, "make", fake_make)
+    s = harness.Settings(device=torch.device("cpu"), warmup=3, reps=4, min_reps=4, budget_s=0.4,
+                         memory=True, check=False, n_batches=2)
+    res = harness.run_config(cfg, ["slow", "fast"], s)
+    rows = {r.method: r for r in res.rows}
+    slow, fast = rows["slow"], rows["fast"]
+    assert "slow_method" in slow.info and "slow_method" not in fast.info
+    # slow: first call + 1 warm-up + timed reps until the 0.4 s budget (at least 1, < min_reps=4)
+    assert 1 <= len(slow.times_s) < 4 and calls["slow"] == 2 + len(slow.times_s)
+    # fast: first call + 3 warm-ups + at least min_reps timed reps
+    assert len(fast.times_s) >= 4 and calls["fast"] == 4 + len(fast.times_s)
+
+
 def test_unavailable_and_failing_methods_are_reported(monkeypatch):
     cfg = Config("sinusoid", 2, 1, 0.01, False)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -157,19 +158,34 @@ def run_method(method: str, problem: peers.Problem, s: Settings, ref: list[torch
                 row.reason = (f"meta-gradient off by {row.max_abs_diff:.3g} abs, {row.rel_diff:.3g} relative "
                               f"(tolerance {tol_rel:.3g} relative)")
         del out
-        # 2. warm-up; the first warm-up call measures the peak-memory growth
+        # 2. warm-up; the first warm-up call measures the peak-memory growth. A slow
+        # method (one warm-up call longer than budget / min_reps: JAX's or a compiled
+        # conv net on a CPU, up to minutes per step) gets no further warm-up and at least
+        # one timed repetition instead of min_reps; the table shows n for every row.
+        min_reps = s.min_reps
         for w in range(max(1, s.warmup)):
             i = (1 + w) % n
             if w == 0 and s.memory:
-                row.peak_bytes, row.memory_kind, out = measure.peak_growth(
-                    lambda: prepared.step(i), prepared.sync, dev, fw)
+                t0 = [0.0]
+
+                def timed_step(i: int = i) -> object:
+                    t0[0] = time.perf_counter()
+                    return prepared.step(i)
+
+                row.peak_bytes, row.memory_kind, out = measure.peak_growth(timed_step, prepared.sync, dev, fw)
+                dt = time.perf_counter() - t0[0]  # the step and its sync, not the memory bookkeeping
             else:
-                _, out = measure.time_call(lambda: prepared.step(i), prepared.sync, dev, fw)
+                dt, out = measure.time_call(lambda: prepared.step(i), prepared.sync, dev, fw)
             del out
+            if w == 0:
+                if dt > s.budget_s / max(1, s.min_reps):
+                    min_reps = 1
+                    row.info["slow_method"] = f"one warm-up call only, at least 1 timed rep (step > {s.budget_s / max(1, s.min_reps):.2g} s)"
+                    break
         # 3. timed repetitions on rotated batches
         spent = 0.0
         rep = 0
-        while rep < s.reps and (rep < s.min_reps or spent < s.budget_s):
+        while rep < s.reps and (rep < min_reps or spent < s.budget_s):
             i = (1 + s.warmup + rep) % n
             dt, out = measure.time_call(lambda: prepared.step(i), prepared.sync, dev, fw)
             del out
