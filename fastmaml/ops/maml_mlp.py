@@ -27,7 +27,11 @@ Two implementations, same numbers:
   are still in the core's L1/L2 (CPU) or the CTA's shared memory (CUDA); it returns the
   meta-loss and the meta-gradient (summed over tasks in a fixed order: bitwise
   reproducible). ``backward`` then only scales the stored meta-gradient by the incoming
-  gradient. Without a gradient the call runs the forward only.
+  gradient. Without a gradient the call runs the forward only. On CPU the tasks are
+  spread over the OpenMP threads; a call whose threads stalled (wall time above the
+  work they did: an oversubscribed machine, where a 2-thread region can wait whole
+  scheduler time slices) makes the following calls run on one thread for a while
+  (csrc/mlp_cpu.cpp, ``Oversubscription``); the numbers do not depend on it.
   Limits: at most 8 layers; the per-task workspace
   ``K·PT + (n_g + n_msl)·P + 2PT + 2P + 3K·Ns·Σd + max(3Nq·Σd, 3Ns·Σd + Ns·max d)``
   elements (P parameters, PT = P + Σ|W_l| with the transposed weight copies, Σd the sum
