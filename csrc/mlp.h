@@ -425,9 +425,9 @@ inline void gemm_nn(SerialGroup, int M, int Q, int P1, const S* A1, const S* B1,
 
 template <class S>
 inline void colsum(SerialGroup, int M, int P, const S* A, S* c, bool acc) {
-  // one vector accumulator per column block, in a register across the M rows (c may
-  // alias nothing here, but the compiler cannot know: accumulating in c itself would
-  // store and reload it on every row)
+  // one vector accumulator per column block, kept in a register across the M rows
+  // (accumulating in c itself, which the compiler cannot prove distinct from A, stores
+  // and reloads it on every row)
   using v = typename Vec<S>::type;
   constexpr int n = Vec<S>::n;
   int p = 0;
