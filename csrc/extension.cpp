@@ -189,6 +189,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("mlp_hvp_cpu", &mlp_hvp_cpu, "per-task MLP Hessian-vector product (CPU)");
   m.def("maml_mlp_workspace_elems", &maml_mlp_workspace_elems, "per-task workspace of maml_mlp (elements)");
   m.def("maml_mlp_cpu", &maml_mlp_cpu, "fused MAML meta-step of an MLP: forward (+ adjoint) (CPU)");
+  m.def("first_nonfinite_cpu", &first_nonfinite_cpu,
+        "index of the first contiguous float tensor (pointers, element counts) holding NaN/Inf, or -1 (CPU)");
 #ifdef FASTMAML_WITH_CUDA
   m.def("mlp_loss_and_grad_cuda", &mlp_loss_and_grad_cuda);
   m.def("mlp_hvp_cuda", &mlp_hvp_cuda);

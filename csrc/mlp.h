@@ -303,41 +303,56 @@ inline void ragged_column(int Mo, const Term<S>& x, int q, S* out, int64_t ldo) 
   }
 }
 
+// One column block of NV vectors at q, rows 0 <= i < Mo, in register tiles of at most
+// 12 accumulators (MR·NV <= 12 of the 16 vector registers): ceil(Mo / MRmax) tiles with
+// the rows spread evenly over them (10 rows: one 10 × 1 or two 5 × 2 tiles, not a 6-row
+// and a 4-row one), so that every tile has as many independent FMA chains as the block
+// allows (the FMA latency is hidden from ~8-10 chains on two pipes).
+template <class S, int NV, int MR>
+inline void row_tiles(int ntiles, int nbig, int i, const Term<S>& x, const Term<S>& y, int q, S* out, int64_t ldo,
+                      bool acc, const S* bias) {
+  // nbig tiles of MR rows, then ntiles − nbig tiles of MR − 1 rows
+  for (int t = 0; t < nbig; ++t, i += MR) tile<S, MR, NV>(x, y, i, q, out, ldo, acc, bias);
+  if constexpr (MR > 1)
+    for (int t = nbig; t < ntiles; ++t, i += MR - 1) tile<S, MR - 1, NV>(x, y, i, q, out, ldo, acc, bias);
+}
+
+template <class S, int NV>
+inline void col_block(int Mo, const Term<S>& x, const Term<S>& y, int q, S* out, int64_t ldo, bool acc,
+                      const S* bias) {
+  constexpr int kMaxRows = 12 / NV;
+  if (Mo <= 0) return;
+  const int ntiles = (Mo + kMaxRows - 1) / kMaxRows;
+  const int rows = (Mo + ntiles - 1) / ntiles;   // the larger tile height, <= kMaxRows
+  const int nbig = Mo - ntiles * (rows - 1);     // tiles of `rows` rows; the others have rows − 1
+  switch (rows) {
+#define FM_ROWS(R)                                                                   \
+  case R:                                                                            \
+    if constexpr (R <= kMaxRows) row_tiles<S, NV, R>(ntiles, nbig, 0, x, y, q, out, ldo, acc, bias); \
+    break;
+    FM_ROWS(1) FM_ROWS(2) FM_ROWS(3) FM_ROWS(4) FM_ROWS(5) FM_ROWS(6)
+    FM_ROWS(7) FM_ROWS(8) FM_ROWS(9) FM_ROWS(10) FM_ROWS(11) FM_ROWS(12)
+#undef FM_ROWS
+    default: break;
+  }
+}
+
 // out[i][q] = (acc ? out : bias ? bias[q] : 0) + Σ_r x.a(i, r) x.b(r, q) + Σ_r y.a(i, r) y.b(r, q)
 // for i < Mo, q < Q (out row stride ldo): two products summed in one pass over the
-// output, in register tiles of 6 × 2 vectors (12 accumulators) or 8 × 1 (enough
-// independent FMA chains to hide the FMA latency on two pipes; smaller tiles only for
-// ragged rows).
+// output. The full vectors of a row are split into column blocks of 2 vectors (one of
+// 1 when their number is odd: a 40-wide float row is 2 + 2 + 1), each run by col_block;
+// the < n ragged columns last, one by one. (Measured on Zen 3 for the sinusoid MLP:
+// wider blocks with fewer rows per tile, or 1-vector blocks with up to 12 rows, were
+// slower.)
 template <class S>
 inline void rc_gemm2(int Mo, int Q, const Term<S>& x, const Term<S>& y, S* out, int64_t ldo, bool acc,
                      const S* bias) {
   constexpr int n = Vec<S>::n;
   int q = 0;
-  for (; q + 2 * n <= Q; q += 2 * n) {
-    int i = 0;
-    for (; i + 6 <= Mo; i += 6) tile<S, 6, 2>(x, y, i, q, out, ldo, acc, bias);
-    if (i + 4 <= Mo) {
-      tile<S, 4, 2>(x, y, i, q, out, ldo, acc, bias);
-      i += 4;
-    }
-    if (i + 2 <= Mo) {
-      tile<S, 2, 2>(x, y, i, q, out, ldo, acc, bias);
-      i += 2;
-    }
-    if (i < Mo) tile<S, 1, 2>(x, y, i, q, out, ldo, acc, bias);
-  }
-  for (; q + n <= Q; q += n) {
-    int i = 0;
-    for (; i + 8 <= Mo; i += 8) tile<S, 8, 1>(x, y, i, q, out, ldo, acc, bias);
-    if (i + 4 <= Mo) {
-      tile<S, 4, 1>(x, y, i, q, out, ldo, acc, bias);
-      i += 4;
-    }
-    if (i + 2 <= Mo) {
-      tile<S, 2, 1>(x, y, i, q, out, ldo, acc, bias);
-      i += 2;
-    }
-    if (i < Mo) tile<S, 1, 1>(x, y, i, q, out, ldo, acc, bias);
+  for (; q + 2 * n <= Q; q += 2 * n) col_block<S, 2>(Mo, x, y, q, out, ldo, acc, bias);
+  if (q + n <= Q) {
+    col_block<S, 1>(Mo, x, y, q, out, ldo, acc, bias);
+    q += n;
   }
   for (; q < Q; ++q) {
     if (!acc)
@@ -410,12 +425,21 @@ inline void gemm_nn(SerialGroup, int M, int Q, int P1, const S* A1, const S* B1,
 
 template <class S>
 inline void colsum(SerialGroup, int M, int P, const S* A, S* c, bool acc) {
-  if (!acc)
-    for (int p = 0; p < P; ++p) c[p] = S(0);
-  for (int m = 0; m < M; ++m) {
-    const S* a = A + int64_t(m) * P;
-#pragma omp simd
-    for (int p = 0; p < P; ++p) c[p] += a[p];
+  // one vector accumulator per column block, kept in a register across the M rows
+  // (accumulating in c itself, which the compiler cannot prove distinct from A, stores
+  // and reloads it on every row)
+  using v = typename Vec<S>::type;
+  constexpr int n = Vec<S>::n;
+  int p = 0;
+  for (; p + n <= P; p += n) {
+    v t = acc ? vload(c + p) : v{};
+    for (int m = 0; m < M; ++m) t += vload(A + int64_t(m) * P + p);
+    vstore(c + p, t);
+  }
+  for (; p < P; ++p) {
+    S t = acc ? c[p] : S(0);
+    for (int m = 0; m < M; ++m) t += A[int64_t(m) * P + p];
+    c[p] = t;
   }
 }
 
@@ -813,9 +837,11 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
         for (int64_t i = g.rank(); i < nw; i += g.size()) nW[i] = W[i] - aw * gW[i];
         for (int64_t i = g.rank(); i < nb; i += g.size()) nB[i] = B[i] - ab * gB[i];
       } else {
-        for (int64_t i = g.rank(); i < nw; i += g.size()) nW[i] = W[i] - lr_at(a, k, 2 * l, s.woff[l] + i) * gW[i];
-        for (int64_t i = g.rank(); i < nb; i += g.size())
-          nB[i] = B[i] - lr_at(a, k, 2 * l + 1, s.boff[l] + i) * gB[i];
+        const S* al = a.lr + (a.lr_mode == kLrStepElem ? int64_t(k) * P : 0);  // per element: [P] for step k
+        const S* aW = al + s.woff[l];
+        const S* aB = al + s.boff[l];
+        for (int64_t i = g.rank(); i < nw; i += g.size()) nW[i] = W[i] - aW[i] * gW[i];
+        for (int64_t i = g.rank(); i < nb; i += g.size()) nB[i] = B[i] - aB[i] * gB[i];
       }
     }
     g.sync();
@@ -863,11 +889,18 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
     }
     if (!a.first_order) {
       // u = α_k ⊙ v_{k+1}  (H symmetric: (I − diag(α)H)ᵀ v = v − H(α ⊙ v))
-      for (int l = 0; l < L; ++l) {
-        const int64_t ow = s.woff[l], ob = s.boff[l];
-        const int64_t nw = int64_t(s.d[l + 1]) * s.d[l], nb = s.d[l + 1];
-        for (int64_t i = g.rank(); i < nw; i += g.size()) u[ow + i] = lr_at(a, k, 2 * l, ow + i) * v[ow + i];
-        for (int64_t i = g.rank(); i < nb; i += g.size()) u[ob + i] = lr_at(a, k, 2 * l + 1, ob + i) * v[ob + i];
+      if (a.lr_mode == kLrScalar || a.lr_mode == kLrTable) {
+        // one rate per tensor: hoisted out of the element loops (which then vectorise)
+        for (int l = 0; l < L; ++l) {
+          const int64_t ow = s.woff[l], ob = s.boff[l];
+          const int64_t nw = int64_t(s.d[l + 1]) * s.d[l], nb = s.d[l + 1];
+          const S aw = lr_at(a, k, 2 * l, 0), ab = lr_at(a, k, 2 * l + 1, 0);
+          for (int64_t i = g.rank(); i < nw; i += g.size()) u[ow + i] = aw * v[ow + i];
+          for (int64_t i = g.rank(); i < nb; i += g.size()) u[ob + i] = ab * v[ob + i];
+        }
+      } else {
+        const S* al = a.lr + (a.lr_mode == kLrStepElem ? int64_t(k) * P : 0);  // per element: [P] for step k
+        for (int64_t i = g.rank(); i < P; i += g.size()) u[i] = al[i] * v[i];
       }
       g.sync();
       const Params<S> up = flat_params(s, u, true);

@@ -4,6 +4,8 @@
 // task order, then the chunk partials in chunk order; the chunking depends on T only),
 // so results are bitwise reproducible from run to run and for any thread count.
 #include <algorithm>
+#include <chrono>
+#include <ctime>
 #include <cstring>
 #include <vector>
 
@@ -136,6 +138,47 @@ void hvp_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std::uintptr_t
   }
 }
 
+using Clock = std::chrono::steady_clock;
+
+// Thread count of the fused meta-step when the cores are shared. On an oversubscribed
+// machine a parallel region can stall for whole scheduler time slices: measured on the
+// 2-core target with other busy processes, a T = 25 sinusoid call (0.9 ms of work) took
+// 4-12 ms on 2 threads (neither thread ran for the first milliseconds of the region)
+// against 1.0-1.6 ms on 1 thread. So each parallel call compares its wall time with the
+// work its threads did (the sum of their CPU times in the loop): a healthy run takes about
+// work / threads; when it takes longer than the work itself plus 200 µs, the threads
+// bought nothing, and the next `backoff` calls run on one thread before 2+ threads are
+// tried again (backoff doubles while the stalls persist, up to 512 calls, and resets
+// after a healthy parallel call). Results do not depend on it: the chunking and the
+// summation order depend on T only. The bindings hold the GIL, so calls never overlap
+// and plain statics suffice.
+double thread_cpu_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+struct Oversubscription {
+  int64_t serial_left = 0;
+  int64_t backoff = 4;
+  int threads(int nmax) {
+    if (nmax > 1 && serial_left > 0) {
+      --serial_left;
+      return 1;
+    }
+    return nmax;
+  }
+  void record(double wall_s, double work_s) {
+    if (wall_s > work_s + 200e-6) {
+      serial_left = backoff;
+      backoff = std::min<int64_t>(backoff * 2, 512);
+    } else {
+      backoff = 4;
+    }
+  }
+};
+Oversubscription g_oversub;
+
 // Fixed chunking of the tasks for the deterministic meta-gradient sum: depends on T only.
 int64_t chunk_size(int64_t T) { return std::max<int64_t>(1, T / 64); }
 
@@ -170,15 +213,22 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   const int64_t cs = chunk_size(T);
   const int64_t nchunks = (T + cs - 1) / cs;
   const int64_t stride = 1 + (need_grad ? s.P + a.n_lr : 0);
-  const int nth = max_threads();
-  S* ws = scratch<S>(per * nth + nchunks * stride);
-  S* parts = ws + per * nth;
+  const int nth_max = max_threads();
+  const int nth = int(std::min<int64_t>(g_oversub.threads(nth_max), nchunks));
+  S* ws = scratch<S>(per * nth_max + nchunks * stride);
+  S* parts = ws + per * nth_max;
   const int64_t P = s.P;
 
-#pragma omp parallel
+  // per-thread CPU time in the loop (seconds), a cache line apart
+  static std::vector<double> busy;
+  if (busy.size() < size_t(8 * nth)) busy.resize(size_t(8 * nth));
+  const Clock::time_point t_start = Clock::now();
+#pragma omp parallel num_threads(nth)
   {
-    S* w = ws + per * thread_id();
+    const int tid = thread_id();
+    S* w = ws + per * tid;
     SerialGroup g;
+    const double c0 = nth > 1 ? thread_cpu_seconds() : 0.0;
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t c = 0; c < nchunks; ++c) {
       S* part = parts + c * stride;
@@ -186,6 +236,12 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
       const int64_t t1 = std::min(T, (c + 1) * cs);
       for (int64_t t = c * cs; t < t1; ++t) mlp::maml_task(g, a, t, w, static_cast<S*>(nullptr), part, part + 1, part + 1 + P);
     }
+    if (nth > 1) busy[size_t(8 * tid)] = thread_cpu_seconds() - c0;
+  }
+  if (nth > 1) {
+    double work = 0;
+    for (int i = 0; i < nth; ++i) work += busy[size_t(8 * i)];
+    g_oversub.record(std::chrono::duration<double>(Clock::now() - t_start).count(), work);
   }
   // Sum the chunk partials in chunk order, element by element (serially: a few µs, and
   // no second barrier, which costs far more when the cores are shared).
@@ -234,6 +290,33 @@ void mlp_hvp_cpu(int dtype, const std::vector<int>& dims, int act, int loss, int
     hvp_impl<double>(s, T, N, x, y, W, b, vW, vb, hW, hb);
   else
     require(false, "dtype code must be 0 (float32) or 1 (float64)");
+}
+
+// Index of the first of the contiguous float tensors (data pointers, element counts)
+// that holds a NaN or Inf, or -1: the MAML layer's input check in one call (a few µs
+// for a meta-batch) instead of one torch reduction per tensor. Branch-free inner loop
+// (x − x is 0 for finite x, NaN for NaN and ±Inf), so it vectorises.
+template <class S>
+int64_t first_nonfinite_impl(const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& counts) {
+  for (size_t j = 0; j < ptrs.size(); ++j) {
+    const S* p = reinterpret_cast<const S*>(ptrs[j]);
+    S acc = S(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < counts[j]; ++i) acc += p[i] - p[i];
+    if (acc != S(0)) return int64_t(j);
+  }
+  return -1;
+}
+
+int64_t first_nonfinite_cpu(int dtype, const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& counts) {
+  require(ptrs.size() == counts.size(), "ptrs and counts must have the same length");
+  for (size_t j = 0; j < ptrs.size(); ++j) {
+    require(counts[j] >= 0, "counts must be >= 0");
+    require(counts[j] == 0 || ptrs[j] != 0, "a null pointer with a nonzero count");
+  }
+  if (dtype == kFloat32) return first_nonfinite_impl<float>(ptrs, counts);
+  require(dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
+  return first_nonfinite_impl<double>(ptrs, counts);
 }
 
 int64_t maml_mlp_workspace_elems(const std::vector<int>& dims, int K, int Ns, int Nq, bool lr_learned, int n_msl) {

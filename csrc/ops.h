@@ -57,6 +57,8 @@ void mlp_hvp_cpu(int dtype, const std::vector<int>& dims, int act, int loss, int
                  std::uintptr_t y, const std::vector<std::uintptr_t>& W, const std::vector<std::uintptr_t>& b,
                  const std::vector<std::uintptr_t>& vW, const std::vector<std::uintptr_t>& vb,
                  const std::vector<std::uintptr_t>& hW, const std::vector<std::uintptr_t>& hb);
+// Index of the first contiguous float tensor (pointers, element counts) holding NaN/Inf, or -1.
+int64_t first_nonfinite_cpu(int dtype, const std::vector<std::uintptr_t>& ptrs, const std::vector<int64_t>& counts);
 // Per-task workspace of the fused meta-step, in elements of the scalar type.
 // lr_learned: the K support gradients are kept for dα; n_msl: steps with a nonzero MSL weight.
 int64_t maml_mlp_workspace_elems(const std::vector<int>& dims, int K, int Ns, int Nq, bool lr_learned, int n_msl);

@@ -271,20 +271,31 @@ class MAML(nn.Module):
                     "faster than vmap's grouped conv)")
         return "generic", f"generic adjoint path: {why}"
 
-    def _mlp_plan(self, xs: object, ys: object, xq: object) -> tuple[mlp_route.MlpModel, list[nn.Linear]] | None:
-        """The MLP route for this call, or None for the generic/reference paths. The
-        decision depends on the model's structure, which parameters are trainable, the
-        data shapes, dtype, device and grad mode; it is cached on exactly those (a few
-        µs per call instead of walking the module tree), and sets ``path``/``path_reason``."""
+    def _mlp_plan(self, xs: object, ys: object, xq: object
+                  ) -> tuple[mlp_route.MlpModel, list[torch.Tensor], list[torch.Tensor]] | None:
+        """The MLP route for this call: (structure, weights, biases), or None for the
+        generic/reference paths. The decision depends on the model's structure, which
+        parameters are trainable, the data shapes, dtype, device and grad mode; it is
+        cached on exactly those (a few µs per call instead of walking the module tree),
+        and sets ``path``/``path_reason``."""
         model = self.model
         if self.backend == "reference" or not isinstance(model, nn.Sequential):
             return None
         if not (isinstance(xs, torch.Tensor) and isinstance(ys, torch.Tensor) and isinstance(xq, torch.Tensor)):
             return None
         mods = tuple(model._modules.values())
-        linears = [m for m in mods if isinstance(m, nn.Linear)]
-        flags = tuple((m.weight.requires_grad, m.bias is not None and m.bias.requires_grad) for m in linears)
-        w0 = linears[0].weight if linears else None
+        ws: list = []
+        bs: list = []
+        for m in mods:
+            if isinstance(m, nn.Linear):
+                # the registered Parameters straight from the dict (Module.__getattr__ is a
+                # Python call per lookup); a parametrized weight is not in it: attribute access
+                d = m._parameters
+                w = d.get("weight")
+                ws.append(w if w is not None else m.weight)
+                bs.append(d["bias"] if "bias" in d else m.bias)
+        flags = tuple(w.requires_grad for w in ws) + tuple(b is not None and b.requires_grad for b in bs)
+        w0 = ws[0] if ws else None
         grad_on = torch.is_grad_enabled()
         key = (mods, flags, xs.shape, ys.shape, xq.shape, xs.dtype,
                None if w0 is None else (w0.dtype, w0.device), grad_on, tuple(p.requires_grad for p in self.lrs))
@@ -301,8 +312,9 @@ class MAML(nn.Module):
         which, why, st = hit
         if st is None:
             return None
-        self.path, self.path_reason = which, why  # type: ignore[assignment]
-        return st, linears
+        if self.path is not which or self.path_reason is not why:  # nn.Module.__setattr__ is slow
+            self.path, self.path_reason = which, why  # type: ignore[assignment]
+        return st, ws, bs
 
     def _buffer_versions(self) -> list[int]:
         return [b._version for b in self.model.buffers()]
@@ -312,13 +324,13 @@ class MAML(nn.Module):
         """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d)."""
         mlp = self._mlp_plan(xs, ys, xq)
         if mlp is not None:
-            st, linears = mlp
+            st, ws, bs = mlp
             msl = self._msl_tensor
-            if msl is not None and (msl.dtype != linears[0].weight.dtype or msl.device != linears[0].weight.device):
-                msl = self._msl_tensor = mlp_route.msl_tensor(self.msl_weights, linears[0].weight)
-            return mlp_route.run(st, [m.weight for m in linears], [m.bias for m in linears], self._lrs_arg(),
-                                 xs, ys, xq, yq, steps=self.inner_steps, first_order=self.first_order,
-                                 loss=self.loss, msl_weights=msl, backend=self.backend)  # type: ignore[arg-type]
+            if msl is not None and (msl.dtype != ws[0].dtype or msl.device != ws[0].device):
+                msl = self._msl_tensor = mlp_route.msl_tensor(self.msl_weights, ws[0])
+            return mlp_route.run(st, ws, bs, self._lrs_arg(), xs, ys, xq, yq, steps=self.inner_steps,
+                                 first_order=self.first_order, loss=self.loss, msl_weights=msl,
+                                 backend=self.backend)  # type: ignore[arg-type]
         self.check_model()
         params = self._params()
         device = next(iter(params.values())).device

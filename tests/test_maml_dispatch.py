@@ -167,3 +167,42 @@ def test_other_models_take_the_generic_path_and_say_why(case, reason):
     route = fastmaml.mlp_route.route(model, maml._params(), maml.adapt_names, maml.loss, False, 1, 2, data[0],
                                      data[1], data[2], "auto")
     assert route[0] is None and reason in route[1], route[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def test_nonfinite_data_is_named_on_the_fused_path(dtype, bad, which):
+    # contiguous CPU data: one check in the extension for all four tensors
+    model = mlp(dtype=dtype)
+    maml = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2)
+    data = [t.to(dtype) for t in meta_batch(3, 4, 4, 3, 2)]
+    data[which] = data[which].clone()
+    data[which].view(-1)[-1] = bad  # the last element: the check must read every element
+    name = ("xs", "ys", "xq", "yq")[which]
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        maml(*data)
+    data[which] = data[which].transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous: torch reductions
+    assert not data[which].is_contiguous()
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        fastmaml.mlp_route.finite_inputs(xs=data[0], ys=data[1], xq=data[2], yq=data[3])
+
+
+def test_first_nonfinite_cpu_returns_the_index_of_the_first_bad_tensor():
+    from fastmaml._ext import ext
+
+    C = ext()
+    ts = [torch.zeros(5), torch.ones(7), torch.full((3, 3), 2.0)]
+    args = lambda: ([t.data_ptr() for t in ts], [t.numel() for t in ts])  # noqa: E731
+    assert C.first_nonfinite_cpu(0, *args()) == -1
+    ts[2][2, 2] = float("inf")
+    assert C.first_nonfinite_cpu(0, *args()) == 2
+    ts[1][0] = float("nan")
+    assert C.first_nonfinite_cpu(0, *args()) == 1
+    big = torch.full((4,), 1e300, dtype=F64)  # finite values whose sum overflows are finite
+    assert C.first_nonfinite_cpu(1, [big.data_ptr()], [4]) == -1
+    assert C.first_nonfinite_cpu(1, [], []) == -1
+    with pytest.raises(ValueError, match="same length"):
+        C.first_nonfinite_cpu(0, [ts[0].data_ptr()], [])
+    with pytest.raises(ValueError, match="dtype code"):
+        C.first_nonfinite_cpu(2, [ts[0].data_ptr()], [5])

@@ -27,7 +27,11 @@ Two implementations, same numbers:
   are still in the core's L1/L2 (CPU) or the CTA's shared memory (CUDA); it returns the
   meta-loss and the meta-gradient (summed over tasks in a fixed order: bitwise
   reproducible). ``backward`` then only scales the stored meta-gradient by the incoming
-  gradient. Without a gradient the call runs the forward only.
+  gradient. Without a gradient the call runs the forward only. On CPU the tasks are
+  spread over the OpenMP threads; a call whose threads stalled (wall time above the
+  work they did: an oversubscribed machine, where a 2-thread region can wait whole
+  scheduler time slices) makes the following calls run on one thread for a while
+  (csrc/mlp_cpu.cpp, ``Oversubscription``); the numbers do not depend on it.
   Limits: at most 8 layers; the per-task workspace
   ``K·PT + (n_g + n_msl)·P + 2PT + 2P + 3K·Ns·Σd + max(3Nq·Σd, 3Ns·Σd + Ns·max d)``
   elements (P parameters, PT = P + Σ|W_l| with the transposed weight copies, Σd the sum
@@ -46,6 +50,7 @@ Two implementations, same numbers:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -195,6 +200,7 @@ class _Cfg:
     backend: str
     fused: bool
     n_msl: int
+    shapes: list  # parameter shapes in flat order W_1, b_1, ...
     out: tuple | None = None  # (meta-gradient, lr gradient) from forward to setup_context
 
 
@@ -278,11 +284,9 @@ def _unpack_dlr(cfg: _Cfg, dlr: torch.Tensor, lr_shapes, shapes, g: torch.Tensor
 
 # ---- fused path -------------------------------------------------------------------------------
 def _run_fused(cfg: _Cfg, ws, bs, lrs):
-    shapes = [p.shape for pair in zip(ws, bs) for p in pair]
-    lr_mode, lr_t, _ = _pack_lr(cfg, lrs, shapes)
+    lr_mode, lr_t, _ = _pack_lr(cfg, lrs, cfg.shapes)
     lr_learned = cfg.need_grad and len(lrs) > 0
     n_lr = lr_t.numel() if (lr_learned and lr_t is not None) else 0
-    P = sum(s.numel() for s in shapes)
     dtype, device = cfg.dtype, cfg.device
     loss = torch.empty((), dtype=dtype, device=device)
     # the meta-gradient is written straight into tensors of the parameters' shapes
@@ -297,6 +301,7 @@ def _run_fused(cfg: _Cfg, ws, bs, lrs):
     if cfg.backend == "cpu":
         ext().maml_mlp_cpu(*args)
     else:
+        P = sum(s.numel() for s in cfg.shapes)
         partials = torch.empty(cfg.T * (1 + (P + n_lr if cfg.need_grad else 0)), dtype=dtype, device=device)
         with torch.cuda.device(device):
             ext().maml_mlp_cuda(*args, partials.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
@@ -418,9 +423,8 @@ class _MamlMlp(torch.autograd.Function):
         ctx.grads, ctx.dlr = cfg.out  # meta-gradient in flat order W_1, b_1, ...; lr gradient
         cfg.out = None
         ctx.cfg = cfg
-        L = cfg.L
-        ctx.flat_shapes = [s for l in range(L) for s in (inputs[1 + l].shape, inputs[1 + L + l].shape)]
-        ctx.lr_shapes = [t.shape for t in inputs[1 + 2 * L:]]
+        ctx.flat_shapes = cfg.shapes
+        ctx.lr_shapes = [t.shape for t in inputs[1 + 2 * cfg.L:]] if cfg.n_lr_tensors else []
         ctx.used = False
 
     @staticmethod
@@ -491,13 +495,13 @@ def maml_mlp(
             raise TypeError(f"msl_weights must be a float tensor, got {msl_weights.dtype}")
         msl = msl_weights.detach().to(dtype).contiguous()
         msl_list = [float(w) for w in msl.tolist()]
-    be = backends.resolve(backend, device, "maml_mlp")
+    be = _resolve_cached(backend, device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*ws, *bs, *lrs))
     lr_learned = need_grad and any(t.requires_grad for t in lrs)
     n_msl = sum(1 for w in msl_list if w != 0.0)
     fused = be in ("cpu", "cuda") and _fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl)
     cfg = _Cfg(dims, L, T, K, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
-               lr_value, len(lrs), bool(first_order), need_grad, be, fused, n_msl)
+               lr_value, len(lrs), bool(first_order), need_grad, be, fused, n_msl, shapes)
     if torch._C._are_functorch_transforms_active():
         return _MamlMlp.apply(cfg, *ws, *bs, *lrs)
     else:
@@ -508,6 +512,22 @@ def maml_mlp(
 
 _APPLY = super(torch.autograd.Function, _MamlMlp).apply
 _FITS_CACHE: dict = {}
+_RESOLVE_CACHE: dict = {}
+
+
+def _resolve_cached(backend, device: torch.device) -> str:
+    """``backends.resolve`` for this op, remembered per (request, device, and the
+    FASTMAML_BACKEND environment variable when no backend is named). Triton on CPU (which
+    depends on TRITON_INTERPRET) is not remembered; a request it refuses raises every time."""
+    key = (backend, device, os.environ.get("FASTMAML_BACKEND") if backend is None else None)
+    be = _RESOLVE_CACHE.get(key)
+    if be is None:
+        be = backends.resolve(backend, device, "maml_mlp")
+        if be != "triton" or device.type != "cpu":
+            if len(_RESOLVE_CACHE) > 64:
+                _RESOLVE_CACHE.clear()
+            _RESOLVE_CACHE[key] = be
+    return be
 
 
 def _fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl) -> bool:
