@@ -132,7 +132,8 @@ bool sgd_step_pair_layout(PyObject* ps, PyObject* gs, std::int64_t tasks, std::i
 // tensor's attributes through the C API: the same facts ops.sgd_step checks (dtype,
 // device, contiguity, requires_grad when asked, shapes), then one empty_like per output
 // and the kernel. Any failed check returns None having computed nothing; the caller
-// then takes its general path, whose named checks raise.
+// then takes its general path, whose named checks raise. So do outputs of max_out_bytes
+// or more, which the caller allocates as one buffer.
 
 struct LeanNames {
   PyObject *dtype, *is_cpu, *is_contiguous, *requires_grad, *shape, *data_ptr;
@@ -200,7 +201,7 @@ bool lean_input(PyObject* t, PyObject* dtype, bool check_rg, py::object* shape, 
 }
 
 py::object sgd_step_fwd_cpu_lean(PyObject* params, PyObject* grads, PyObject* dtype, int dtype_code, bool check_rg,
-                                 double lr_value, PyObject* empty_like) {
+                                 double lr_value, PyObject* empty_like, std::int64_t max_out_bytes) {
   if (!(PyList_Check(params) || PyTuple_Check(params)) || !(PyList_Check(grads) || PyTuple_Check(grads)))
     return py::none();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(params);
@@ -233,6 +234,9 @@ py::object sgd_step_fwd_cpu_lean(PyObject* params, PyObject* grads, PyObject* dt
     }
     if (!sgd_step_pair_layout(p_shape.ptr(), g_shape.ptr(), a.tasks, &a.numel[i], &a.shared[i])) return py::none();
   }
+  std::int64_t total = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) total += a.numel[i] * a.tasks;
+  if (total * (dtype_code == 1 ? 8 : 4) >= max_out_bytes) return py::none();  // the caller allocates large outputs
   // Outputs: one empty_like(grads[i]) each; contiguous because grads[i] is.
   py::list outs(n);
   PtrList out(static_cast<size_t>(n));
@@ -308,15 +312,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("lr_mode"), py::arg("lr_value"), py::arg("lr"));
   // The whole no-autograd forward of ops.sgd_step for CPU tensors and a Python-float lr
   // (fastmaml/ops/sgd_step.py, _lean_cpu_forward): checks, allocation (by the given
-  // empty_like) and kernel in one call; None when any check fails.
+  // empty_like) and kernel in one call; None when any check fails or when the outputs
+  // would take max_out_bytes or more (the caller allocates those itself).
   m.def("sgd_step_fwd_cpu_lean",
         [](py::handle params, py::handle grads, py::handle dtype, int dtype_code, bool check_requires_grad,
-           double lr_value, py::handle empty_like) -> py::object {
+           double lr_value, py::handle empty_like, std::int64_t max_out_bytes) -> py::object {
           return sgd_step_fwd_cpu_lean(params.ptr(), grads.ptr(), dtype.ptr(), dtype_code, check_requires_grad,
-                                       lr_value, empty_like.ptr());
+                                       lr_value, empty_like.ptr(), max_out_bytes);
         },
         py::arg("params"), py::arg("grads"), py::arg("dtype"), py::arg("dtype_code"),
-        py::arg("check_requires_grad"), py::arg("lr_value"), py::arg("empty_like"));
+        py::arg("check_requires_grad"), py::arg("lr_value"), py::arg("empty_like"), py::arg("max_out_bytes"));
   m.def("sgd_step_bwd_cpu",
         [](py::handle v_list, py::handle grad, py::handle numel, py::handle shared, std::int64_t tasks, int dtype,
            int lr_mode, double lr_value, py::handle lr, py::handle dtheta_list, py::handle dgrad_list,

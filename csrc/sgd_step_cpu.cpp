@@ -109,9 +109,13 @@ void fwd(const SgdStepArgs& a, const std::vector<std::uintptr_t>& out) {
       if (a.numel[i] > 0) fwd_item<S, Mode>(a, out, Item{i, 0, a.tasks, 0, a.numel[i]});
     return;
   }
+  // Items are handed out one at a time (no reductions here, so the order is free): when
+  // the OS deschedules a team thread mid-call, as it does on a busy machine, the other
+  // threads take over its remaining items instead of waiting for it to finish half of
+  // the work. Each item moves ~256 KB (kItemElements floats), so the hand-out is negligible.
   const std::vector<Item> items = make_fwd_items(a);
   const int64_t n_items = static_cast<int64_t>(items.size());
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t k = 0; k < n_items; ++k) fwd_item<S, Mode>(a, out, items[k]);
 }
 

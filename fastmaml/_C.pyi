@@ -28,10 +28,12 @@ def sgd_step_fwd_cpu(
 # The no-autograd forward of ops.sgd_step for CPU tensors and a Python-float lr
 # (ops/sgd_step.py, _lean_cpu_forward): takes the tensors themselves, checks them
 # (dtype is the torch.dtype, dtype_code its code; requires_grad only when asked),
-# allocates the outputs with empty_like and runs the kernel. None when a check fails.
+# allocates the outputs with empty_like and runs the kernel. None when a check fails or
+# the outputs would take max_out_bytes or more.
 def sgd_step_fwd_cpu_lean(
     params: list[Tensor] | tuple[Tensor, ...], grads: list[Tensor] | tuple[Tensor, ...], dtype: dtype,
     dtype_code: int, check_requires_grad: bool, lr_value: float, empty_like: Callable[[Tensor], Tensor],
+    max_out_bytes: int,
 ) -> list[Tensor] | None: ...
 def sgd_step_bwd_cpu(
     v: list[int], grad: list[int], numel: list[int], shared: list[int], tasks: int, dtype: int, lr_mode: int,

@@ -416,7 +416,7 @@ def test_cpp_int_lists_are_checked():
 
 def _lean(params, grads, dtype=torch.float32, check_rg=False, lr=0.5):
     code = 1 if dtype is torch.float64 else 0
-    return _ext.ext().sgd_step_fwd_cpu_lean(params, grads, dtype, code, check_rg, lr, torch.empty_like)
+    return _ext.ext().sgd_step_fwd_cpu_lean(params, grads, dtype, code, check_rg, lr, torch.empty_like, 1 << 20)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -462,6 +462,7 @@ def test_lean_entry_declines_what_it_does_not_take():
         "empty": ([], []),
         "not a list": (p[0], g),
         "requires_grad under grad mode": (p, [g[0], rg]),
+        "outputs of 1 MiB or more": ([torch.randn(3), torch.randn(65_536)], [torch.randn(4, 3), torch.randn(4, 65_536)]),
     }
     for name, (pp, gg) in cases.items():
         assert _lean(pp, gg, check_rg=True) is None, name
@@ -493,6 +494,15 @@ def test_sgd_step_takes_the_lean_path_only_when_it_applies(monkeypatch):
     assert calls == []
     sgd_step(p, g, 0.1, backend="reference")
     assert calls == [False]
+    calls.clear()
+    # large outputs: the general path, all of them views of one buffer
+    pb, gb = [torch.randn(70_000), torch.randn(5)], [torch.randn(4, 70_000), torch.randn(4, 5)]
+    with torch.no_grad():
+        out = sgd_step(pb, gb, 0.1, backend="cpu")
+    assert calls == [False]
+    assert out[0].untyped_storage().data_ptr() == out[1].untyped_storage().data_ptr()
+    assert out[1].is_contiguous() and out[1].shape == (4, 5)
+    assert_close(out[1], pb[1] - 0.1 * gb[1], 1e-6, "one-buffer output")
     calls.clear()
     pr = [p[0].requires_grad_(), p[1]]
     out = sgd_step(pr, g, 0.1, backend="cpu")

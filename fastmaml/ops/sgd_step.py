@@ -254,22 +254,53 @@ def _cuda_stream(device: torch.device) -> tuple[int, int]:
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
+# Outputs of at least this many bytes in total are carved out of one buffer (see
+# _alloc_like_ptrs); smaller ones get one empty_like each.
+_ONE_BUFFER_MIN_BYTES = 1 << 20
+
+
 def _alloc_like(spec: Spec, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """New tensors shaped like ``like[i]`` ([T, *shape_i]), which must be contiguous."""
-    return [torch.empty_like(x) for x in like]
+    """New contiguous tensors shaped like ``like[i]`` ([T, *shape_i])."""
+    return _alloc_like_ptrs(spec, like)[0]
 
 
 def _alloc_like_ptrs(spec: Spec, like: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
-    """:func:`_alloc_like` and the new tensors' data pointers.
+    """:func:`_alloc_like` and the new tensors' data pointers; ``like`` must be contiguous.
 
-    One ``empty_like`` per output, contiguous because ``like`` is (its preserved layout).
-    Measured on the 2-core CPU box (benchmarks/bench_sgd_step.py sets): for small
-    outputs it is the cheapest allocation (~1 µs each; a view of one shared buffer costs
-    ~2 µs), and for the Omniglot set (18 outputs, 14.5 MB) glibc recycled the separate
-    blocks from call to call (0 page faults per call), while one 14.5 MB buffer was
-    partly fresh memory each call (~110-180 page faults per call, ~10% slower)."""
-    out = [torch.empty_like(x) for x in like]
-    return out, [o.data_ptr() for o in out]
+    Small outputs: one ``empty_like`` each (contiguous: ``like``'s preserved layout), the
+    cheapest small allocation measured here (~1 µs each; a view of one shared buffer
+    costs ~2 µs). Large outputs are views of ONE buffer: glibc hands freed heap memory
+    above its trim threshold (twice the largest block it has recently mmapped and freed)
+    back to the OS. Measured on the Omniglot set (18 outputs, 14.5 MB, the largest
+    4.7 MB), one thread, a loop of calls: separate blocks were fresh memory every call
+    (2312 page faults, 7.4-8.2 ms per call), one buffer was reused (0 faults, 1.4-1.5 ms).
+    Interleaved with other ops' allocations both mostly reuse memory (one buffer: median
+    0, mean 112-366 faults per call; separate: mean 0-18)."""
+    T = spec.tasks
+    total = T * sum(spec.numel)
+    es = 8 if spec.dtype is torch.float64 else 4
+    if total * es < _ONE_BUFFER_MIN_BYTES:
+        out = [torch.empty_like(x) for x in like]
+        return out, [o.data_ptr() for o in out]
+    flat = torch.empty(total, dtype=spec.dtype, device=spec.device)
+    base = flat.data_ptr()
+    out = []
+    ptrs = []
+    off = 0
+    for x, N in zip(like, spec.numel):
+        out.append(flat.as_strided(x.shape, _contiguous_strides(x.shape), off))
+        ptrs.append(base + off * es)
+        off += T * N
+    return out, ptrs
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides = []
+    acc = 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def _launch_forward(
@@ -574,8 +605,10 @@ def _lean_cpu_forward(params: object, grads: object, lr: float, backend: str | N
     :func:`_validate`: one dtype, float32 or float64; all on the CPU; contiguity;
     requires_grad (only under grad mode: without it nothing is recorded); the shapes
     (T = grads[0].shape[0] >= 1, g_i [T, *shape_i], θ_i [*shape_i] or [T, *shape_i]).
-    Then one ``empty_like`` per output (see :func:`_alloc_like_ptrs`) and the kernel,
-    which also rejects overlapping inputs (ValueError naming the pair)."""
+    Then one ``empty_like`` per output and the kernel, which also rejects overlapping
+    inputs (ValueError naming the pair). Outputs of ``_ONE_BUFFER_MIN_BYTES`` or more
+    are declined too: the general path carves them out of one buffer (see
+    :func:`_alloc_like_ptrs`; its Python checks cost microseconds against milliseconds)."""
     if type(params) not in (list, tuple) or type(grads) not in (list, tuple) or not grads:
         return None
     g0 = grads[0]
@@ -591,4 +624,6 @@ def _lean_cpu_forward(params: object, grads: object, lr: float, backend: str | N
         code = 1
     else:
         return None
-    return C.sgd_step_fwd_cpu_lean(params, grads, dtype, code, torch.is_grad_enabled(), lr, torch.empty_like)
+    return C.sgd_step_fwd_cpu_lean(
+        params, grads, dtype, code, torch.is_grad_enabled(), lr, torch.empty_like, _ONE_BUFFER_MIN_BYTES
+    )
