@@ -204,10 +204,15 @@ py::object sgd_step_fwd_cpu_lean(PyObject* params, PyObject* grads, PyObject* dt
                                  double lr_value, PyObject* empty_like, std::int64_t max_out_bytes) {
   if (!(PyList_Check(params) || PyTuple_Check(params)) || !(PyList_Check(grads) || PyTuple_Check(grads)))
     return py::none();
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(params);
-  if (n == 0 || PySequence_Fast_GET_SIZE(grads) != n) return py::none();
-  PyObject** ps = PySequence_Fast_ITEMS(params);
-  PyObject** gs = PySequence_Fast_ITEMS(grads);
+  // Tuples hold the tensors for the whole call: a list could be changed by Python code
+  // that an attribute read runs (a tensor subclass), which would move its item array.
+  const py::tuple p_items = py::reinterpret_steal<py::tuple>(PySequence_Tuple(params));
+  const py::tuple g_items = py::reinterpret_steal<py::tuple>(PySequence_Tuple(grads));
+  if (!p_items || !g_items) throw py::error_already_set();
+  const Py_ssize_t n = PyTuple_GET_SIZE(p_items.ptr());
+  if (n == 0 || PyTuple_GET_SIZE(g_items.ptr()) != n) return py::none();
+  PyObject** ps = &PyTuple_GET_ITEM(p_items.ptr(), 0);
+  PyObject** gs = &PyTuple_GET_ITEM(g_items.ptr(), 0);
   SgdStepArgs a;
   a.theta.resize(n);
   a.grad.resize(n);
