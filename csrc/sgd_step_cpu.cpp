@@ -3,8 +3,11 @@
 // Work is split into items (tensor i, rows [t0, t1), columns [j0, j1)); an item walks
 // its rows (tasks) and, for each, a contiguous run of columns, so the inner loop is a
 // unit-stride loop the compiler vectorises. The chunking depends only on the sizes
-// (never on the thread count), so the reductions of the backward are deterministic. Small calls (the sinusoid MLP: 6 tiny tensors) run serially: the
-// `if` clause keeps them from paying for a parallel region.
+// (never on the thread count), so the reductions of the backward are deterministic.
+// Small calls (the sinusoid MLP: 6 tiny tensors, 44k elements at T = 25) never enter an
+// OpenMP region: they run each tensor as one item on the calling thread. A parallel
+// region costs about a microsecond of fork/join on an idle machine, and on a busy one
+// it waits until the OS schedules every team thread (milliseconds).
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -99,11 +102,20 @@ void fwd_item(const SgdStepArgs& a, const std::vector<std::uintptr_t>& out, cons
 
 template <class S, int Mode>
 void fwd(const SgdStepArgs& a, const std::vector<std::uintptr_t>& out) {
-  const std::vector<Item> items = make_fwd_items(a);
   int64_t total = 0;
   for (int64_t N : a.numel) total += N * a.tasks;
+  if (total < kParallelMinElements) {  // one item per tensor, on this thread, no items table
+    for (int i = 0; i < static_cast<int>(a.numel.size()); ++i)
+      if (a.numel[i] > 0) fwd_item<S, Mode>(a, out, Item{i, 0, a.tasks, 0, a.numel[i]});
+    return;
+  }
+  // Items are handed out one at a time (no reductions here, so the order is free): when
+  // the OS deschedules a team thread mid-call, as it does on a busy machine, the other
+  // threads take over its remaining items instead of waiting for it to finish half of
+  // the work. Each item moves ~256 KB (kItemElements floats), so the hand-out is negligible.
+  const std::vector<Item> items = make_fwd_items(a);
   const int64_t n_items = static_cast<int64_t>(items.size());
-#pragma omp parallel for schedule(static) if (total >= kParallelMinElements)
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t k = 0; k < n_items; ++k) fwd_item<S, Mode>(a, out, items[k]);
 }
 
@@ -174,8 +186,12 @@ void bwd(const SgdStepArgs& a, const std::vector<std::uintptr_t>& v, const std::
   for (int64_t N : a.numel) total += N * a.tasks;
   const int64_t n_items = static_cast<int64_t>(items.size());
   std::vector<S> partial(items.size(), S(0));
-#pragma omp parallel for schedule(static) if (total >= kParallelMinElements)
-  for (int64_t k = 0; k < n_items; ++k) partial[k] = bwd_item<S, Mode>(a, v, dtheta, dgrad, dlr, items[k]);
+  if (total < kParallelMinElements) {  // same items, same order of the sums: no OpenMP region
+    for (int64_t k = 0; k < n_items; ++k) partial[k] = bwd_item<S, Mode>(a, v, dtheta, dgrad, dlr, items[k]);
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < n_items; ++k) partial[k] = bwd_item<S, Mode>(a, v, dtheta, dgrad, dlr, items[k]);
+  }
   if (Mode == kLrBroadcast) {
     // dα of tensor i = −(sum of its items' partials, in item order): deterministic.
     for (size_t i = 0; i < a.numel.size(); ++i) {
@@ -206,29 +222,34 @@ struct BwdRun {
   }
 };
 
+// The checks below build their messages only on failure (require() takes a finished
+// string: building one per check and tensor was a measurable part of a small call).
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("fastmaml._C: " + what); }
+
 void check_outputs(const SgdStepArgs& a, const std::vector<std::uintptr_t>& p, const char* name, bool allow_null) {
-  require(p.size() == a.numel.size(), std::string(name) + ": expected " + std::to_string(a.numel.size()) +
-                                          " pointers, got " + std::to_string(p.size()));
+  if (p.size() != a.numel.size())
+    fail(std::string(name) + ": expected " + std::to_string(a.numel.size()) + " pointers, got " +
+         std::to_string(p.size()));
   if (!allow_null)
     for (size_t i = 0; i < p.size(); ++i)
-      require(p[i] != 0 || a.numel[i] == 0, std::string(name) + "[" + std::to_string(i) + "] is a null pointer");
+      if (p[i] == 0 && a.numel[i] != 0) fail(std::string(name) + "[" + std::to_string(i) + "] is a null pointer");
 }
 
 }  // namespace
 
 void sgd_step_check_args(const SgdStepArgs& a, const std::vector<std::uintptr_t>* out_or_v) {
   const size_t n = a.numel.size();
-  require(a.tasks >= 1, "tasks (T) must be >= 1, got " + std::to_string(a.tasks));
-  require(a.dtype == kFloat32 || a.dtype == kFloat64, "dtype code must be 0 (float32) or 1 (float64)");
-  require(a.lr_mode >= 0 && a.lr_mode <= 2, "lr_mode must be 0, 1 or 2");
-  require(a.theta.size() == n && a.grad.size() == n && a.shared.size() == n,
-          "theta, grad, shared and numel must have the same length");
-  require(a.lr_mode == 0 || a.lr.size() == n, "lr must hold one pointer per tensor");
+  if (a.tasks < 1) fail("tasks (T) must be >= 1, got " + std::to_string(a.tasks));
+  if (a.dtype != kFloat32 && a.dtype != kFloat64) fail("dtype code must be 0 (float32) or 1 (float64)");
+  if (a.lr_mode < 0 || a.lr_mode > 2) fail("lr_mode must be 0, 1 or 2");
+  if (a.theta.size() != n || a.grad.size() != n || a.shared.size() != n)
+    fail("theta, grad, shared and numel must have the same length");
+  if (a.lr_mode != 0 && a.lr.size() != n) fail("lr must hold one pointer per tensor");
   for (size_t i = 0; i < n; ++i) {
-    require(a.numel[i] >= 0, "numel must be >= 0");
+    if (a.numel[i] < 0) fail("numel must be >= 0");
     if (a.numel[i] == 0) continue;
-    require(a.theta[i] != 0 && a.grad[i] != 0, "null tensor pointer at index " + std::to_string(i));
-    require(a.lr_mode == 0 || a.lr[i] != 0, "null lr pointer at index " + std::to_string(i));
+    if (a.theta[i] == 0 || a.grad[i] == 0) fail("null tensor pointer at index " + std::to_string(i));
+    if (a.lr_mode != 0 && a.lr[i] == 0) fail("null lr pointer at index " + std::to_string(i));
   }
   if (out_or_v) check_outputs(a, *out_or_v, "out", false);
 }

@@ -1,6 +1,10 @@
 # Type stub for the compiled extension fastmaml._C (pybind11; csrc/extension.cpp).
 # Pointers, strides and CUDA streams cross the boundary as Python ints.
 
+from collections.abc import Callable
+
+from torch import Tensor, dtype
+
 cuda_compiled: bool
 cuda_reason: str
 openmp: bool
@@ -21,6 +25,16 @@ def sgd_step_fwd_cpu(
     theta: list[int], grad: list[int], out: list[int], numel: list[int], shared: list[int], tasks: int,
     dtype: int, lr_mode: int, lr_value: float, lr: list[int],
 ) -> None: ...
+# The no-autograd forward of ops.sgd_step for CPU tensors and a Python-float lr
+# (ops/sgd_step.py, _lean_cpu_forward): takes the tensors themselves, checks them
+# (dtype is the torch.dtype, dtype_code its code; requires_grad only when asked),
+# allocates the outputs with empty_like and runs the kernel. None when a check fails or
+# the outputs would take max_out_bytes or more.
+def sgd_step_fwd_cpu_lean(
+    params: list[Tensor] | tuple[Tensor, ...], grads: list[Tensor] | tuple[Tensor, ...], dtype: dtype,
+    dtype_code: int, check_requires_grad: bool, lr_value: float, empty_like: Callable[[Tensor], Tensor],
+    max_out_bytes: int,
+) -> list[Tensor] | None: ...
 def sgd_step_bwd_cpu(
     v: list[int], grad: list[int], numel: list[int], shared: list[int], tasks: int, dtype: int, lr_mode: int,
     lr_value: float, lr: list[int], dtheta: list[int], dgrad: list[int], dlr: list[int],

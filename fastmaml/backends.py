@@ -99,6 +99,8 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
     silently replaced by another one.
     """
     requested = backend if backend is not None else os.environ.get("FASTMAML_BACKEND") or None
+    if (requested is None or requested == "cpu" or requested == "auto") and _ext._C is not None and device.type == "cpu":
+        return "cpu"  # what the checks below conclude, without building BackendStatus objects (small ops' hot path)
     if requested is not None and requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {requested!r}")

@@ -396,6 +396,138 @@ def test_cpp_boundary_rechecks():
         C.sgd_step_fwd_cpu([1], [1], [1], [3], [1], 2, 7, 0, 0.1, [])
 
 
+def test_cpp_int_lists_are_checked():
+    """The bindings read their int lists directly: anything else is a TypeError."""
+    C = _ext.ext()
+    p, g, o = torch.randn(3), torch.randn(2, 3), torch.empty(2, 3)
+    good = ([p.data_ptr()], [g.data_ptr()], [o.data_ptr()], [3], [1], 2, 0, 0, 0.1, [])
+    C.sgd_step_fwd_cpu(*good)
+    assert_close(o, p - 0.1 * g, 1e-6, "fwd")
+    for k, bad, exc in [(0, [float(p.data_ptr())], TypeError), (3, [True], TypeError), (2, o.data_ptr(), TypeError),
+                        (4, [2**40], ValueError), (1, [-1], OverflowError)]:
+        args = list(good)
+        args[k] = bad
+        with pytest.raises(exc):
+            C.sgd_step_fwd_cpu(*args)
+
+
+# ---- the lean forward (CPU, Python-float lr, nothing to differentiate) -----------------
+
+
+def _lean(params, grads, dtype=torch.float32, check_rg=False, lr=0.5):
+    code = 1 if dtype is torch.float64 else 0
+    return _ext.ext().sgd_step_fwd_cpu_lean(params, grads, dtype, code, check_rg, lr, torch.empty_like, 1 << 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_entry_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(40, 1), (40,), (40, 40), (1,), (2, 0), (3, 1, 2)]
+    params = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    params[2] = torch.randn(5, 40, 40, generator=gen, dtype=dtype)  # one per-task θ
+    grads = [torch.randn(5, *s, generator=gen, dtype=dtype) for s in shapes]
+    before = [t.clone() for t in params + grads]
+    out = _lean(tuple(params), grads, dtype)
+    want = ref.sgd_step(params, grads, 0.5)
+    assert len(out) == len(want)
+    for o, w, g in zip(out, want, grads):
+        assert o.shape == g.shape and o.dtype == dtype and o.is_contiguous()
+        assert_close(o, w, elem_tol(dtype, w.abs() + 1), "lean out")
+    assert all(torch.equal(a, b) for a, b in zip(params + grads, before))  # inputs untouched
+    # the outputs are new memory, one block each
+    ptrs = {o.untyped_storage().data_ptr() for o in out if o.numel()}
+    assert len(ptrs) == sum(1 for o in out if o.numel())
+    assert not ptrs & {t.untyped_storage().data_ptr() for t in params + grads}
+
+
+def test_lean_entry_declines_what_it_does_not_take():
+    """Every input the lean entry does not handle returns None (then the general path
+    raises its named error or takes the autograd route); nothing is computed."""
+    p, g = [torch.randn(3), torch.randn(2, 2)], [torch.randn(4, 3), torch.randn(4, 2, 2)]
+    assert _lean(p, g) is not None
+    rg = torch.randn(4, 2, 2, requires_grad=True)
+    cases = {
+        "non-tensor": ([p[0], 3.0], g),
+        "numpy array": ([p[0], p[1].numpy()], g),
+        "mixed dtype": ([p[0], p[1].double()], g),
+        "other device": ([p[0], torch.empty(2, 2, device="meta")], g),
+        "non-contiguous grad": (p, [g[0], torch.randn(4, 2, 2).transpose(1, 2)]),
+        "non-contiguous param": ([torch.randn(3, 2)[:, 0], p[1]], g),
+        "mismatched T": (p, [g[0], torch.randn(5, 2, 2)]),
+        "mismatched shape": ([torch.randn(4), p[1]], g),
+        "per-task θ of wrong T": ([p[0], torch.randn(3, 2, 2)], g),
+        "T = 0": ([torch.randn(3)], [torch.randn(0, 3)]),
+        "0-d grad": ([torch.randn(())], [torch.randn(())]),
+        "lengths differ": (p, g[:1]),
+        "empty": ([], []),
+        "not a list": (p[0], g),
+        "requires_grad under grad mode": (p, [g[0], rg]),
+        "outputs of 1 MiB or more": ([torch.randn(3), torch.randn(65_536)], [torch.randn(4, 3), torch.randn(4, 65_536)]),
+    }
+    for name, (pp, gg) in cases.items():
+        assert _lean(pp, gg, check_rg=True) is None, name
+    # without grad mode a tensor that requires grad is just data
+    out = _lean(p, [g[0], rg], check_rg=False)
+    assert_close(out[1], (p[1] - 0.5 * rg).detach(), 1e-6, "requires_grad input, no grad mode")
+    with pytest.raises(ValueError, match="overlap"):
+        _lean([g[0][0]], [g[0]])
+
+
+def test_sgd_step_takes_the_lean_path_only_when_it_applies(monkeypatch):
+    calls = []
+    real = op_module._lean_cpu_forward
+
+    def spy(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(op_module, "_lean_cpu_forward", spy)
+    p, g = [torch.randn(3), torch.randn(2, 2)], [torch.randn(4, 3), torch.randn(4, 2, 2)]
+    with torch.no_grad():
+        out = sgd_step(p, g, 0.1, backend="cpu")
+    assert calls == [True]
+    assert_close(out[1], p[1] - 0.1 * g[1], 1e-6, "lean via sgd_step")
+    # a tensor lr, the reference backend, or an input that needs a gradient: general path
+    calls.clear()
+    sgd_step(p, g, torch.tensor(0.1), backend="cpu")
+    assert calls == []
+    sgd_step(p, g, 0.1, backend="reference")
+    assert calls == [False]
+    calls.clear()
+    # large outputs: the general path, all of them views of one buffer
+    pb, gb = [torch.randn(70_000), torch.randn(5)], [torch.randn(4, 70_000), torch.randn(4, 5)]
+    with torch.no_grad():
+        out = sgd_step(pb, gb, 0.1, backend="cpu")
+    assert calls == [False]
+    assert out[0].untyped_storage().data_ptr() == out[1].untyped_storage().data_ptr()
+    assert out[1].is_contiguous() and out[1].shape == (4, 5)
+    assert_close(out[1], pb[1] - 0.1 * gb[1], 1e-6, "one-buffer output")
+    calls.clear()
+    pr = [p[0].requires_grad_(), p[1]]
+    out = sgd_step(pr, g, 0.1, backend="cpu")
+    assert calls == [False] and out[0].requires_grad
+    (dp,) = torch.autograd.grad(out[0].sum(), [pr[0]])
+    assert torch.equal(dp, torch.full((3,), 4.0))
+
+
+def test_resolve_fast_path_keeps_the_rules(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FASTMAML_BACKEND", raising=False)
+    assert backends.resolve("cpu", cpu, "sgd_step") == "cpu"
+    assert backends.resolve(None, cpu, "sgd_step") == "cpu"
+    monkeypatch.setenv("FASTMAML_BACKEND", "reference")
+    assert backends.resolve(None, cpu, "sgd_step") == "reference"  # the env var is read on every call
+    assert backends.resolve("cpu", cpu, "sgd_step") == "cpu"
+    monkeypatch.setattr(_ext, "_C", None)  # the extension "not built"
+    with pytest.raises(RuntimeError, match="not available"):
+        backends.resolve("cpu", cpu, "sgd_step")
+    monkeypatch.delenv("FASTMAML_BACKEND")
+    assert backends.resolve(None, cpu, "sgd_step") == "reference"
+    p, g = [torch.randn(3)], [torch.randn(2, 3)]
+    assert_close(sgd_step(p, g, 0.25)[0], p[0] - 0.25 * g[0], 1e-6, "auto without the extension")
+
+
 @pytest.mark.skipif(backends.status("cuda").available, reason="checks the no-GPU error path")
 def test_cuda_entry_points_raise_without_gpu():
     C = _ext.ext()
