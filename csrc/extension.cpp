@@ -26,6 +26,14 @@
 namespace py = pybind11;
 using namespace fastmaml;
 
+namespace fastmaml {
+// sgd_step_cpu.cpp: the input overlap check extended to caller-provided outputs (every
+// out[i] must be separate from every input and from the other outputs). Declared here
+// because only these bindings call it directly (the CUDA forward's own check covers
+// the inputs only); it belongs next to sgd_step_check_overlap in ops.h.
+void sgd_step_check_overlap_outputs(const SgdStepArgs& a, const std::vector<std::uintptr_t>* out);
+}  // namespace fastmaml
+
 namespace {
 
 #ifdef FASTMAML_WITH_CUDA
@@ -200,17 +208,45 @@ bool lean_input(PyObject* t, PyObject* dtype, bool check_rg, py::object* shape, 
   return data_ptr_of(t, ptr);
 }
 
+// One caller-provided output: a tensor of dtype `dtype` on the CPU, contiguous, shaped
+// exactly like grads[i] (g_shape), not requiring grad (when asked); its data pointer.
+bool lean_output(PyObject* t, PyObject* dtype, bool check_rg, PyObject* g_shape, std::uintptr_t* ptr) {
+  const LeanNames& k = lean_names();
+  if (!attr_is(t, k.dtype, dtype) || !attr_is(t, k.is_cpu, Py_True) || !call_is_true(t, k.is_contiguous)) return false;
+  if (check_rg && !attr_is(t, k.requires_grad, Py_False)) return false;
+  PyObject* s = PyObject_GetAttr(t, k.shape);
+  if (s == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  const int same = PyObject_RichCompareBool(s, g_shape, Py_EQ);
+  Py_DECREF(s);
+  if (same != 1) {
+    if (same < 0) PyErr_Clear();
+    return false;
+  }
+  return data_ptr_of(t, ptr);
+}
+
 py::object sgd_step_fwd_cpu_lean(PyObject* params, PyObject* grads, PyObject* dtype, int dtype_code, bool check_rg,
-                                 double lr_value, PyObject* empty_like, std::int64_t max_out_bytes) {
+                                 double lr_value, PyObject* empty_like, std::int64_t max_out_bytes, PyObject* out_arg) {
   if (!(PyList_Check(params) || PyTuple_Check(params)) || !(PyList_Check(grads) || PyTuple_Check(grads)))
     return py::none();
+  const bool given = out_arg != Py_None;  // out= : write into these tensors instead of new ones
+  if (given && !(PyList_Check(out_arg) || PyTuple_Check(out_arg))) return py::none();
   // Tuples hold the tensors for the whole call: a list could be changed by Python code
   // that an attribute read runs (a tensor subclass), which would move its item array.
   const py::tuple p_items = py::reinterpret_steal<py::tuple>(PySequence_Tuple(params));
   const py::tuple g_items = py::reinterpret_steal<py::tuple>(PySequence_Tuple(grads));
   if (!p_items || !g_items) throw py::error_already_set();
+  py::tuple o_items;
+  if (given) {
+    o_items = py::reinterpret_steal<py::tuple>(PySequence_Tuple(out_arg));
+    if (!o_items) throw py::error_already_set();
+  }
   const Py_ssize_t n = PyTuple_GET_SIZE(p_items.ptr());
   if (n == 0 || PyTuple_GET_SIZE(g_items.ptr()) != n) return py::none();
+  if (given && PyTuple_GET_SIZE(o_items.ptr()) != n) return py::none();
   PyObject** ps = &PyTuple_GET_ITEM(p_items.ptr(), 0);
   PyObject** gs = &PyTuple_GET_ITEM(g_items.ptr(), 0);
   SgdStepArgs a;
@@ -221,6 +257,7 @@ py::object sgd_step_fwd_cpu_lean(PyObject* params, PyObject* grads, PyObject* dt
   a.dtype = dtype_code;
   a.lr_mode = 0;
   a.lr_value = lr_value;
+  PtrList out(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     py::object p_shape, g_shape;
     if (!lean_input(ps[i], dtype, check_rg, &p_shape, &a.theta[i]) ||
@@ -238,22 +275,31 @@ py::object sgd_step_fwd_cpu_lean(PyObject* params, PyObject* grads, PyObject* dt
       a.tasks = t;
     }
     if (!sgd_step_pair_layout(p_shape.ptr(), g_shape.ptr(), a.tasks, &a.numel[i], &a.shared[i])) return py::none();
+    if (given && !lean_output(PyTuple_GET_ITEM(o_items.ptr(), i), dtype, check_rg, g_shape.ptr(), &out[i]))
+      return py::none();
   }
-  std::int64_t total = 0;
-  for (Py_ssize_t i = 0; i < n; ++i) total += a.numel[i] * a.tasks;
-  if (total * (dtype_code == 1 ? 8 : 4) >= max_out_bytes) return py::none();  // the caller allocates large outputs
-  // Outputs: one empty_like(grads[i]) each; contiguous because grads[i] is.
   py::list outs(n);
-  PtrList out(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* o = PyObject_CallOneArg(empty_like, gs[i]);
-    if (o == nullptr) throw py::error_already_set();
-    PyList_SET_ITEM(outs.ptr(), i, o);  // steals o
-    if (!data_ptr_of(o, &out[i])) throw std::runtime_error("sgd_step: the new output has no data pointer");
+  if (given) {  // the caller's tensors, returned as given
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* o = PyTuple_GET_ITEM(o_items.ptr(), i);
+      Py_INCREF(o);
+      PyList_SET_ITEM(outs.ptr(), i, o);  // steals the new reference
+    }
+  } else {
+    std::int64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) total += a.numel[i] * a.tasks;
+    if (total * (dtype_code == 1 ? 8 : 4) >= max_out_bytes) return py::none();  // the caller allocates large outputs
+    // Outputs: one empty_like(grads[i]) each; contiguous because grads[i] is.
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* o = PyObject_CallOneArg(empty_like, gs[i]);
+      if (o == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(outs.ptr(), i, o);  // steals o
+      if (!data_ptr_of(o, &out[i])) throw std::runtime_error("sgd_step: the new output has no data pointer");
+    }
   }
   {
     py::gil_scoped_release nogil;
-    sgd_step_fwd_cpu(a, out);  // also rejects overlapping inputs (ValueError)
+    sgd_step_fwd_cpu(a, out);  // also rejects overlapping inputs and outputs (ValueError)
   }
   return std::move(outs);
 }
@@ -318,15 +364,18 @@ PYBIND11_MODULE(_C, m) {
   // The whole no-autograd forward of ops.sgd_step for CPU tensors and a Python-float lr
   // (fastmaml/ops/sgd_step.py, _lean_cpu_forward): checks, allocation (by the given
   // empty_like) and kernel in one call; None when any check fails or when the outputs
-  // would take max_out_bytes or more (the caller allocates those itself).
+  // would take max_out_bytes or more (the caller allocates those itself). With `out` (a
+  // list of n tensors shaped like grads) the update is written there instead, whatever
+  // its size, and the list of those tensors is returned.
   m.def("sgd_step_fwd_cpu_lean",
         [](py::handle params, py::handle grads, py::handle dtype, int dtype_code, bool check_requires_grad,
-           double lr_value, py::handle empty_like, std::int64_t max_out_bytes) -> py::object {
+           double lr_value, py::handle empty_like, std::int64_t max_out_bytes, py::handle out) -> py::object {
           return sgd_step_fwd_cpu_lean(params.ptr(), grads.ptr(), dtype.ptr(), dtype_code, check_requires_grad,
-                                       lr_value, empty_like.ptr(), max_out_bytes);
+                                       lr_value, empty_like.ptr(), max_out_bytes, out.ptr());
         },
         py::arg("params"), py::arg("grads"), py::arg("dtype"), py::arg("dtype_code"),
-        py::arg("check_requires_grad"), py::arg("lr_value"), py::arg("empty_like"), py::arg("max_out_bytes"));
+        py::arg("check_requires_grad"), py::arg("lr_value"), py::arg("empty_like"), py::arg("max_out_bytes"),
+        py::arg("out") = py::none());
   m.def("sgd_step_bwd_cpu",
         [](py::handle v_list, py::handle grad, py::handle numel, py::handle shared, std::int64_t tasks, int dtype,
            int lr_mode, double lr_value, py::handle lr, py::handle dtheta_list, py::handle dgrad_list,
@@ -350,6 +399,8 @@ PYBIND11_MODULE(_C, m) {
           SgdStepArgs a = sgd_step_args(theta, grad, numel, shared, tasks, dtype, lr_mode, lr_value, lr);
           const PtrList out = ptr_list(out_list, "out");
           py::gil_scoped_release nogil;
+          sgd_step_check_args(a, &out);
+          sgd_step_check_overlap_outputs(a, &out);  // outputs may be caller-provided (out=)
           sgd_step_fwd_cuda(a, out, device, stream, force_index64);
 #else
           no_cuda();

@@ -254,17 +254,18 @@ void sgd_step_check_args(const SgdStepArgs& a, const std::vector<std::uintptr_t>
   if (out_or_v) check_outputs(a, *out_or_v, "out", false);
 }
 
-void sgd_step_check_overlap(const SgdStepArgs& a) {
-  // Byte spans of every input; two distinct inputs may not share memory (DESIGN.md §4).
-  // Sorted by start, a sweep that tracks the furthest end seen finds an overlapping
-  // pair whenever one exists: O(n log n) instead of all pairs.
+void sgd_step_check_overlap_outputs(const SgdStepArgs& a, const std::vector<std::uintptr_t>* out) {
+  // Byte spans of every input and (when given) every output; no two may share memory
+  // (DESIGN.md §4): an output overlapping an input would be written while other tasks
+  // still read it. Sorted by start, a sweep that tracks the furthest end seen finds an
+  // overlapping pair whenever one exists: O(n log n) instead of all pairs.
   struct Span {
     std::uintptr_t lo, hi;
-    int role, index;  // role 0 params, 1 grads, 2 lr
+    int role, index;  // role 0 params, 1 grads, 2 lr, 3 out
   };
   const std::uintptr_t es = a.dtype == kFloat64 ? 8 : 4;
   std::vector<Span> spans;
-  spans.reserve(3 * a.numel.size());
+  spans.reserve((out ? 4 : 3) * a.numel.size());
   std::uintptr_t lr_lo = UINTPTR_MAX, lr_hi = 0;
   for (size_t i = 0; i < a.numel.size(); ++i) {
     const std::uintptr_t N = static_cast<std::uintptr_t>(a.numel[i]);
@@ -272,6 +273,7 @@ void sgd_step_check_overlap(const SgdStepArgs& a) {
     const std::uintptr_t T = static_cast<std::uintptr_t>(a.tasks);
     spans.push_back({a.theta[i], a.theta[i] + (a.shared[i] ? N : T * N) * es, 0, static_cast<int>(i)});
     spans.push_back({a.grad[i], a.grad[i] + T * N * es, 1, static_cast<int>(i)});
+    if (out) spans.push_back({(*out)[i], (*out)[i] + T * N * es, 3, static_cast<int>(i)});
     if (a.lr_mode == sgd_step::kLrElement) {
       spans.push_back({a.lr[i], a.lr[i] + N * es, 2, static_cast<int>(i)});
     } else if (a.lr_mode == sgd_step::kLrBroadcast) {  // one lr tensor: one span over all its entries
@@ -282,22 +284,33 @@ void sgd_step_check_overlap(const SgdStepArgs& a) {
   if (lr_hi > 0) spans.push_back({lr_lo, lr_hi, 2, -1});
   std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) { return x.lo < y.lo; });
   auto name = [](const Span& s) {
-    static const char* roles[] = {"params", "grads", "lr"};
+    static const char* roles[] = {"params", "grads", "lr", "out"};
     return std::string(roles[s.role]) + (s.index >= 0 ? "[" + std::to_string(s.index) + "]" : std::string());
   };
   size_t far = 0;
   for (size_t k = 1; k < spans.size(); ++k) {
-    if (spans[k].lo < spans[far].hi)
+    if (spans[k].lo < spans[far].hi) {
+      const Span& x = spans[far].role == 3 ? spans[far] : spans[k];  // name an output first
+      const Span& y = spans[far].role == 3 ? spans[k] : spans[far];
+      if (x.role == 3)
+        throw std::invalid_argument("sgd_step: " + name(x) + " overlaps " + name(y) +
+                                    " in memory; every out tensor must be separate memory from the inputs and "
+                                    "from the other outputs (in-place out=params is not supported: a shared "
+                                    "θ is read by every task while it is written); use a second set of "
+                                    "buffers");
       throw std::invalid_argument("sgd_step: " + name(spans[far]) + " and " + name(spans[k]) +
                                   " overlap in memory; pass separate tensors (e.g. " + name(spans[k]) +
                                   ".clone())");
+    }
     if (spans[k].hi > spans[far].hi) far = k;
   }
 }
 
+void sgd_step_check_overlap(const SgdStepArgs& a) { sgd_step_check_overlap_outputs(a, nullptr); }
+
 void sgd_step_fwd_cpu(const SgdStepArgs& a, const std::vector<std::uintptr_t>& out) {
   sgd_step_check_args(a, &out);
-  sgd_step_check_overlap(a);
+  sgd_step_check_overlap_outputs(a, &out);  // out may be caller-provided (ops.sgd_step's out=)
   if (a.dtype == kFloat32)
     dispatch_mode<float, FwdRun>(a.lr_mode, a, out);
   else

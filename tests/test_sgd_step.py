@@ -383,6 +383,190 @@ def test_unknown_backend():
         sgd_step(p, g, 0.1, backend="tpu")
 
 
+# ---- out= (caller-provided outputs) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("theta_mode", THETA_MODES)
+def test_out_matches_new_outputs(backend, dtype, lr_kind, theta_mode):
+    """out= writes the same values as the allocating call, into the given tensors
+    (returned as the same objects), overwriting every element and nothing else."""
+    seed = zlib.crc32(f"out/{backend}/{dtype}/{lr_kind}/{theta_mode}".encode()) % 10_000
+    params, grads, lr, shapes, shared = make_case(seed, dtype, 3, lr_kind, theta_mode, n=4)
+    before = [t.clone() for t in params + grads + lr_tensors(lr)]
+    with torch.no_grad():
+        want = sgd_step(params, grads, lr, backend=backend)
+        # NaN-filled buffers: an element left unwritten would show
+        out = [torch.full_like(g, float("nan")) for g in grads]
+        got = sgd_step(params, grads, lr, backend=backend, out=out)
+    assert isinstance(got, list) and len(got) == len(out)
+    assert all(a is b for a, b in zip(got, out))
+    expect = ref.sgd_step(params, grads, lr)
+    for i in range(len(out)):
+        assert torch.equal(out[i], want[i]), f"{backend} out[{i}] differs from the allocating call"
+        a = alpha_of(lr, i)
+        a = a.double() if isinstance(a, torch.Tensor) else a
+        tol = elem_tol(dtype, (params[i].double().abs() + (a * grads[i].double()).abs()).expand_as(out[i]))
+        assert_close(out[i], expect[i], tol, f"{backend} out[{i}] vs reference")
+    for a, b in zip(before, params + grads + lr_tensors(lr)):
+        assert torch.equal(a, b), "inputs were modified"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_buffers_reused_across_calls(backend):
+    """A K-step inner loop that ping-pongs two buffer sets gives the allocating loop's
+    results; out without torch.no_grad() works when nothing requires grad."""
+    gen = torch.Generator().manual_seed(7)
+    T = 5
+    shapes = [(40, 1), (40,), (40, 40), (1,)]
+    theta = [torch.randn(s, generator=gen) for s in shapes]
+    gs = [[torch.randn(T, *s, generator=gen) for s in shapes] for _ in range(4)]
+    bufs = [[torch.empty(T, *s) for s in shapes] for _ in range(2)]
+    cur_new, cur_out = theta, theta
+    for k, g in enumerate(gs):
+        cur_new = sgd_step(cur_new, g, 0.1, backend=backend)
+        res = sgd_step(cur_out, g, 0.1, backend=backend, out=bufs[k % 2])
+        assert all(r is b for r, b in zip(res, bufs[k % 2]))
+        cur_out = res
+        for i in range(len(shapes)):
+            assert torch.equal(cur_out[i], cur_new[i]), f"step {k}, tensor {i}"
+
+
+def test_out_large_outputs_take_the_lean_path(monkeypatch):
+    """Outputs of 1 MiB or more: the lean entry writes into out too (no allocation to
+    decline for), and the result equals the allocating call's."""
+    calls = []
+    real = op_module._lean_cpu_forward
+
+    def spy(*args):
+        res = real(*args)
+        calls.append(res is not None)
+        return res
+
+    monkeypatch.setattr(op_module, "_lean_cpu_forward", spy)
+    p, g = [torch.randn(70_000), torch.randn(5)], [torch.randn(4, 70_000), torch.randn(4, 5)]
+    out = [torch.empty_like(x) for x in g]
+    with torch.no_grad():
+        got = sgd_step(p, g, 0.1, backend="cpu", out=out)
+        want = sgd_step(p, g, 0.1, backend="cpu")
+    assert calls == [True, False]
+    assert got[0] is out[0] and torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_bumps_version_counter(backend):
+    """The kernels write through pointers; out's version counter moves as an in-place
+    op's would, so autograd notices a saved tensor being overwritten."""
+    p, g = [torch.randn(3)], [torch.randn(2, 3)]
+    out = [torch.empty(2, 3)]
+    w = torch.randn(2, 3, requires_grad=True)
+    y = (w * out[0]).sum()  # saves out[0] for backward
+    v0 = out[0]._version
+    with torch.no_grad():
+        sgd_step(p, g, 0.1, backend=backend, out=out)
+    assert out[0]._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def _bad_out_cases():
+    p, g = _good()
+    o = [torch.empty(4, 3), torch.empty(4, 2, 2)]
+    pt = [torch.randn(4, 3), p[1]]  # params[0] per task: the shape of out[0]
+    buf = torch.rand(100)
+    shared_in_out = [buf[:3], p[1]]  # shared params[0] lies inside out[0] below
+    lr_buf = torch.rand(16)
+    lr_el = [torch.rand(3), lr_buf[:4].view(2, 2)]  # per-element lr[1] lies inside out[1] below
+    p2, g2 = [torch.randn(3), torch.randn(3)], [torch.randn(4, 3), torch.randn(4, 3)]
+    same = torch.empty(4, 3)
+    return [
+        ("not a list", (p, g, 0.1), o[0], TypeError, "out must be a list or tuple of 2 tensors"),
+        ("wrong length", (p, g, 0.1), o[:1], ValueError, r"out must hold one tensor per params entry: expected 2, got 1"),
+        ("non-tensor", (p, g, 0.1), [o[0], 3.0], TypeError, r"out\[1\] must be a torch.Tensor, got float"),
+        ("shape", (p, g, 0.1), [o[0], torch.empty(4, 4)], ValueError, r"out\[1\] must have shape \(4, 2, 2\) like grads\[1\].*got \(4, 4\)"),
+        ("params shape", (p, g, 0.1), [torch.empty(3), o[1]], ValueError, r"out\[0\] must have shape \(4, 3\).*got \(3,\)"),
+        ("dtype", (p, g, 0.1), [o[0], torch.empty(4, 2, 2, dtype=torch.float64)], TypeError, r"out\[1\] must have dtype torch.float32 like grads, got torch.float64"),
+        ("device", (p, g, 0.1), [o[0], torch.empty(4, 2, 2, device="meta")], ValueError, r"out\[1\] must be on cpu like grads, got meta"),
+        ("non-contiguous", (p, g, 0.1), [o[0], torch.empty(4, 2, 2).transpose(1, 2)], ValueError, r"out\[1\] must be contiguous"),
+        ("is params (per task)", (pt, g, 0.1), [pt[0], o[1]], ValueError, r"out\[0\] overlaps params\[0\].*in-place out=params is not supported"),
+        ("overlaps shared params", (shared_in_out, g, 0.1), [buf[:12].view(4, 3), o[1]], ValueError, r"out\[0\] overlaps params\[0\]"),
+        ("is grads", (p, g, 0.1), [g[0], o[1]], ValueError, r"out\[0\] overlaps grads\[0\]"),
+        ("overlaps lr element", (p, g, lr_el), [o[0], lr_buf.view(4, 2, 2)], ValueError, r"out\[1\] overlaps lr\[1\]"),
+        ("overlaps 0-d lr", (p, g, buf[50]), [o[0], buf[48:64].view(4, 2, 2)], ValueError, r"out\[1\] overlaps lr\b"),
+        ("overlaps another out", (p, g, 0.1), [buf[:12].view(4, 3), buf[8:24].view(4, 2, 2)], ValueError, r"out\[[01]\] overlaps out\[[01]\]"),
+        ("same tensor twice", (p2, g2, 0.1), [same, same], ValueError, r"out\[[01]\] overlaps out\[[01]\]"),
+    ]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lr_as", ["as given", "tensor"])
+@pytest.mark.parametrize("case", _bad_out_cases(), ids=lambda c: c[0])
+def test_bad_out(backend, lr_as, case):
+    """Every bad out raises naming out[i]; with a float lr the CPU backend declines in
+    the lean entry first (the C++ kernel raises the overlaps), with a 0-d tensor lr the
+    general path checks. Nothing but out is written."""
+    _, (params, grads, lr), out, exc, match = case
+    if lr_as == "tensor" and isinstance(lr, float):
+        lr = torch.tensor(lr)
+    before = [t.clone() for t in list(params) + list(grads) + lr_tensors(lr)]
+    with torch.no_grad(), pytest.raises(exc, match=match):
+        sgd_step(params, grads, lr, backend=backend, out=out)
+    for a, b in zip(before, list(params) + list(grads) + lr_tensors(lr)):
+        assert torch.equal(a, b), "an input was modified"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("who", ["params", "grads", "lr", "out"])
+def test_out_refuses_autograd(backend, who):
+    """Like torch's out=, not differentiable: refused under grad mode when any input or
+    out requires grad; under torch.no_grad() it is plain data."""
+    p, g = _good()
+    lr = torch.tensor(0.1)
+    out = [torch.empty(4, 3), torch.empty(4, 2, 2)]
+    {"params": p[0], "grads": g[1], "lr": lr, "out": out[1]}[who].requires_grad_()
+    with pytest.raises(RuntimeError, match="out= does not support automatic differentiation.*without out="):
+        sgd_step(p, g, lr, backend=backend, out=out)
+    if who != "lr":  # float lr: the lean entry declines first
+        with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
+            sgd_step(p, g, 0.1, backend=backend, out=out)
+    with torch.no_grad():
+        res = sgd_step(p, g, lr, backend=backend, out=out)
+    assert res[1] is out[1]
+    assert_close(out[1].detach(), (p[1] - lr * g[1]).detach(), 1e-6, "out under no_grad")
+
+
+def test_out_refused_under_torch_func():
+    p, g = _good(torch.float64)
+    out = [torch.empty(4, 3, dtype=torch.float64), torch.empty(4, 2, 2, dtype=torch.float64)]
+
+    def f(p0):
+        return sgd_step([p0, p[1]], g, 0.1, backend="cpu", out=out)[0].sum()
+
+    with pytest.raises(RuntimeError, match="out= is not supported inside torch.func transforms"):
+        torch.func.grad(f)(p[0])
+    with pytest.raises(RuntimeError, match="out= is not supported inside torch.func transforms"):
+        torch.func.vmap(lambda gg: sgd_step(p, [gg, g[1]], 0.1, out=out)[0])(torch.randn(2, 4, 3, dtype=torch.float64))
+
+
+def test_cpp_forward_checks_outputs_overlap():
+    """The C++ check covers outputs too: against every input and each other."""
+    C = _ext.ext()
+    p, g, o = torch.randn(3), torch.randn(2, 3), torch.empty(2, 3)
+    C.sgd_step_fwd_cpu([p.data_ptr()], [g.data_ptr()], [o.data_ptr()], [3], [1], 2, 0, 0, 0.1, [])
+    with pytest.raises(ValueError, match=r"out\[0\] overlaps grads\[0\]"):
+        C.sgd_step_fwd_cpu([p.data_ptr()], [g.data_ptr()], [g.data_ptr() + 4], [3], [1], 2, 0, 0, 0.1, [])
+    with pytest.raises(ValueError, match=r"out\[0\] overlaps params\[0\]"):
+        C.sgd_step_fwd_cpu([p.data_ptr()], [g.data_ptr()], [p.data_ptr()], [3], [1], 2, 0, 0, 0.1, [])
+    p2, g2 = torch.randn(2, 3), torch.randn(2, 3)  # tensor 1: per-task θ
+    two = ([p.data_ptr(), p2.data_ptr()], [g.data_ptr(), g2.data_ptr()])
+    with pytest.raises(ValueError, match=r"out\[[01]\] overlaps out\[[01]\]"):
+        C.sgd_step_fwd_cpu(*two, [o.data_ptr(), o.data_ptr() + 8], [3, 3], [1, 0], 2, 0, 0, 0.1, [])
+    with pytest.raises(ValueError, match=r"params\[0\] and grads\[0\] overlap"):  # inputs: the old message
+        C.sgd_step_fwd_cpu([g.data_ptr()], [g.data_ptr()], [o.data_ptr()], [3], [1], 2, 0, 0, 0.1, [])
+
+
 # ---- the C++ boundary and the multi-tensor chunk tables ------------------------------
 
 

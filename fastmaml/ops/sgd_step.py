@@ -16,6 +16,19 @@ contiguity; requires_grad only under grad mode), allocates the outputs with
 ``torch.empty_like`` and runs the kernel, which also rejects overlapping inputs.
 Anything unusual, every bad input included, falls through to the general path, whose
 named checks raise.
+
+``out=`` (caller-provided outputs, like torch ops' ``out=``): the update is written into
+n given contiguous tensors ``[T, *shape_i]`` instead of new ones, so an inner loop can
+reuse its buffers (K steps: ping-pong two buffer sets) and skip the allocation (tiny
+sets: ~1 µs per ``empty_like``) and the page faults of fresh memory (large sets). Each
+``out[i]`` must be separate memory from every input and every other output (in-place
+``out=params`` is refused: a shared θ is read by every task while it is written); the
+C++ overlap check (cpu, cuda) and its Python twin (reference, triton) enforce this. Like
+torch's ``out=``, it is not differentiable: refused when grad mode is on and any input
+(or an ``out`` tensor) requires grad, and inside torch.func transforms. The kernels
+write through raw pointers, so the ``out`` tensors' version counters are bumped (as an
+in-place torch op would) and autograd still notices a tensor saved for backward being
+overwritten.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 FORCE_INDEX64 = False
 
 _CPU = torch.device("cpu")
+_increment_version = torch._C._increment_version  # (tensors): as an in-place op does
 
 
 class Spec(NamedTuple):
@@ -227,12 +241,64 @@ def _check_lr_tensor(name: str, a: torch.Tensor, dtype: torch.dtype, device: tor
         _checks.contiguous(name, a)
 
 
-def _check_overlap(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lrs: list[torch.Tensor]) -> None:
-    """Python twin of the C++ overlap check (reference and triton backends)."""
+def _check_overlap(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    lrs: list[torch.Tensor],
+    out: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """Python twin of the C++ overlap check (reference and triton backends): no two
+    inputs, and no output and any other tensor, may share memory."""
     named = [(f"params[{i}]", p) for i, p in enumerate(params)]
     named += [(f"grads[{i}]", g) for i, g in enumerate(grads)]
     named += [(f"lr[{i}]" if len(lrs) > 1 else "lr", a) for i, a in enumerate(lrs)]
-    _checks.no_overlap_among(named)
+    if out is None:
+        _checks.no_overlap_among(named)
+        return
+    _checks.no_overlap_among(named)  # the inputs among themselves
+    # then every output against everything: the same sort-and-sweep, naming the output
+    spans = [(*_checks._span(t), name) for name, t in named if t.numel()]
+    spans += [(*_checks._span(o), f"out[{i}]") for i, o in enumerate(out) if o.numel()]
+    spans.sort(key=lambda s: s[0])
+    far = spans[0] if spans else None
+    for span in spans[1:]:
+        if span[0] < far[1]:
+            o, other = (far[2], span[2]) if far[2].startswith("out[") else (span[2], far[2])
+            raise ValueError(f"sgd_step: {o} overlaps {other} in memory; {_OUT_SEPARATE}")
+        if span[1] > far[1]:
+            far = span
+
+
+_OUT_SEPARATE = (
+    "every out tensor must be separate memory from the inputs and from the other outputs "
+    "(in-place out=params is not supported: a shared θ is read by every task while it is written); "
+    "use a second set of buffers"
+)
+
+
+def _check_out(out: object, spec: Spec, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Validate ``out=`` against the call's :class:`Spec` (raising ``TypeError``/
+    ``ValueError`` that names ``out[i]``, expected and actual); returns it as a list."""
+    if isinstance(out, torch.Tensor) or not isinstance(out, (list, tuple)):
+        raise TypeError(
+            f"out must be a list or tuple of {spec.n} tensors shaped like grads, got {type(out).__name__}"
+        )
+    if len(out) != spec.n:
+        raise ValueError(f"out must hold one tensor per params entry: expected {spec.n}, got {len(out)}")
+    for i, o in enumerate(out):
+        name = f"out[{i}]"
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(o).__name__}")
+        if o.dtype is not spec.dtype:
+            raise TypeError(f"{name} must have dtype {spec.dtype} like grads, got {o.dtype}")
+        if o.device != spec.device:
+            raise ValueError(f"{name} must be on {spec.device} like grads, got {o.device}")
+        want = grads[i].shape
+        if o.shape != want:
+            raise ValueError(f"{name} must have shape {tuple(want)} like grads[{i}] ([T, *shape]), got {tuple(o.shape)}")
+        if not o.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {tuple(o.stride())} (e.g. allocate it with torch.empty_like(grads[{i}]))")
+    return list(out)
 
 
 # ---- launchers: plain (non-transformed), contiguous tensors only ---------------------
@@ -304,14 +370,23 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _launch_forward(
-    backend: str, spec: Spec, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lrs: list[torch.Tensor]
+    backend: str,
+    spec: Spec,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    lrs: list[torch.Tensor],
+    out: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """out_i = θ_i − α_i ⊙ g_i on the chosen compiled/Triton backend; new tensors."""
-    outs, out_ptrs = _alloc_like_ptrs(spec, grads)
+    """out_i = θ_i − α_i ⊙ g_i on the chosen compiled/Triton backend: into new tensors,
+    or into ``out`` (already checked by :func:`_check_out`; overlap is checked here)."""
+    if out is None:
+        outs, out_ptrs = _alloc_like_ptrs(spec, grads)
+    else:
+        outs, out_ptrs = out, [o.data_ptr() for o in out]
     if backend == "triton":
         from fastmaml.triton import sgd_step as tri
 
-        _check_overlap(params, grads, lrs)
+        _check_overlap(params, grads, lrs, out)
         tri.forward(spec, params, grads, lrs, outs)
         return outs
     C = _ext.ext()
@@ -328,7 +403,7 @@ def _launch_forward(
         _lr_ptrs(spec, lrs),
     )
     if backend == "cpu":
-        C.sgd_step_fwd_cpu(*args)  # also checks that no two inputs overlap (ValueError)
+        C.sgd_step_fwd_cpu(*args)  # also checks that no two inputs/outputs overlap (ValueError)
     else:
         C.sgd_step_fwd_cuda(*args, *_cuda_stream(spec.device), FORCE_INDEX64)
     return outs
@@ -550,7 +625,12 @@ def _lr_arg(spec: Spec, lrs: list[torch.Tensor]) -> LR:
 
 
 def sgd_step(
-    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: LR, *, backend: str | None = None
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    lr: LR,
+    *,
+    backend: str | None = None,
+    out: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """The inner SGD update of every parameter tensor for T tasks: θ'_i = θ_i − α_i ⊙ g_i.
 
@@ -567,9 +647,18 @@ def sgd_step(
         backend: ``"reference" | "cpu" | "cuda" | "triton" | "auto"``; default: the
             ``FASTMAML_BACKEND`` environment variable, else auto (see
             :mod:`fastmaml.backends`).
+        out: optional n tensors to write the update into (like torch ops' ``out=``):
+            ``out[i]`` contiguous, shaped ``[T, *shape_i]`` like ``grads[i]``, of the
+            same dtype and device, sharing no memory with any input or other output
+            (so not ``params`` itself: no in-place update). Every element is
+            overwritten. Lets an inner loop reuse its buffers instead of allocating
+            new outputs each call (K steps: alternate two buffer sets). Not
+            differentiable: with grad mode on, no input (nor ``out``) may require
+            grad, and it is refused inside torch.func transforms.
 
     Returns:
-        n new tensors ``[T, *shape_i]`` (inputs are never modified).
+        n new tensors ``[T, *shape_i]``, or with ``out`` a list of the ``out`` tensors
+        themselves (other inputs are never modified).
 
     All tensors must be contiguous, on one device, and share one dtype, float32 or
     float64 (a tensor lr included: mixed dtypes are an error, not promoted). No two
@@ -580,11 +669,34 @@ def sgd_step(
     """
     level = _functorch_level()
     if level is None and type(lr) is float:
-        out = _lean_cpu_forward(params, grads, lr, backend)
-        if out is not None:
-            return out
+        res = _lean_cpu_forward(params, grads, lr, backend, out)
+        if res is not None:
+            return res
+    if out is not None and level is not None:
+        raise RuntimeError(
+            "sgd_step: out= is not supported inside torch.func transforms (grad/vjp/vmap); call sgd_step "
+            "without out="
+        )
     spec = _validate(params, grads, lr, strict_layout=level is None)
     name = backends.resolve(backend, spec.device, "sgd_step")
+    if out is not None:
+        outs = _check_out(out, spec, grads)
+        if torch.is_grad_enabled() and (spec.requires_grad or any(o.requires_grad for o in outs)):
+            raise RuntimeError(
+                "sgd_step: out= does not support automatic differentiation, but an input (params, grads, "
+                "lr) or an out tensor requires grad; call sgd_step without out= (or under torch.no_grad() "
+                "if no gradient is wanted)"
+            )
+        lrs = _lr_tensors(lr, spec.lr_kind)
+        if name == "reference":
+            _check_overlap(params, grads, lrs, outs)
+            with torch.no_grad():
+                for o, r in zip(outs, ref.sgd_step(params, grads, lr)):
+                    o.copy_(r)  # bumps o's version counter itself
+            return outs
+        _launch_forward(name, spec, params, grads, lrs, outs)
+        _increment_version(outs)
+        return outs
     if name == "reference":
         if level is None:
             _check_overlap(params, grads, _lr_tensors(lr, spec.lr_kind))
@@ -595,7 +707,9 @@ def sgd_step(
     return list(_SgdStep.apply(spec, name, *params, *grads, *lrs))
 
 
-def _lean_cpu_forward(params: object, grads: object, lr: float, backend: str | None) -> list[torch.Tensor] | None:
+def _lean_cpu_forward(
+    params: object, grads: object, lr: float, backend: str | None, out: object = None
+) -> list[torch.Tensor] | None:
     """The whole call for the commonest case, CPU tensors and a Python-float lr with
     nothing to differentiate; None when that is not the case or when any check fails
     (then :func:`sgd_step`'s general path runs, and its named checks raise).
@@ -608,7 +722,12 @@ def _lean_cpu_forward(params: object, grads: object, lr: float, backend: str | N
     Then one ``empty_like`` per output and the kernel, which also rejects overlapping
     inputs (ValueError naming the pair). Outputs of ``_ONE_BUFFER_MIN_BYTES`` or more
     are declined too: the general path carves them out of one buffer (see
-    :func:`_alloc_like_ptrs`; its Python checks cost microseconds against milliseconds)."""
+    :func:`_alloc_like_ptrs`; its Python checks cost microseconds against milliseconds).
+
+    With ``out`` (a list or tuple), each ``out[i]`` is checked there as well (dtype,
+    CPU, contiguous, shape == grads[i].shape, requires_grad under grad mode) and written
+    instead of a new tensor, at any size; the kernel rejects any output overlapping an
+    input or another output. Then the out tensors' version counters are bumped."""
     if type(params) not in (list, tuple) or type(grads) not in (list, tuple) or not grads:
         return None
     g0 = grads[0]
@@ -624,6 +743,13 @@ def _lean_cpu_forward(params: object, grads: object, lr: float, backend: str | N
         code = 1
     else:
         return None
-    return C.sgd_step_fwd_cpu_lean(
-        params, grads, dtype, code, torch.is_grad_enabled(), lr, torch.empty_like, _ONE_BUFFER_MIN_BYTES
+    if out is None:
+        return C.sgd_step_fwd_cpu_lean(
+            params, grads, dtype, code, torch.is_grad_enabled(), lr, torch.empty_like, _ONE_BUFFER_MIN_BYTES
+        )
+    res = C.sgd_step_fwd_cpu_lean(
+        params, grads, dtype, code, torch.is_grad_enabled(), lr, torch.empty_like, _ONE_BUFFER_MIN_BYTES, out
     )
+    if res is not None:
+        _increment_version(res)
+    return res
