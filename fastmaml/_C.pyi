@@ -20,7 +20,9 @@ def cuda_runtime_version() -> int: ...
 # else at [T, N_i]; grad/out/v/dgrad at [T, N_i]. dtype: 0 float32, 1 float64.
 # lr_mode: 0 immediate lr_value, 1 lr[i] points at one value, 2 lr[i] points at N_i values.
 # Output pointers of 0 mean "not requested". Raise ValueError on bad sizes/null pointers
-# and when two inputs overlap (forward); CUDA errors raise RuntimeError.
+# and, in the forward, when two inputs overlap or an output overlaps an input or another
+# output (outputs may be caller-provided: ops.sgd_step's out=); CUDA errors raise
+# RuntimeError.
 def sgd_step_fwd_cpu(
     theta: list[int], grad: list[int], out: list[int], numel: list[int], shared: list[int], tasks: int,
     dtype: int, lr_mode: int, lr_value: float, lr: list[int],
@@ -29,11 +31,13 @@ def sgd_step_fwd_cpu(
 # (ops/sgd_step.py, _lean_cpu_forward): takes the tensors themselves, checks them
 # (dtype is the torch.dtype, dtype_code its code; requires_grad only when asked),
 # allocates the outputs with empty_like and runs the kernel. None when a check fails or
-# the outputs would take max_out_bytes or more.
+# the outputs would take max_out_bytes or more. With out (n tensors, each checked like an
+# input and shaped exactly like grads[i]) it writes there instead, at any size, and
+# returns a new list of those tensors; overlaps raise ValueError (the kernel's check).
 def sgd_step_fwd_cpu_lean(
     params: list[Tensor] | tuple[Tensor, ...], grads: list[Tensor] | tuple[Tensor, ...], dtype: dtype,
     dtype_code: int, check_requires_grad: bool, lr_value: float, empty_like: Callable[[Tensor], Tensor],
-    max_out_bytes: int,
+    max_out_bytes: int, out: list[Tensor] | tuple[Tensor, ...] | None = None,
 ) -> list[Tensor] | None: ...
 def sgd_step_bwd_cpu(
     v: list[int], grad: list[int], numel: list[int], shared: list[int], tasks: int, dtype: int, lr_mode: int,

@@ -657,6 +657,42 @@ def test_lean_entry_declines_what_it_does_not_take():
         _lean([g[0][0]], [g[0]])
 
 
+def test_lean_entry_out():
+    """The lean entry with out: writes into the given tensors (any size) and returns
+    them; declines (None, nothing written) whatever out it does not take."""
+    C = _ext.ext()
+    p, g = [torch.randn(3), torch.randn(2, 2)], [torch.randn(4, 3), torch.randn(4, 2, 2)]
+
+    def lean_out(out, check_rg=True):
+        return C.sgd_step_fwd_cpu_lean(p, g, torch.float32, 0, check_rg, 0.5, torch.empty_like, 1 << 20, out)
+
+    out = [torch.full((4, 3), float("nan")), torch.full((4, 2, 2), float("nan"))]
+    res = lean_out(tuple(out))
+    assert isinstance(res, list) and res[0] is out[0] and res[1] is out[1]
+    for o, w in zip(out, ref.sgd_step(p, g, 0.5)):
+        assert_close(o, w, 1e-6, "lean out=")
+    rg = torch.empty(4, 2, 2, requires_grad=True)
+    cases = {
+        "not a list": out[0],
+        "length": out[:1],
+        "non-tensor": [out[0], 1.0],
+        "shape": [out[0], torch.empty(4, 4)],
+        "dtype": [out[0], torch.empty(4, 2, 2, dtype=torch.float64)],
+        "device": [out[0], torch.empty(4, 2, 2, device="meta")],
+        "non-contiguous": [out[0], torch.empty(4, 2, 2).transpose(1, 2)],
+        "requires_grad under grad mode": [out[0], rg],
+    }
+    for name, bad in cases.items():
+        sentinel = [torch.full((4, 3), 7.0), torch.full((4, 2, 2), 7.0)]
+        if isinstance(bad, list) and len(bad) == 2:
+            bad = [sentinel[0], bad[1]]
+        assert lean_out(bad) is None, name
+        assert torch.equal(sentinel[0], torch.full((4, 3), 7.0)), f"{name}: out[0] written before declining"
+    assert lean_out([out[0], rg], check_rg=False)[1] is rg  # without grad mode it is plain data
+    with pytest.raises(ValueError, match=r"out\[1\] overlaps grads\[1\]"):
+        lean_out([out[0], g[1]])
+
+
 def test_sgd_step_takes_the_lean_path_only_when_it_applies(monkeypatch):
     calls = []
     real = op_module._lean_cpu_forward
