@@ -654,7 +654,8 @@ def sgd_step(
             overwritten. Lets an inner loop reuse its buffers instead of allocating
             new outputs each call (K steps: alternate two buffer sets). Not
             differentiable: with grad mode on, no input (nor ``out``) may require
-            grad, and it is refused inside torch.func transforms.
+            grad, and it is refused inside torch.func transforms. The ``out``
+            tensors' version counters are bumped, as by an in-place torch op.
 
     Returns:
         n new tensors ``[T, *shape_i]``, or with ``out`` a list of the ``out`` tensors
@@ -662,7 +663,7 @@ def sgd_step(
 
     All tensors must be contiguous, on one device, and share one dtype, float32 or
     float64 (a tensor lr included: mixed dtypes are an error, not promoted). No two
-    input tensors may share memory. Differentiable with respect to params, grads and
+    input tensors may share memory (nor an ``out`` tensor with any other). Differentiable with respect to params, grads and
     a tensor lr (dθ = v summed over tasks for a shared θ, dg = −α ⊙ v, dα = −Σ g ⊙ v
     reduced to α's granularity), by a fused backward kernel; works under
     ``torch.func.grad``/``vjp``/``vmap`` (there the backward is computed with torch ops).
