@@ -78,12 +78,22 @@ class BuildExt(build_ext):
     the old one mapped are not disturbed."""
 
     def build_extension(self, ext: Extension) -> None:
+        # The module's build configuration (CUDA on/off, archs, flags) is stamped next to
+        # it; a different one forces a full rebuild, since setuptools' up-to-date check
+        # looks at file times only (switching FASTMAML_CUDA=0 -> 1 would otherwise keep a
+        # module compiled without CUDA).
+        config = repr((NVCC, CUDA_HOME, _arch_flags() if NVCC else None, ext.define_macros, ext.extra_compile_args,
+                       os.environ.get("FASTMAML_NVCC_FLAGS", "")))
+        stamp = Path(self.get_ext_fullpath(ext.name) + ".config")
+        if not stamp.exists() or stamp.read_text() != config:
+            self.force = True
         if NVCC is not None:
             objs = self._compile_cuda(ext)
             ext.extra_objects = list(ext.extra_objects or []) + objs
             ext.library_dirs = list(ext.library_dirs or []) + [str(Path(CUDA_HOME) / "lib64")]
             ext.libraries = list(ext.libraries or []) + ["cudart_static", "dl", "rt", "pthread"]
         super().build_extension(ext)
+        stamp.write_text(config)
 
     def _compile_cuda(self, ext: Extension) -> list[str]:
         sources = sorted(str(p) for p in CSRC.glob("*.cu"))

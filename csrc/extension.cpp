@@ -26,14 +26,6 @@
 namespace py = pybind11;
 using namespace fastmaml;
 
-namespace fastmaml {
-// sgd_step_cpu.cpp: the input overlap check extended to caller-provided outputs (every
-// out[i] must be separate from every input and from the other outputs). Declared here
-// because only these bindings call it directly (the CUDA forward's own check covers
-// the inputs only); it belongs next to sgd_step_check_overlap in ops.h.
-void sgd_step_check_overlap_outputs(const SgdStepArgs& a, const std::vector<std::uintptr_t>* out);
-}  // namespace fastmaml
-
 namespace {
 
 #ifdef FASTMAML_WITH_CUDA

@@ -45,6 +45,9 @@ void sgd_step_bwd_cuda(const SgdStepArgs& a, const std::vector<std::uintptr_t>& 
 void sgd_step_check_args(const SgdStepArgs& a, const std::vector<std::uintptr_t>* out_or_v);
 // Raises std::invalid_argument (ValueError) naming the pair when two inputs share memory.
 void sgd_step_check_overlap(const SgdStepArgs& a);
+// The same check extended to caller-provided outputs (out=): every out[i] separate from
+// every input and from the other outputs (out == nullptr: inputs only).
+void sgd_step_check_overlap_outputs(const SgdStepArgs& a, const std::vector<std::uintptr_t>* out);
 
 // ---- mlp (mlp.h; mlp_cpu.cpp, mlp_cuda.cu) ---------------------------------------------
 // dims: [d_0, ..., d_L]; act: 0 relu, 1 tanh; loss: 0 mse, 1 cross_entropy; dtype: 0/1.
