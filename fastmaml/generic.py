@@ -27,6 +27,12 @@ an ``nn.Module``); the meta-step is one custom ``torch.autograd.Function``:
 Memory: K+1 parameter copies per task (θ_k, plus ∇Lq at MSL steps) and one step's
 activations — never K steps of activations and their double-backward graph. The price
 is recomputing each step's support forward/backward once in the backward pass.
+Measured peak RSS growth of one meta-step (miniImageNet T=2, second order, 2-core
+CPU): ~530 MiB at both K=5 and K=10 (0.2 MB per extra step) with glibc's mmap
+threshold fixed (``MALLOC_MMAP_THRESHOLD_=65536``); 690–790 MiB at both K with
+glibc's default dynamic threshold, which serves the large transient activation
+buffers from the heap, where freed ones stay resident (fragmentation, not kept
+tensors).
 
 BatchNorm (pytorch/functorch#534): differentiating *through* a ``vmap(grad(...))``
 (reverse mode applied outside a vmapped gradient, as an unrolled torch.func meta-loss
@@ -65,11 +71,13 @@ with small support sets (at most ``SMALL_SUPPORT`` = 16 points per task), where 
 HVPs are vmapped: each task's HVP on a 5-image support set is a few hundred tiny,
 overhead-bound ops, and one batched HVP over the tasks runs them once. Measured
 (2-core CPU shared with other jobs, float32, second order, one process, 3
-interleaved rounds, medians): Omniglot T=32 K=5, loop peer 2.93 s, loop-mapped
-HVPs 5.97 s, vmapped HVPs 2.59 s. Larger support sets (miniImageNet, 25 images of
-84×84 per task) keep the loop: that comparison was inconclusive under the load
-(within noise). At K=1 the backward needs no recomputed HVP (below), so the choice
-does not matter there.
+interleaved rounds, medians of the whole meta-step; the bench's ``loop`` peer as
+the yardstick): Omniglot T=32 K=5: loop peer 3.87 s, loop-mapped HVPs 4.49 s,
+vmapped HVPs 3.44 s (an earlier run: 2.93 / 5.97 / 2.59 s). miniImageNet T=2 K=5
+(25 images of 84×84 per task): loop peer 5.79 s, loop-mapped HVPs 5.55 s, vmapped
+HVPs 9.00 s — grouped convolutions on large images lose, so larger support sets keep
+the loop. At K=1 the backward needs no recomputed HVP (the last step's graph is
+kept, below), so the choice does not matter there.
 
 The meta-loss is once-differentiable: its backward is the adjoint above, run without
 a graph; a double backward through it raises a RuntimeError.
