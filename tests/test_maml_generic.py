@@ -32,7 +32,7 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def _both(fn, params, lrs, data, *, K, first_order=False, msl=None, adapt=None, loss="mse", task_map="auto",
-          hvp="auto"):
+          hvp="auto", hvp_map="auto"):
     """(reference loss, grads) and (generic loss, grads) over params and learned lrs."""
     out = []
     for path in ("reference", "generic"):
@@ -41,7 +41,7 @@ def _both(fn, params, lrs, data, *, K, first_order=False, msl=None, adapt=None, 
         if path == "reference":
             L = ref.maml_loss(fn, p, lrs, *data, **kw)
         else:
-            L = generic.maml_loss(fn, p, lrs, *data, task_map=task_map, hvp=hvp, **kw)
+            L = generic.maml_loss(fn, p, lrs, *data, task_map=task_map, hvp=hvp, hvp_map=hvp_map, **kw)
         wrt = list(p.values()) + [t for t in lr_tensors(lrs) if t.requires_grad]
         out.append((L.detach(), torch.autograd.grad(L, wrt)))
     return out
@@ -136,9 +136,57 @@ def test_conv_bn_matches_per_task_reference(pool, task_map, hvp, kind, first_ord
     _check(res, params)
 
 
-@pytest.mark.parametrize("task_map,hvp", [("loop", "auto"), ("vmap", "autograd"), ("vmap", "fwd_rev"),
-                                          ("vmap", "rev_rev")])
-def test_conv_bias_before_batchnorm_has_zero_meta_gradient(task_map, hvp):
+# The backward's HVPs mapped differently from the forward (hvp_map), every flavour.
+HVP_MAP_CASES = [
+    # (pool, task_map, hvp, hvp_map, kind, first_order, anil)
+    (False, "loop", "auto", "vmap", "scalar", False, False),
+    (True, "loop", "auto", "vmap", "per_step_layer", False, False),
+    (True, "loop", "auto", "loop", "per_element", False, False),
+    (False, "loop", "rev_rev", "vmap", "scalar", False, False),
+    (True, "loop", "fwd_rev", "vmap", "fixed", False, False),
+    (False, "vmap", "autograd", "loop", "scalar", False, False),
+    (True, "loop", "auto", "vmap", "scalar", False, True),
+    (False, "loop", "auto", "vmap", "per_step_element", True, False),
+]
+
+
+@pytest.mark.parametrize("pool,task_map,hvp,hvp_map,kind,first_order,anil", HVP_MAP_CASES)
+def test_conv_bn_hvp_map_matches_per_task_reference(pool, task_map, hvp, hvp_map, kind, first_order, anil):
+    torch.manual_seed(2)
+    model = conv_bn_net(pool).double()
+    params = module_params(model)
+    adapt = list(params)[-2:] if anil else None
+    names = adapt or list(params)
+    K, T = 3, 3
+    lrs = make_lrs(kind, [params[n].shape for n in names], K, base=0.05)
+    g = torch.Generator().manual_seed(5)
+    data = (torch.randn(T, 3, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 3), generator=g),
+            torch.randn(T, 4, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 4), generator=g))
+    res = _both(module_fn(model), params, lrs, data, K=K, first_order=first_order, adapt=adapt,
+                loss="cross_entropy", task_map=task_map, hvp=hvp, hvp_map=hvp_map, msl=[0.3, 0.0, 1.0])
+    _check(res, params)
+
+
+def test_hvp_map_auto_rule_and_bad_value():
+    img_small = torch.zeros(2, 5, 1, 4, 4)
+    img_large = torch.zeros(2, generic.SMALL_SUPPORT + 1, 1, 4, 4)
+    flat = torch.zeros(2, 5, 3)
+    assert generic._choose_hvp_map("auto", "loop", img_small) == "vmap"
+    assert generic._choose_hvp_map("auto", "loop", img_large) == ""
+    assert generic._choose_hvp_map("auto", "vmap", img_small) == ""
+    assert generic._choose_hvp_map("auto", "loop", flat) == ""
+    assert generic._choose_hvp_map("loop", "loop", img_small) == "loop"
+    params = {n: v.requires_grad_(True) for n, v in mlp_params().items()}
+    data = meta_batch(2, 3, 3, 3, 2)
+    with pytest.raises(ValueError, match="hvp_map"):
+        generic.maml_loss(mlp_fn, params, 0.1, *data, steps=1, hvp_map="grouped")
+
+
+@pytest.mark.parametrize("task_map,hvp,hvp_map", [("loop", "auto", "loop"), ("loop", "auto", "vmap"),
+                                                  ("loop", "rev_rev", "vmap"), ("loop", "fwd_rev", "vmap"),
+                                                  ("vmap", "autograd", "auto"), ("vmap", "fwd_rev", "auto"),
+                                                  ("vmap", "rev_rev", "auto")])
+def test_conv_bias_before_batchnorm_has_zero_meta_gradient(task_map, hvp, hvp_map):
     # BN subtracts the per-channel batch mean, so a conv bias feeding it cancels
     # exactly: every inner gradient and the meta-gradient w.r.t. it are 0. The
     # functorch#534 bug (grad through vmap(grad(batch_norm))) gives ~1e-2 here.
@@ -152,7 +200,7 @@ def test_conv_bias_before_batchnorm_has_zero_meta_gradient(task_map, hvp):
     yq = torch.randint(0, 3, (1, 5), generator=g)
     p = {n: v.clone().requires_grad_(True) for n, v in params.items()}
     L = generic.maml_loss(module_fn(model), p, 0.4, xs, ys, xq, yq, steps=3, loss="cross_entropy",
-                          task_map=task_map, hvp=hvp)
+                          task_map=task_map, hvp=hvp, hvp_map=hvp_map)
     grads = dict(zip(p, torch.autograd.grad(L, list(p.values()))))
     for n in ("0.bias", "3.bias", "6.bias", "9.bias"):
         assert float(grads[n].abs().max()) < 1e-12, (n, grads[n])
