@@ -267,8 +267,9 @@ class MAML(nn.Module):
         tm = self._task_map(device)
         hv = "autograd" if self.hvp == "auto" else self.hvp
         why = (f"vmap over tasks, {hv} HVPs" if tm == "vmap"
-               else f"loop over tasks, {hv} HVPs per task (CPU convolutions: a per-task conv is "
-                    "faster than vmap's grouped conv)")
+               else f"loop over tasks, {hv} HVPs (CPU convolutions: a per-task conv is faster than vmap's "
+                    f"grouped conv; the backward's HVPs are vmapped over tasks when the support sets are small, "
+                    f"<= {generic.SMALL_SUPPORT} points per task)")
         return "generic", f"generic adjoint path: {why}"
 
     def _mlp_plan(self, xs: object, ys: object, xq: object
