@@ -53,12 +53,18 @@ def _time_rows(cases: list[tuple[str, str, Callable[[int], list[torch.Tensor]]]]
             if not row.agrees:
                 row.status = "disagrees"
                 row.reason = f"off by {row.rel_diff:.3g} relative (tolerance {RTOL})"
+            del out
+            # each result is dropped before the next call, so no method pays for holding
+            # two sets of outputs at once (for large outputs that makes the allocator hand
+            # fresh, page-faulting memory to every call)
             for w in range(s.warmup):
-                measure.time_call(lambda: fn((w + 1) % n_inputs), lambda o: None, s.device, "torch")
+                _, out = measure.time_call(lambda: fn((w + 1) % n_inputs), lambda o: None, s.device, "torch")
+                del out
             spent, rep = 0.0, 0
             reps = max(s.reps, 20)
             while rep < reps and (rep < s.min_reps or spent < min(s.budget_s, 2.0)):
-                dt, _ = measure.time_call(lambda: fn(rep % n_inputs), lambda o: None, s.device, "torch")
+                dt, out = measure.time_call(lambda: fn(rep % n_inputs), lambda o: None, s.device, "torch")
+                del out
                 row.times_s.append(dt)
                 spent += dt
                 rep += 1
@@ -93,6 +99,12 @@ def bench_sgd_step(s: Settings, family: str = "omniglot", T: int = 32) -> Config
         op = _fastmaml_op("sgd_step")
         return op(inputs[i][0], inputs[i][1], lr, backend=s.backend if s.backend != "auto" else None)
 
+    bufs = [torch.empty_like(g) for g in inputs[0][1]]
+
+    def fm_out(i: int) -> list[torch.Tensor]:
+        op = _fastmaml_op("sgd_step")
+        return op(inputs[i][0], inputs[i][1], lr, backend=s.backend if s.backend != "auto" else None, out=bufs)
+
     def loop(i: int) -> list[torch.Tensor]:
         return [p - lr * g for p, g in zip(*inputs[i])]
 
@@ -100,6 +112,8 @@ def bench_sgd_step(s: Settings, family: str = "omniglot", T: int = 32) -> Config
         return list(torch._foreach_add(inputs[i][0], inputs[i][1], alpha=-lr))
 
     cases = [("fastmaml.ops.sgd_step", "fastmaml.ops.sgd_step (one launch for all tensors)", fm),
+             ("fastmaml.ops.sgd_step out=", "fastmaml.ops.sgd_step(..., out=bufs) (outputs allocated once, reused)",
+              fm_out),
              ("loop", "per-tensor loop p - lr*g", loop),
              ("foreach", "torch._foreach_add (multi-tensor)", foreach)]
     numel = sum(T * int(torch.Size(sh).numel()) for sh in shapes)
