@@ -147,9 +147,8 @@ const LeanNames& lean_names() {
   return names;
 }
 
-// attr is exactly `want` (identity: dtype objects, True/False)
-bool attr_is(PyObject* t, PyObject* name, PyObject* want) {
-  PyObject* v = PyObject_GetAttr(t, name);
+// v (a new reference, or null after a Python error) is exactly `want`; releases v.
+bool release_is(PyObject* v, PyObject* want) {
   if (v == nullptr) {
     PyErr_Clear();
     return false;
@@ -159,16 +158,10 @@ bool attr_is(PyObject* t, PyObject* name, PyObject* want) {
   return ok;
 }
 
-bool call_is_true(PyObject* t, PyObject* method) {
-  PyObject* v = PyObject_CallMethodNoArgs(t, method);
-  if (v == nullptr) {
-    PyErr_Clear();
-    return false;
-  }
-  const bool ok = v == Py_True;
-  Py_DECREF(v);
-  return ok;
-}
+// attr is exactly `want` (identity: dtype objects, True/False)
+bool attr_is(PyObject* t, PyObject* name, PyObject* want) { return release_is(PyObject_GetAttr(t, name), want); }
+
+bool call_is_true(PyObject* t, PyObject* method) { return release_is(PyObject_CallMethodNoArgs(t, method), Py_True); }
 
 bool data_ptr_of(PyObject* t, std::uintptr_t* out) {
   PyObject* v = PyObject_CallMethodNoArgs(t, lean_names().data_ptr);
@@ -185,32 +178,30 @@ bool data_ptr_of(PyObject* t, std::uintptr_t* out) {
   return true;
 }
 
-// One input tensor: dtype, CPU, contiguous, requires_grad (when asked); its shape (new
-// reference) and data pointer.
-bool lean_input(PyObject* t, PyObject* dtype, bool check_rg, py::object* shape, std::uintptr_t* ptr) {
+// One tensor: dtype, CPU, contiguous, requires_grad false (when asked); its shape (a new
+// reference) or null when any check fails.
+PyObject* lean_checked_shape(PyObject* t, PyObject* dtype, bool check_rg) {
   const LeanNames& k = lean_names();
-  if (!attr_is(t, k.dtype, dtype) || !attr_is(t, k.is_cpu, Py_True) || !call_is_true(t, k.is_contiguous)) return false;
-  if (check_rg && !attr_is(t, k.requires_grad, Py_False)) return false;
+  if (!attr_is(t, k.dtype, dtype) || !attr_is(t, k.is_cpu, Py_True) || !call_is_true(t, k.is_contiguous)) return nullptr;
+  if (check_rg && !attr_is(t, k.requires_grad, Py_False)) return nullptr;
   PyObject* s = PyObject_GetAttr(t, k.shape);
-  if (s == nullptr) {
-    PyErr_Clear();
-    return false;
-  }
+  if (s == nullptr) PyErr_Clear();
+  return s;
+}
+
+// One input tensor: the checks above; its shape and data pointer.
+bool lean_input(PyObject* t, PyObject* dtype, bool check_rg, py::object* shape, std::uintptr_t* ptr) {
+  PyObject* s = lean_checked_shape(t, dtype, check_rg);
+  if (s == nullptr) return false;
   *shape = py::reinterpret_steal<py::object>(s);
   return data_ptr_of(t, ptr);
 }
 
-// One caller-provided output: a tensor of dtype `dtype` on the CPU, contiguous, shaped
-// exactly like grads[i] (g_shape), not requiring grad (when asked); its data pointer.
+// One caller-provided output: the checks above and shaped exactly like grads[i]
+// (g_shape); its data pointer.
 bool lean_output(PyObject* t, PyObject* dtype, bool check_rg, PyObject* g_shape, std::uintptr_t* ptr) {
-  const LeanNames& k = lean_names();
-  if (!attr_is(t, k.dtype, dtype) || !attr_is(t, k.is_cpu, Py_True) || !call_is_true(t, k.is_contiguous)) return false;
-  if (check_rg && !attr_is(t, k.requires_grad, Py_False)) return false;
-  PyObject* s = PyObject_GetAttr(t, k.shape);
-  if (s == nullptr) {
-    PyErr_Clear();
-    return false;
-  }
+  PyObject* s = lean_checked_shape(t, dtype, check_rg);
+  if (s == nullptr) return false;
   const int same = PyObject_RichCompareBool(s, g_shape, Py_EQ);
   Py_DECREF(s);
   if (same != 1) {

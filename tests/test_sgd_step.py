@@ -434,10 +434,9 @@ def test_out_buffers_reused_across_calls(backend):
             assert torch.equal(cur_out[i], cur_new[i]), f"step {k}, tensor {i}"
 
 
-def test_out_large_outputs_take_the_lean_path(monkeypatch):
-    """Outputs of 1 MiB or more: the lean entry writes into out too (no allocation to
-    decline for), and the result equals the allocating call's."""
-    calls = []
+def _spy_lean(monkeypatch) -> list[bool]:
+    """Record, per sgd_step call, whether the lean CPU entry took it (True) or declined."""
+    calls: list[bool] = []
     real = op_module._lean_cpu_forward
 
     def spy(*args):
@@ -446,6 +445,13 @@ def test_out_large_outputs_take_the_lean_path(monkeypatch):
         return res
 
     monkeypatch.setattr(op_module, "_lean_cpu_forward", spy)
+    return calls
+
+
+def test_out_large_outputs_take_the_lean_path(monkeypatch):
+    """Outputs of 1 MiB or more: the lean entry writes into out too (no allocation to
+    decline for), and the result equals the allocating call's."""
+    calls = _spy_lean(monkeypatch)
     p, g = [torch.randn(70_000), torch.randn(5)], [torch.randn(4, 70_000), torch.randn(4, 5)]
     out = [torch.empty_like(x) for x in g]
     with torch.no_grad():
@@ -694,15 +700,7 @@ def test_lean_entry_out():
 
 
 def test_sgd_step_takes_the_lean_path_only_when_it_applies(monkeypatch):
-    calls = []
-    real = op_module._lean_cpu_forward
-
-    def spy(*args):
-        out = real(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(op_module, "_lean_cpu_forward", spy)
+    calls = _spy_lean(monkeypatch)
     p, g = [torch.randn(3), torch.randn(2, 2)], [torch.randn(4, 3), torch.randn(4, 2, 2)]
     with torch.no_grad():
         out = sgd_step(p, g, 0.1, backend="cpu")
