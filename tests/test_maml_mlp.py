@@ -11,21 +11,15 @@ import torch
 import fastmaml
 from fastmaml import reference as ref
 from fastmaml.ops import maml_mlp
+from maml_cases import assert_close_to_max
 
 MM = sys.modules["fastmaml.ops.maml_mlp"]  # the module (fastmaml.ops.maml_mlp is the function)
 TOL = {torch.float64: (1e-10, 1e-13), torch.float32: (2e-4, 1e-6)}
 
 
 def assert_close(name, got, want, dtype):
-    rtol, atol = TOL[dtype]
-    got, want = got.double(), want.double()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got - want).abs()
-    scale = want.abs().max().item() + 1e-30
-    worst = int(err.reshape(-1).argmax())
-    assert err.max().item() <= rtol * scale + atol, (
-        f"{name}: max abs error {err.max().item():.3e} (scale {scale:.3e}) at flat index {worst}: "
-        f"got {got.reshape(-1)[worst].item():.12g}, want {want.reshape(-1)[worst].item():.12g}")
+    """Compare with a tolerance relative to the largest magnitude; report the worst element."""
+    assert_close_to_max(name, got, want, *TOL[dtype])
 
 
 def problem(dims, T, Ns, Nq, loss, dtype, seed=0):

@@ -13,23 +13,14 @@ from fastmaml import backends
 from fastmaml import reference as ref
 from fastmaml.ops import mlp_hvp, mlp_loss_and_grad
 from fastmaml.reference.mlp import mlp_loss
+from maml_cases import assert_close_to_max
 
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-4, 1e-5)}  # (rtol, atol) relative to the max
 
 
 def assert_close(name, got, want, dtype):
     """Compare with a tolerance relative to the largest magnitude; report the worst element."""
-    rtol, atol = TOL[dtype]
-    got, want = got.double(), want.double()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got - want).abs()
-    scale = want.abs().max().item() + 1e-30
-    worst = int(err.reshape(-1).argmax()) if err.numel() else 0
-    bad = err.max().item() if err.numel() else 0.0
-    assert bad <= rtol * scale + atol, (
-        f"{name}: max abs error {bad:.3e} (scale {scale:.3e}) at flat index {worst}: "
-        f"got {got.reshape(-1)[worst].item():.10g}, want {want.reshape(-1)[worst].item():.10g}; "
-        f"{int((err > rtol * scale + atol).sum())} of {err.numel()} elements off")
+    assert_close_to_max(name, got, want, *TOL[dtype])
 
 
 def make_mlp(dims, T, N, loss, dtype, seed=0, device="cpu"):

@@ -315,6 +315,13 @@ def _lr_ptrs(spec: Spec, lrs: list[torch.Tensor]) -> list[int]:
     return [a.data_ptr() for a in lrs]
 
 
+def _kernel_spec_args(spec: Spec, lrs: list[torch.Tensor]) -> tuple:
+    """The launchers' shared arguments, in the bindings' order: sizes, shared flags, T,
+    dtype code, lr mode, lr value and lr pointers."""
+    return (spec.numel, spec.shared, spec.tasks, _DTYPE_CODE[spec.dtype], _KERNEL_LR_MODE[spec.lr_kind],
+            spec.lr_value, _lr_ptrs(spec, lrs))
+
+
 def _cuda_stream(device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     return index, torch.cuda.current_stream(index).cuda_stream
@@ -394,13 +401,7 @@ def _launch_forward(
         [p.data_ptr() for p in params],
         [g.data_ptr() for g in grads],
         out_ptrs,
-        spec.numel,
-        spec.shared,
-        spec.tasks,
-        _DTYPE_CODE[spec.dtype],
-        _KERNEL_LR_MODE[spec.lr_kind],
-        spec.lr_value,
-        _lr_ptrs(spec, lrs),
+        *_kernel_spec_args(spec, lrs),
     )
     if backend == "cpu":
         C.sgd_step_fwd_cpu(*args)  # also checks that no two inputs/outputs overlap (ValueError)
@@ -456,13 +457,7 @@ def _launch_backward(
         args = (
             [x.data_ptr() for x in v],
             [g.data_ptr() for g in grads],
-            spec.numel,
-            spec.shared,
-            spec.tasks,
-            _DTYPE_CODE[spec.dtype],
-            _KERNEL_LR_MODE[spec.lr_kind],
-            spec.lr_value,
-            _lr_ptrs(spec, lrs),
+            *_kernel_spec_args(spec, lrs),
             [ptr(d) if spec.shared[i] else 0 for i, d in enumerate(dtheta)],
             [ptr(d) for d in dgrad],
             dlr_ptrs,
