@@ -10,6 +10,13 @@ Examples::
     python -m fastmaml.bench --full --results-md benchmarks/RESULTS.md
     python -m fastmaml.bench --suite sinusoid --order second --peers loop,vmap,jax
     python -m fastmaml.bench --suite scaling-T --tasks 1,10,100 --device cpu
+    python -m fastmaml.bench --suite omniglot --peers fastmaml,jax --method-timeout 300
+
+``--method-timeout SECONDS`` runs each method in its own child process and kills it
+(with its compile workers) when it has no result after that many seconds; its row then
+says "timed out" and how far it got. Default: 600 s with ``--full`` (a cold JAX jit or
+torch.compile of a conv meta-step can take many minutes on a small CPU), off in quick
+mode (every method in this process); ``0`` turns it off. The micro ops always run here.
 """
 
 from __future__ import annotations
@@ -63,10 +70,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="quick", action="store_true", default=True, help="quick suite (default)")
     mode.add_argument("--full", dest="quick", action="store_false", help="every configuration and peer")
+    p.add_argument("--method-timeout", type=float, default=None, metavar="SECONDS",
+                   help="run each method in its own process, killed after SECONDS without a result "
+                        "(default: 600 with --full, off in quick mode; 0: off, in-process)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's default, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def method_timeout(args: argparse.Namespace) -> float | None:
+    """The per-method cap in seconds, or None (in-process): 600 in full mode, off in quick mode."""
+    if args.method_timeout is None:
+        return None if args.quick else 600.0
+    if args.method_timeout < 0:
+        raise SystemExit(f"--method-timeout must be >= 0 (0: no cap), got {args.method_timeout:g}")
+    return args.method_timeout or None
 
 
 def _device(name: str | None) -> torch.device:
@@ -157,7 +176,7 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     orders = {None: None, "second": (False,), "first": (True,), "both": (False, True)}[args.order]
     base = Settings(device=device, backend=args.backend,
                     warmup=1 if q else 3, reps=10 if q else 30, min_reps=3 if q else 5,
-                    budget_s=3.0 if q else 20.0)
+                    budget_s=3.0 if q else 20.0, method_timeout_s=method_timeout(args))
     if args.reps is not None:
         base = replace(base, reps=max(1, args.reps), min_reps=min(base.min_reps, max(1, args.reps)))
     if args.warmup is not None:
@@ -186,6 +205,7 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     meta["command"] = "python -m fastmaml.bench" + ("" if not argv else " " + shlex.join(argv))
     meta["mode"] = "quick" if q else "full"
     meta["suites"] = list(names)
+    meta["method_timeout_s"] = base.method_timeout_s
     meta["wall_s"] = time.perf_counter() - t_start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -200,6 +200,8 @@ def markdown_doc(results: list[ConfigResult], meta: dict, command: str) -> str:
         f"- versions: python {v['python']}, torch {v['torch']}, triton {v['triton']}, jax {v['jax']}, "
         f"higher {v['higher']}, fastmaml {v['fastmaml']}",
         f"- wall time of the run: {m.get('wall_s', 0):.0f} s",
+        f"- each method in its own process, capped at {m['method_timeout_s']:g} s"
+        if m.get("method_timeout_s") else "- every method in one process (no per-method cap)",
         "",
     ]
     body = [markdown_table(r) for r in results]
@@ -216,9 +218,13 @@ def legend(markdown: bool = False) -> str:
              "vmap": bn, "compile": " (cold compile: inductor caches disabled)" + bn,
              "jax": " (same network and weights in jax.numpy/jax.lax)"}
     items = [f"{k}: {v}{notes.get(k, '')}" for k, v in METHODS.items()]
+    statuses = ("DISAGREES: timed, no speedup; FAILED: raised an error or its process died; UNAVAILABLE: not "
+                "installed; TIMED OUT: no result within --method-timeout (its process was killed; the note says "
+                "how far it got); only rows whose meta-gradient agrees get a speedup")
     if markdown:
-        return "Methods:\n\n" + "\n".join(f"- `{i.split(':', 1)[0]}`:{i.split(':', 1)[1]}" for i in items)
-    return "methods:\n" + "\n".join(f"  {i}" for i in items)
+        return ("Methods:\n\n" + "\n".join(f"- `{i.split(':', 1)[0]}`:{i.split(':', 1)[1]}" for i in items)
+                + f"\n\nStatuses: {statuses}.")
+    return "methods:\n" + "\n".join(f"  {i}" for i in items) + f"\nstatuses: {statuses}"
 
 
 def write_json(results: list[ConfigResult], meta: dict, path: Path) -> None:
