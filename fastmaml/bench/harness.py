@@ -321,7 +321,9 @@ def _exit_reason(code: int | None) -> str:
 
 def run_isolated(cfg: Config, method: str, s: Settings, ref: list[torch.Tensor] | None, tol_rel: float | None,
                  digest: str) -> Row:
-    """``run_method`` in a spawned child process, killed after ``s.method_timeout_s`` seconds."""
+    """``run_method`` in a spawned child process, killed after ``s.method_timeout_s`` seconds
+    (wall clock from its start). The row's memory figure is measured in that fresh process;
+    ``info`` gets the cap, the wall time, when each stage was reached, the exit code."""
     cap = float(s.method_timeout_s)  # type: ignore[arg-type]
     ref_bytes = None
     if ref is not None:
@@ -393,7 +395,8 @@ def run_isolated(cfg: Config, method: str, s: Settings, ref: list[torch.Tensor] 
     row.info.update(isolated=True, timeout_s=cap, wall_s=wall, exit_code=proc.exitcode, pid=proc.pid,
                     stages_s={k: v[0] for k, v in stages.items()})
     if ready[0] is not None:
-        row.info.update(child_setup_s=ready[1]["setup_s"], threads=ready[1]["threads"])
+        row.info.update(child_setup_s=ready[1]["setup_s"], threads=ready[1]["threads"],
+                        problem_sha256=ready[1]["digest"])
     return row
 
 

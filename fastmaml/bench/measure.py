@@ -13,6 +13,10 @@ Peak memory of one meta-step, as growth above what was allocated before it:
   ``5`` to ``/proc/self/clear_refs``, and after the step the growth is
   ``VmHWM − VmRSS(before)``. It counts every allocator in the process (PyTorch, XLA,
   Python), so it is comparable across frameworks.
+
+With ``--method-timeout`` (isolation, see harness.py) each method runs in a fresh child
+process, so its figure is measured there: the same rule, with nothing left in the process
+by methods run before it.
 """
 
 from __future__ import annotations
