@@ -253,7 +253,7 @@ def problem_digest(problem: peers.Problem) -> str:
     for t in [*problem.model.state_dict().values(), *(x for b in problem.batches for x in b)]:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -282,7 +282,7 @@ def _child(conn, cfg: Config, method: str, s: Settings, ref_bytes: bytes | None,
         if ref_bytes is not None:
             ref = [r.to(s.device) for r in torch.load(io.BytesIO(ref_bytes), weights_only=True)]
         conn.send(("ready", dict(digest=problem_digest(problem), setup_s=time.perf_counter() - t0,
-                                 threads=torch.get_num_threads(), pid=os.getpid())))
+                                 threads=torch.get_num_threads())))
         row = run_method(method, problem, s, ref, tol_rel, lambda stage, d: conn.send((stage, d)))
         try:
             pickle.dumps(row)
