@@ -213,6 +213,10 @@ class MAML(nn.Module):
         # 'rev_rev' | 'fwd_rev'). The defaults are the fastest measured on CPU.
         self.task_map = "auto"
         self.hvp = "auto"
+        # How many tasks the CPU per-task loop runs at once ('auto' | int) and how much
+        # memory the earlier steps' support graphs may keep (MiB; 0: recompute them).
+        self.task_threads: int | str = "auto"
+        self.graph_memory_mb = generic.GRAPH_MEMORY_MB
         self.check_model()
         self.path, self.path_reason = self._select_path(p0.device)
         self._route_cache: dict = {}
@@ -342,8 +346,9 @@ class MAML(nn.Module):
         if self.path == "reference":
             out = ref.maml_loss(self._fn, self._params(), self._lrs_arg(), xs, ys, xq, yq, **kw)  # type: ignore[arg-type]
         else:
-            out = generic.maml_loss(self._fn, self._params(), self._lrs_arg(), xs, ys, xq, yq,
+            out = generic.maml_loss(generic.module_fn(self.model), self._params(), self._lrs_arg(), xs, ys, xq, yq,
                                     backend=self.backend, task_map=self._task_map(device), hvp=self.hvp,
+                                    task_threads=self.task_threads, graph_memory_mb=self.graph_memory_mb,
                                     **kw)  # type: ignore[arg-type]
         if self._buffer_versions() != versions:
             raise RuntimeError("the model modified one of its buffers in place during forward; MAML needs a model "
@@ -362,8 +367,9 @@ class MAML(nn.Module):
         kw = dict(steps=steps, loss=self.loss, adapt=self.adapt_names)
         if self._select_path(device)[0] == "reference":
             return ref.maml_adapt(self._fn, self._params(), self._lrs_arg(), xs, ys, **kw)  # type: ignore[arg-type]
-        return generic.adapt(self._fn, self._params(), self._lrs_arg(), xs, ys, backend=self.backend,
-                             task_map=self._task_map(device), **kw)  # type: ignore[arg-type]
+        return generic.adapt(generic.module_fn(self.model), self._params(), self._lrs_arg(), xs, ys, backend=self.backend,
+                             task_map=self._task_map(device), task_threads=self.task_threads,
+                             **kw)  # type: ignore[arg-type]
 
     def predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
         """Predictions of each task's adapted parameters ``fast`` (from ``adapt``) on
@@ -377,4 +383,5 @@ class MAML(nn.Module):
             if p.dim() == 0 or p.shape[0] != xq.shape[0]:
                 raise ValueError(f"fast[{n!r}] must be [T={xq.shape[0]}, ...] like xq, got shape {tuple(p.shape)}")
         device = xq.device
-        return generic.predict(self._fn, fast, xq, task_map=self._task_map(device))
+        return generic.predict(generic.module_fn(self.model), fast, xq, task_map=self._task_map(device),
+                               task_threads=self.task_threads)

@@ -32,7 +32,7 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def _both(fn, params, lrs, data, *, K, first_order=False, msl=None, adapt=None, loss="mse", task_map="auto",
-          hvp="auto", hvp_map="auto"):
+          hvp="auto", hvp_map="auto", **extra):
     """(reference loss, grads) and (generic loss, grads) over params and learned lrs."""
     out = []
     for path in ("reference", "generic"):
@@ -41,7 +41,7 @@ def _both(fn, params, lrs, data, *, K, first_order=False, msl=None, adapt=None, 
         if path == "reference":
             L = ref.maml_loss(fn, p, lrs, *data, **kw)
         else:
-            L = generic.maml_loss(fn, p, lrs, *data, task_map=task_map, hvp=hvp, hvp_map=hvp_map, **kw)
+            L = generic.maml_loss(fn, p, lrs, *data, task_map=task_map, hvp=hvp, hvp_map=hvp_map, **extra, **kw)
         wrt = list(p.values()) + [t for t in lr_tensors(lrs) if t.requires_grad]
         out.append((L.detach(), torch.autograd.grad(L, wrt)))
     return out
@@ -163,7 +163,8 @@ def test_conv_bn_hvp_map_matches_per_task_reference(pool, task_map, hvp, hvp_map
     data = (torch.randn(T, 3, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 3), generator=g),
             torch.randn(T, 4, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 4), generator=g))
     res = _both(module_fn(model), params, lrs, data, K=K, first_order=first_order, adapt=adapt,
-                loss="cross_entropy", task_map=task_map, hvp=hvp, hvp_map=hvp_map, msl=[0.3, 0.0, 1.0])
+                loss="cross_entropy", task_map=task_map, hvp=hvp, hvp_map=hvp_map, msl=[0.3, 0.0, 1.0],
+                graph_memory_mb=0)  # recompute the steps before the last: they use hvp_map
     _check(res, params)
 
 
@@ -270,3 +271,132 @@ def test_anil_k1_learned_lr(task_map):
     adapt = ["w1", "b1", "w2"]
     lrs = make_lrs("per_element", [params[n].shape for n in adapt], 1)
     _check(_both(mlp_fn, params, lrs, meta_batch(3, 4, 5, 3, 2), K=1, adapt=adapt, task_map=task_map), params)
+
+
+# --- concurrent tasks (task_threads) and kept support graphs (graph_memory_mb) ------------
+def _conv_case(seed=3, T=4, K=3):
+    torch.manual_seed(seed)
+    model = conv_bn_net(True).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    data = (torch.randn(T, 3, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 3), generator=g),
+            torch.randn(T, 4, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 4), generator=g))
+    return model, data
+
+
+@pytest.mark.parametrize("kind,first_order,anil", [("scalar", False, False), ("per_step_layer", False, True),
+                                                   ("per_element", True, False)])
+@pytest.mark.parametrize("graph_mb", [0, generic.GRAPH_MEMORY_MB])
+def test_conv_bn_concurrent_tasks_match_reference(kind, first_order, anil, graph_mb):
+    """Tasks run two at a time on worker threads (generic.module_fn: a module replica
+    per thread), with and without the earlier steps' graphs kept: same meta-gradient."""
+    model, data = _conv_case()
+    params = module_params(model)
+    adapt = list(params)[-2:] if anil else None
+    K = 3
+    lrs = make_lrs(kind, [params[n].shape for n in adapt or list(params)], K, base=0.05)
+    res = _both(generic.module_fn(model), params, lrs, data, K=K, first_order=first_order, adapt=adapt,
+                loss="cross_entropy", task_map="loop", msl=[0.3, 0.0, 1.0], task_threads=2,
+                graph_memory_mb=graph_mb)
+    _check(res, params)
+
+
+def test_module_fn_gives_each_thread_its_own_replica():
+    """functional_call swaps parameters on the module while it runs: two threads on one
+    module would see each other's weights. module_fn's workers use replicas that share
+    the tensors (nothing copied) and stay off the caller's module."""
+    import threading
+
+    model, _ = _conv_case()
+    fn = generic.module_fn(model)
+    x = torch.randn(3, 1, 8, 8, dtype=F64)
+    params = [{n: p + 0.1 * i for n, p in module_params(model).items()} for i in range(8)]
+    want = [torch.func.functional_call(model, p, (x,)) for p in params]
+    got = generic.run_tasks(lambda i: fn(params[i], x), 8, 2)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(fn(params[0], x)))
+    t.start()
+    t.join()
+    torch.testing.assert_close(seen[0], want[0], rtol=0, atol=1e-12)
+    assert dict(model.named_parameters()).keys() == module_params(model).keys()
+    for (n, p), q in zip(model.named_parameters(), module_params(model).values()):
+        assert p.data_ptr() != 0 and torch.equal(p.detach(), q)
+
+
+def test_task_threads_rule_and_bad_values():
+    model, data = _conv_case()
+    safe, plain = generic.module_fn(model), module_fn(model)
+    xs, xq = data[0], data[2]
+    n = torch.get_num_threads()
+    assert generic._choose_workers("auto", "loop", safe, xs, xq) == min(n, xs.shape[0])
+    assert generic._choose_workers("auto", "loop", plain, xs, xq) == 1  # not declared thread-safe
+    assert generic._choose_workers("auto", "vmap", safe, xs, xq) == 1
+    assert generic._choose_workers(3, "loop", plain, xs, xq) == 3  # an int declares it safe
+    big = torch.zeros(2, 1, generic.SMALL_TASK_INPUT + 1)
+    assert generic._choose_workers("auto", "loop", safe, big, big) == 1  # large per-task inputs: serial
+    params = module_params(model)
+    for bad in (0, -1, "2", True, 1.5):
+        with pytest.raises(ValueError, match=r"task_threads must be 'auto' or a positive int, got"):
+            generic.maml_loss(safe, params, 0.1, *data, steps=1, loss="cross_entropy", task_threads=bad)
+    for bad in (-1, float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match=r"graph_memory_mb must be a finite number >= 0, got"):
+            generic.maml_loss(safe, params, 0.1, *data, steps=1, loss="cross_entropy", graph_memory_mb=bad)
+
+
+def test_run_tasks_carries_grad_mode_and_errors():
+    with torch.no_grad():
+        assert generic.run_tasks(lambda t: torch.is_grad_enabled(), 4, 2) == [False] * 4
+    assert generic.run_tasks(lambda t: torch.is_grad_enabled(), 4, 2) == [True] * 4
+
+    def boom(t):
+        if t == 2:
+            raise KeyError("task 2")
+        return t
+
+    with pytest.raises(KeyError, match="task 2"):
+        generic.run_tasks(boom, 4, 2)
+
+
+def test_task_pool_keeps_the_callers_thread_setting():
+    """Workers run one intra-op thread each; the caller's setting, and the one new
+    threads start from, are left as they were."""
+    import threading
+
+    generic._task_pool(3)
+    assert generic.run_tasks(lambda t: torch.get_num_threads(), 3, 3) == [1, 1, 1]
+    main = torch.get_num_threads()
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [main]
+
+
+@pytest.mark.parametrize("graph_mb,kept_steps", [(generic.GRAPH_MEMORY_MB, 3), (0, 1), (1e-6, 1)])
+def test_support_graphs_kept_within_budget(monkeypatch, graph_mb, kept_steps):
+    """Within the budget every step's support graph is kept (no recomputation in the
+    backward); over it (or at 0) only the last one, the rest recomputed."""
+    model, data = _conv_case()
+    params = {n: p.requires_grad_(True) for n, p in module_params(model).items()}
+    calls = {"kept": 0, "recomputed": 0}
+    kept, rec = generic._Plan.support_grads_kept, generic._Plan.grad_hvp
+
+    def spy_kept(self, *a, **k):
+        calls["kept"] += 1
+        return kept(self, *a, **k)
+
+    def spy_rec(self, *a, **k):
+        calls["recomputed"] += 1
+        return rec(self, *a, **k)
+
+    monkeypatch.setattr(generic._Plan, "support_grads_kept", spy_kept)
+    monkeypatch.setattr(generic._Plan, "grad_hvp", spy_rec)
+    M = generic.maml_loss(generic.module_fn(model), params, 0.05, *data, steps=3, loss="cross_entropy",
+                          graph_memory_mb=graph_mb)
+    torch.autograd.grad(M, list(params.values()))
+    if kept_steps == 3:
+        assert calls == {"kept": 3, "recomputed": 0}
+    else:  # step 0 is measured (kept, then dropped when over budget) unless the budget is 0
+        assert calls["recomputed"] == 2
+        assert calls["kept"] == (1 if graph_mb == 0 else 2)
