@@ -199,6 +199,14 @@ def test_slow_methods_get_one_warmup_and_at_least_one_rep(monkeypatch):
     # fast: first call + 3 warm-ups + at least min_reps timed reps
     assert len(fast.times_s) >= 4 and calls["fast"] == 4 + len(fast.times_s)
 
+    # very slow (the warm-up call alone exceeds the whole budget): timed by that call
+    calls.update(slow=0)
+    s2 = harness.Settings(device=torch.device("cpu"), warmup=3, reps=4, min_reps=4, budget_s=0.2,
+                          memory=True, check=False, n_batches=2)
+    slow2 = harness.run_config(cfg, ["slow"], s2).rows[0]
+    assert calls["slow"] == 2 and len(slow2.times_s) == 1 and slow2.times_s[0] >= 0.25
+    assert "timed by its one warm-up call" in slow2.info["slow_method"] and slow2.median_s == slow2.times_s[0]
+
 
 def test_unavailable_and_failing_methods_are_reported(monkeypatch):
     cfg = Config("sinusoid", 2, 1, 0.01, False)
