@@ -258,20 +258,28 @@ def module_fn(model: torch.nn.Module) -> PureFn:
     object while it runs, so two threads must not share one module: a worker thread gets
     its own replica of the module's structure (made once per ``module_fn``), sharing the
     parameter and buffer tensors with ``model`` (nothing is copied, the replica sees the
-    same buffers). The thread that called ``module_fn`` uses ``model`` itself."""
+    same buffers). The thread that called ``module_fn`` uses ``model`` itself; a module
+    that cannot be deep-copied is shared, its calls made one at a time (correct, serial)."""
     owner = threading.get_ident()
-    replicas: dict[int, torch.nn.Module] = {}
-    lock = threading.Lock()
+    replicas: dict[int, torch.nn.Module | None] = {}
+    lock = threading.Lock()  # replica creation; and the calls on ``model`` if it cannot be copied
 
     def fn(params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         tid = threading.get_ident()
-        m = model
-        if tid != owner:
-            m = replicas.get(tid)  # type: ignore[assignment]
-            if m is None:
-                with lock:
-                    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-                    m = replicas[tid] = copy.deepcopy(model, memo)
+        if tid == owner:
+            with lock:
+                return torch.func.functional_call(model, params, (x,))
+        if tid not in replicas:
+            with lock:
+                memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+                try:
+                    replicas[tid] = copy.deepcopy(model, memo)
+                except Exception:  # noqa: BLE001 - a module that cannot be copied: share it, one call at a time
+                    replicas[tid] = None
+        m = replicas[tid]
+        if m is None:
+            with lock:
+                return torch.func.functional_call(model, params, (x,))
         return torch.func.functional_call(m, params, (x,))
 
     fn.thread_safe = True  # type: ignore[attr-defined]
