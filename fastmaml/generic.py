@@ -87,8 +87,9 @@ the yardstick): Omniglot T=32 K=5: loop peer 3.87 s, loop-mapped HVPs 4.49 s,
 vmapped HVPs 3.44 s (an earlier run: 2.93 / 5.97 / 2.59 s). miniImageNet T=2 K=5
 (25 images of 84×84 per task): loop peer 5.79 s, loop-mapped HVPs 5.55 s, vmapped
 HVPs 9.00 s — grouped convolutions on large images lose, so larger support sets keep
-the loop. At K=1 the backward needs no recomputed HVP (the last step's graph is
-kept, below), so the choice does not matter there.
+the loop. Only the steps whose support graph was not kept (see Memory above: the last
+step's always is, earlier ones within ``graph_memory_mb``) recompute an HVP, so the
+choice matters only for those; at K=1, or with every graph kept, it does not matter.
 
 The meta-loss is once-differentiable: its backward is the adjoint above, run without
 a graph; a double backward through it raises a RuntimeError.
@@ -487,21 +488,20 @@ class _Plan:
                     f = self._leaves(pf) if with_fixed else list(pf)
                     return a, f, self._grads(self.loss(tuple(a), tuple(f), xs[t], ys[t]), a, create_graph=True)
 
-                def one(t: int) -> tuple:
-                    with torch.enable_grad():
-                        if not measure:
-                            return build(t)
-                        seen = {x.untyped_storage().data_ptr() for x in (*pa, *pf, xs, ys)}
+                def one(t: int) -> tuple:  # run_tasks carries the enabled grad mode into workers
+                    if not measure:
+                        return build(t)
+                    seen = {x.untyped_storage().data_ptr() for x in (*pa, *pf, xs, ys)}
 
-                        def pack(x: torch.Tensor) -> torch.Tensor:
-                            st = x.untyped_storage()
-                            if st.data_ptr() not in seen:
-                                seen.add(st.data_ptr())
-                                sizes[t] += st.nbytes()
-                            return x
+                    def pack(x: torch.Tensor) -> torch.Tensor:
+                        st = x.untyped_storage()
+                        if st.data_ptr() not in seen:
+                            seen.add(st.data_ptr())
+                            sizes[t] += st.nbytes()
+                        return x
 
-                        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-                            return build(t)
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                        return build(t)
 
                 graphs = run_tasks(one, T, self.workers)
         if self.task_map == "vmap":
@@ -571,7 +571,8 @@ class _Plan:
                 return g[0], hv[0], hv[1]
             return g, hv, None
         if self.hvp in ("fwd_rev", "rev_rev"):  # torch.func per task, in a Python loop
-            g, hv = map_tasks(self._task_grad_hvp(with_fixed), (d, None, 0, 0, 0), "loop", self.workers)(pa, pf, xs, ys, u)
+            per_task = map_tasks(self._task_grad_hvp(with_fixed), (d, None, 0, 0, 0), "loop", self.workers)
+            g, hv = per_task(pa, pf, xs, ys, u)
             if with_fixed:
                 return g[0], hv[0], hv[1]
             return g, hv, None
@@ -764,9 +765,9 @@ def maml_loss(
     inputs and an ``fn`` made by :func:`module_fn`, as many as torch's intra-op threads,
     else 1; an int > 1 declares ``fn`` safe to call from several threads at once);
     ``graph_memory_mb``: how much memory the support graphs of the steps before the last
-    may keep for the backward (per-task loop; 0: recompute them, the minimum-memory mode). Returns a 0-d tensor whose
-    backward is the adjoint; it is once-differentiable (a double backward raises
-    RuntimeError)."""
+    may keep for the backward (per-task loop; 0: recompute them, the minimum-memory
+    mode). Returns a 0-d tensor whose backward is the adjoint; it is once-differentiable
+    (a double backward raises RuntimeError)."""
     prob = check_problem(fn, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,
                          msl_weights=msl_weights, adapt=adapt)
     tm = _choose_task_map(task_map, xs)

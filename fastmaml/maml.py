@@ -346,7 +346,8 @@ class MAML(nn.Module):
         if self.path == "reference":
             out = ref.maml_loss(self._fn, self._params(), self._lrs_arg(), xs, ys, xq, yq, **kw)  # type: ignore[arg-type]
         else:
-            out = generic.maml_loss(generic.module_fn(self.model), self._params(), self._lrs_arg(), xs, ys, xq, yq,
+            fn = generic.module_fn(self.model)  # safe to call from the task workers
+            out = generic.maml_loss(fn, self._params(), self._lrs_arg(), xs, ys, xq, yq,
                                     backend=self.backend, task_map=self._task_map(device), hvp=self.hvp,
                                     task_threads=self.task_threads, graph_memory_mb=self.graph_memory_mb,
                                     **kw)  # type: ignore[arg-type]
@@ -367,8 +368,8 @@ class MAML(nn.Module):
         kw = dict(steps=steps, loss=self.loss, adapt=self.adapt_names)
         if self._select_path(device)[0] == "reference":
             return ref.maml_adapt(self._fn, self._params(), self._lrs_arg(), xs, ys, **kw)  # type: ignore[arg-type]
-        return generic.adapt(generic.module_fn(self.model), self._params(), self._lrs_arg(), xs, ys, backend=self.backend,
-                             task_map=self._task_map(device), task_threads=self.task_threads,
+        return generic.adapt(generic.module_fn(self.model), self._params(), self._lrs_arg(), xs, ys,
+                             backend=self.backend, task_map=self._task_map(device), task_threads=self.task_threads,
                              **kw)  # type: ignore[arg-type]
 
     def predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:

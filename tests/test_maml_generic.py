@@ -371,14 +371,20 @@ def test_task_pool_keeps_the_callers_thread_setting():
     threads start from, are left as they were."""
     import threading
 
-    generic._task_pool(3)
-    assert generic.run_tasks(lambda t: torch.get_num_threads(), 3, 3) == [1, 1, 1]
-    main = torch.get_num_threads()
-    seen = []
-    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    assert seen == [main]
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)  # not 1 (this module's setting), so a leaked worker setting shows
+    try:
+        generic._task_pool(1)
+        generic._task_pool(3)  # a new pool (its size changed): its workers set themselves to 1 thread
+        assert generic.run_tasks(lambda t: torch.get_num_threads(), 3, 3) == [1, 1, 1]
+        assert torch.get_num_threads() == 2
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("graph_mb,kept_steps", [(generic.GRAPH_MEMORY_MB, 3), (0, 1), (1e-6, 1)])

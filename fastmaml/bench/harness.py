@@ -207,16 +207,18 @@ def run_method(method: str, problem: peers.Problem, s: Settings, ref: list[torch
             else:
                 dt, out = measure.time_call(lambda: prepared.step(i), prepared.sync, dev, fw)
             del out
-            if w == 0:
-                if dt > s.budget_s / max(1, s.min_reps):
-                    min_reps = 1
-                    row.info["slow_method"] = f"one warm-up call only, at least 1 timed rep (step > {s.budget_s / max(1, s.min_reps):.2g} s)"
-                    if dt > s.budget_s:
-                        very_slow = True
-                        row.times_s.append(dt)
-                        row.info["slow_method"] = (f"timed by its one warm-up call (the second call; step "
-                                                   f"> the {s.budget_s:.2g} s budget)")
-                    break
+            slow_above = s.budget_s / max(1, s.min_reps)
+            if w == 0 and dt > slow_above:
+                min_reps = 1
+                very_slow = dt > s.budget_s
+                if very_slow:
+                    row.times_s.append(dt)
+                    row.info["slow_method"] = (f"timed by its one warm-up call (the second call; step "
+                                               f"> the {s.budget_s:.2g} s budget)")
+                else:
+                    row.info["slow_method"] = (f"one warm-up call only, at least 1 timed rep "
+                                               f"(step > {slow_above:.2g} s)")
+                break
         if on_stage:
             on_stage("warmup", dict(peak_bytes=row.peak_bytes, memory_kind=row.memory_kind))
         # 3. timed repetitions on rotated batches
