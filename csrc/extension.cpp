@@ -440,6 +440,15 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SGD_STEP_CUDA_TABLE") = py::make_tuple(kSgdStepMaxTensors, kSgdStepMaxBlocks, kSgdStepBlockThreads,
                                                  kSgdStepFwdRows);
 
+  // batch_norm in batch-statistics mode (csrc/batch_norm_cpu.cpp; fastmaml/batch_norm.py).
+  // Raw pointers, no checks here: the Python caller allocates and validates every tensor.
+  m.def("batch_norm_fwd_cpu", &batch_norm_fwd_cpu, py::call_guard<py::gil_scoped_release>(),
+        "(dtype, N, C, L, x, w, b, y, mean, rstd, eps, threads): y, mean, rstd of batch-statistics BN (CPU)");
+  m.def("batch_norm_bwd_cpu", &batch_norm_bwd_cpu, py::call_guard<py::gil_scoped_release>(),
+        "(dtype, N, C, L, x, w, mean, rstd, gy, dx, dw, db, threads): its backward (CPU; dx may be 0)");
+  m.def("batch_norm_bwd_bwd_cpu", &batch_norm_bwd_bwd_cpu, py::call_guard<py::gil_scoped_release>(),
+        "(dtype, N, C, L, x, w, mean, rstd, gy, a, bw, bb, g_gy, g_x, g_w, threads): its double backward (CPU)");
+
   // mlp_loss_and_grad / mlp_hvp / maml_mlp (csrc/mlp.h)
   m.def("mlp_loss_and_grad_cpu", &mlp_loss_and_grad_cpu, "per-task MLP loss [T] and gradient (CPU)");
   m.def("mlp_hvp_cpu", &mlp_hvp_cpu, "per-task MLP Hessian-vector product (CPU)");

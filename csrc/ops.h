@@ -49,6 +49,20 @@ void sgd_step_check_overlap(const SgdStepArgs& a);
 // every input and from the other outputs (out == nullptr: inputs only).
 void sgd_step_check_overlap_outputs(const SgdStepArgs& a, const std::vector<std::uintptr_t>* out);
 
+// ---- batch_norm, batch-statistics mode (batch_norm_cpu.cpp; fastmaml/batch_norm.py) ----------
+// x: contiguous [N, C, L]; w, b, mean, rstd: [C]; dtype: 0 float32, 1 float64. Pointers
+// that may be 0 (= absent): dx; a, bw, bb (zero cotangents); g_gy, g_x.
+void batch_norm_fwd_cpu(int dtype, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w,
+                        std::uintptr_t b, std::uintptr_t y, std::uintptr_t mean, std::uintptr_t rstd, double eps,
+                        int threads);
+void batch_norm_bwd_cpu(int dtype, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w,
+                        std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t gy, std::uintptr_t dx,
+                        std::uintptr_t dw, std::uintptr_t db, int threads);
+void batch_norm_bwd_bwd_cpu(int dtype, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w,
+                            std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t gy, std::uintptr_t a,
+                            std::uintptr_t bw, std::uintptr_t bb, std::uintptr_t g_gy, std::uintptr_t g_x,
+                            std::uintptr_t g_w, int threads);
+
 // ---- mlp (mlp.h; mlp_cpu.cpp, mlp_cuda.cu) ---------------------------------------------
 // dims: [d_0, ..., d_L]; act: 0 relu, 1 tanh; loss: 0 mse, 1 cross_entropy; dtype: 0/1.
 // Pointer lists hold one pointer per layer (W_l [T, d_l, d_{l-1}], b_l [T, d_l]).

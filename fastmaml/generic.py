@@ -108,6 +108,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fastmaml import ops
+from fastmaml._autograd import once_differentiable as _once_differentiable
+from fastmaml.batch_norm import FusedBatchNorm
+from fastmaml.batch_norm import available as fused_bn_available
 from fastmaml._maml_common import MetaProblem, PureFn, check_problem
 
 TASK_MAPS = ("auto", "vmap", "loop")
@@ -120,35 +123,9 @@ _DOUBLE_BACKWARD = (
 
 
 def once_differentiable(backward: Callable[..., tuple]) -> Callable[..., tuple]:
-    """Like ``torch.autograd.function.once_differentiable``: run the backward without a
-    graph; when the caller asked for a graph (create_graph=True), return gradients whose
-    own backward raises a RuntimeError with a clear message (torch's decorator does this
-    only when the incoming gradient requires grad, which ``autograd.grad(...,
-    create_graph=True)`` of a scalar does not, leaving a confusing error later)."""
-
-    def wrapper(ctx: Any, *args: Any) -> tuple:
-        with torch.no_grad():
-            out = backward(ctx, *args)
-        if not torch.is_grad_enabled():
-            return out
-        live = [i for i, o in enumerate(out) if isinstance(o, torch.Tensor)]
-        if not live:
-            return out
-        # Tie the error node to the differentiable inputs (× 0) so that a later
-        # autograd.grad(..., inputs) reaches it instead of reporting "unused".
-        anchors = [t for t in ctx.saved_tensors if t.requires_grad and t.numel()]
-        zero = sum(t.reshape(-1)[0] for t in anchors) * 0 if anchors else None
-        err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD.encode(), len(live))
-        wrapped = err(*[out[i].detach().requires_grad_(True) if zero is None else out[i].detach() + zero
-                        for i in live])
-        if isinstance(wrapped, torch.Tensor):
-            wrapped = (wrapped,)
-        res = list(out)
-        for i, w in zip(live, wrapped):
-            res[i] = w
-        return tuple(res)
-
-    return wrapper
+    """The meta-step's backward runs without a graph; a double backward raises (see
+    :func:`fastmaml._autograd.once_differentiable`)."""
+    return _once_differentiable(backward, _DOUBLE_BACKWARD)
 
 
 def _choose_task_map(task_map: str, xs: torch.Tensor) -> str:
@@ -345,6 +322,8 @@ class _Plan:
     hvp_map: str = ""  # task map of the backward's HVPs only ('' = task_map)
     workers: int = 1  # tasks the per-task loop runs at once (see run_tasks)
     graph_budget: int = 0  # bytes of support graphs kept beyond the last step's (see _MetaStep)
+    fused_bn: bool = False  # route the model's batch-statistics F.batch_norm to fastmaml.batch_norm
+    per_task: bool = False  # one task at a time: forward and adjoint per task (see _MetaStep)
 
     # --- per-task pieces -----------------------------------------------------------
     def params(self, pa: Sequence[torch.Tensor], pf: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -353,6 +332,9 @@ class _Plan:
         return d
 
     def loss(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.fused_bn and not torch._C._are_functorch_transforms_active():
+            with FusedBatchNorm():  # per call: torch function modes are per thread
+                return self.prob.loss_fn(self.fn(self.params(pa, pf), x), y)
         return self.prob.loss_fn(self.fn(self.params(pa, pf), x), y)
 
     def _task_grad_hvp(self, with_fixed: bool) -> Callable[..., Any]:
@@ -585,11 +567,148 @@ class _Plan:
         return g, hv, None
 
 
+@dataclass
+class _Pass:
+    """What one forward pass over a chunk of tasks keeps for its adjoint: the inputs it
+    recomputes from, θ_k (second order), g_k (first order with a learned lr),
+    ∇Lq(θ_k) at the MSL steps, the kept support graphs and the query gradients of φ."""
+
+    phi: tuple
+    lr_t: list
+    xs: torch.Tensor
+    ys: torch.Tensor
+    states: list
+    gs: list
+    gq_a: list
+    gq_f: list
+    kept: list
+    shapes: list
+
+
+def _forward_pass(plan: _Plan, theta_a: tuple, phi: tuple, lr_t: list, xs: torch.Tensor, ys: torch.Tensor,
+                  xq: torch.Tensor, yq: torch.Tensor, flags: tuple[bool, bool, bool]) -> tuple[torch.Tensor, _Pass]:
+    """The K inner steps and the query losses of the tasks in xs (no graph). Returns
+    Σ_k w_k mean_t Lq_t(θ_{t,k}) over these tasks and what their adjoint needs."""
+    prob = plan.prob
+    need_a, need_f, need_lr = flags
+    need_any = need_a or need_f or need_lr
+    second = not prob.first_order
+    keep_states = need_any and second
+    keep_g = need_lr and not second
+
+    pa: tuple = theta_a
+    states: list[tuple] = [theta_a]  # θ_0 is shared by the tasks (not expanded)
+    gs: list[tuple] = []
+    gq_a: list[tuple | None] = [None] * (prob.steps + 1)
+    gq_f = [torch.zeros_like(p) for p in phi] if need_f else []
+    total = torch.zeros((), dtype=xs.dtype, device=xs.device)
+    # Keep the last step's support graph for the backward (saves its recomputation),
+    # and the earlier steps' too while they fit the budget: step 0's graph is measured
+    # (per-task loop) and kept only if K-1 graphs of its size fit plan.graph_budget.
+    keep_last = keep_states and (plan.task_map == "loop" or plan.hvp == "autograd")
+    keep_more = keep_last and plan.task_map == "loop" and plan.graph_budget > 0 and prob.steps > 1
+    kept: list = [None] * prob.steps  # (g_k, hvp_k) of the steps whose graph is kept
+    for k in range(prob.steps):
+        if keep_last and (k == prob.steps - 1 or keep_more):
+            g, hvp_k, size = plan.support_grads_kept(pa, phi, xs, ys, k == 0, need_f, measure=(k == 0))
+            kept[k] = (g, hvp_k)
+            if k == 0 and k != prob.steps - 1 and (size is None or size * (prob.steps - 1) > plan.graph_budget):
+                keep_more = False
+                kept[0] = None  # over budget: recompute this step in the backward instead
+        else:
+            g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
+        if keep_g:
+            gs.append(g)
+        pa = _inner_update(pa, g, prob.lr.sgd_lr(k, lr_t), plan.sgd_backend)
+        del g
+        if keep_states and k + 1 < prob.steps:
+            states.append(pa)
+        w = prob.msl[k]
+        if w == 0.0:
+            continue
+        if need_any:
+            grads, val = plan.query(pa, phi, xq, yq, True, need_f)
+            if need_f:
+                ga, gf = grads
+                for acc, gfi in zip(gq_f, gf):
+                    acc.add_(gfi.sum(0), alpha=w)
+            else:
+                ga = grads
+            gq_a[k + 1] = ga
+            del grads, ga
+        else:
+            val = plan.query(pa, phi, xq, yq, False, False)
+        total = total + w * val.mean()
+    return total, _Pass(phi, lr_t, xs, ys, states, gs, gq_a, gq_f, kept, [p.shape for p in theta_a])
+
+
+def _adjoint(plan: _Plan, st: _Pass, scale: torch.Tensor | float, flags: tuple[bool, bool, bool]) -> tuple:
+    """The adjoint recursion over the tasks of one forward pass: (dθa, dφ, dlr), each a
+    list (None entries where not needed); ``scale`` = the incoming gradient / T. Frees
+    the pass's θ_k and kept graphs as it goes."""
+    prob = plan.prob
+    need_a, need_f, need_lr = flags
+    phi, lr_t, xs, ys = st.phi, st.lr_t, st.xs, st.ys
+    K = prob.steps
+    second = not prob.first_order
+
+    # v_K = (w_K/T) ∇Lq(θ_K), per task [T, *shape_i]
+    if prob.msl[K - 1] != 0.0:
+        v = [scale * prob.msl[K - 1] * gi for gi in st.gq_a[K]]
+    else:
+        v = [torch.zeros((xs.shape[0], *s), dtype=xs.dtype, device=xs.device) for s in st.shapes]
+    dlr = [torch.zeros_like(t) for t in lr_t] if need_lr else []
+    dphi = [scale * w for w in st.gq_f] if need_f else []
+    for k in reversed(range(K)):
+        if second:
+            u = tuple(prob.lr.rate(k, i, lr_t) * vi for i, vi in enumerate(v))  # α_k ⊙ v_{k+1}
+            if st.kept[k] is not None:
+                g_a, (hv_a, hv_f) = st.kept[k][0], st.kept[k][1](u)
+                st.kept[k] = None  # used once
+            else:
+                g_a, hv_a, hv_f = plan.grad_hvp(st.states[k], phi, xs, ys, u, k == 0, need_f)
+            st.states[k] = None  # used once
+            if need_f:
+                for acc, h in zip(dphi, hv_f):
+                    acc.sub_(h.sum(0))  # dφ −= H_{φθ}(α_k ⊙ v_{k+1})
+        else:
+            g_a = st.gs[k] if need_lr else None
+        if need_lr:
+            for i, (gi, vi) in enumerate(zip(g_a, v)):
+                prob.lr.reduce_grad(k, i, -(gi * vi), dlr)  # dα_k += −g_k ⊙ v_{k+1}
+        # In place (v is a fresh tensor made at the start of the backward).
+        if second:
+            for vi, hi in zip(v, hv_a):
+                vi.sub_(hi)  # v_k = v_{k+1} − H_k(α_k ⊙ v_{k+1})
+            del u, hv_a, hv_f
+        if k >= 1 and prob.msl[k - 1] != 0.0:
+            for vi, gi in zip(v, st.gq_a[k]):
+                vi.add_(scale * prob.msl[k - 1] * gi)
+    dtheta = [vi.sum(0) for vi in v] if need_a else [None] * len(st.shapes)
+    if not need_f:
+        dphi = [None] * len(phi)
+    if not need_lr:
+        dlr = [None] * len(lr_t)
+    return dtheta, dphi, dlr
+
+
+def _add(acc: list | None, new: list) -> list:
+    return new if acc is None else [a if b is None else a + b for a, b in zip(acc, new)]
+
+
 class _MetaStep(torch.autograd.Function):
     """forward(plan, *θa, *φ, *lr_tensors, xs, ys, xq, yq) -> M (0-d).
 
     Classic ``forward(ctx, ...)`` style rather than ``setup_context``: the forward's
     products the backward needs (θ_k, g_k, ∇Lq(θ_k)) are intermediates, not outputs.
+
+    One task at a time (``plan.per_task``: the serial per-task loop whose HVPs are
+    per task too): the forward runs each task's inner loop, query and adjoint before the
+    next task's, keeping that task's meta-gradient (for an incoming gradient of 1; the
+    meta-gradient is linear in it) and freeing its θ_k and support graphs. Memory then
+    holds one task's graphs and activations instead of all T tasks' (the per-task loop
+    peer's profile), at the price of computing the meta-gradient in the forward (so only
+    when a meta-gradient is needed).
     """
 
     @staticmethod
@@ -606,61 +725,28 @@ class _MetaStep(torch.autograd.Function):
         need_a = grad_on and any(ctx.needs_input_grad[1:1 + na])
         need_f = grad_on and any(ctx.needs_input_grad[1 + na:1 + na + nf])
         need_lr = grad_on and any(ctx.needs_input_grad[1 + na + nf:1 + na + nf + plan.n_lr])
+        flags = (need_a, need_f, need_lr)
         need_any = need_a or need_f or need_lr
-        second = not prob.first_order
-        keep_states = need_any and second
-        keep_g = need_lr and not second
-
-        pa: tuple = theta_a
-        states: list[tuple] = [theta_a]  # θ_0 is shared by the tasks (not expanded)
-        gs: list[tuple] = []
-        gq_a: list[tuple | None] = [None] * (prob.steps + 1)
-        gq_f = [torch.zeros_like(p) for p in phi] if need_f else []
-        total = torch.zeros((), dtype=xs.dtype, device=xs.device)
-        # Keep the last step's support graph for the backward (saves its recomputation),
-        # and the earlier steps' too while they fit the budget: step 0's graph is measured
-        # (per-task loop) and kept only if K-1 graphs of its size fit plan.graph_budget.
-        keep_last = keep_states and (plan.task_map == "loop" or plan.hvp == "autograd")
-        keep_more = keep_last and plan.task_map == "loop" and plan.graph_budget > 0 and prob.steps > 1
-        kept: list = [None] * prob.steps  # (g_k, hvp_k) of the steps whose graph is kept
-        for k in range(prob.steps):
-            if keep_last and (k == prob.steps - 1 or keep_more):
-                g, hvp_k, size = plan.support_grads_kept(pa, phi, xs, ys, k == 0, need_f, measure=(k == 0))
-                kept[k] = (g, hvp_k)
-                if k == 0 and k != prob.steps - 1 and (size is None or size * (prob.steps - 1) > plan.graph_budget):
-                    keep_more = False
-                    kept[0] = None  # over budget: recompute this step in the backward instead
-            else:
-                g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
-            if keep_g:
-                gs.append(g)
-            pa = _inner_update(pa, g, prob.lr.sgd_lr(k, lr_t), plan.sgd_backend)
-            del g
-            if keep_states and k + 1 < prob.steps:
-                states.append(pa)
-            w = prob.msl[k]
-            if w == 0.0:
-                continue
+        T = prob.T
+        ctx.pre = None
+        if need_any and plan.per_task and T > 1:
+            total = torch.zeros((), dtype=xs.dtype, device=xs.device)
+            grads = None
+            for t in range(T):
+                s = slice(t, t + 1)
+                tot_t, st = _forward_pass(plan, theta_a, phi, lr_t, xs[s], ys[s], xq[s], yq[s], flags)
+                total = total + tot_t / T
+                dt, df, dl = _adjoint(plan, st, 1.0 / T, flags)
+                del st
+                grads = _add(grads, [*dt, *df, *dl])
+            ctx.pre = grads
+        else:
+            total, st = _forward_pass(plan, theta_a, phi, lr_t, xs, ys, xq, yq, flags)
             if need_any:
-                grads, val = plan.query(pa, phi, xq, yq, True, need_f)
-                if need_f:
-                    ga, gf = grads
-                    for acc, gfi in zip(gq_f, gf):
-                        acc.add_(gfi.sum(0), alpha=w)
-                else:
-                    ga = grads
-                gq_a[k + 1] = ga
-                del grads, ga
-            else:
-                val = plan.query(pa, phi, xq, yq, False, False)
-            total = total + w * val.mean()
-
+                ctx.st = st
         if need_any:
             ctx.plan = plan
-            ctx.flags = (need_a, need_f, need_lr)
-            ctx.states, ctx.gs, ctx.gq_a, ctx.gq_f = states, gs, gq_a, gq_f
-            ctx.kept = kept
-            ctx.shapes = [p.shape for p in theta_a]
+            ctx.flags = flags
             ctx.save_for_backward(*flat)  # version counters catch in-place edits of the inputs
         return total
 
@@ -668,56 +754,15 @@ class _MetaStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:  # type: ignore[override]
         plan: _Plan = ctx.plan
-        prob = plan.prob
-        need_a, need_f, need_lr = ctx.flags
-        flat = ctx.saved_tensors
-        na, nf = len(prob.adapted), len(prob.fixed)
-        phi = tuple(flat[na:na + nf])
-        lr_t = list(flat[na + nf:na + nf + plan.n_lr])
-        xs, ys = flat[na + nf + plan.n_lr], flat[na + nf + plan.n_lr + 1]
-        T = prob.T
-        scale = grad_out / T  # every term of M carries 1/T and the incoming gradient
-        K = prob.steps
-        second = not prob.first_order
-
-        # v_K = (w_K/T) ∇Lq(θ_K), per task [T, *shape_i]
-        if prob.msl[K - 1] != 0.0:
-            v = [scale * prob.msl[K - 1] * gi for gi in ctx.gq_a[K]]
+        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since the forward
+        if ctx.pre is not None:
+            grads = [None if g is None else g * grad_out for g in ctx.pre]
+            ctx.pre = None
         else:
-            v = [torch.zeros((T, *s), dtype=xs.dtype, device=xs.device) for s in ctx.shapes]
-        dlr = [torch.zeros_like(t) for t in lr_t] if need_lr else []
-        dphi = [scale * w for w in ctx.gq_f] if need_f else []
-        for k in reversed(range(K)):
-            if second:
-                u = tuple(prob.lr.rate(k, i, lr_t) * vi for i, vi in enumerate(v))  # α_k ⊙ v_{k+1}
-                if ctx.kept[k] is not None:
-                    g_a, (hv_a, hv_f) = ctx.kept[k][0], ctx.kept[k][1](u)
-                    ctx.kept[k] = None  # used once
-                else:
-                    g_a, hv_a, hv_f = plan.grad_hvp(ctx.states[k], phi, xs, ys, u, k == 0, need_f)
-                ctx.states[k] = None  # used once
-                if need_f:
-                    for acc, h in zip(dphi, hv_f):
-                        acc.sub_(h.sum(0))  # dφ −= H_{φθ}(α_k ⊙ v_{k+1})
-            else:
-                g_a = ctx.gs[k] if need_lr else None
-            if need_lr:
-                for i, (gi, vi) in enumerate(zip(g_a, v)):
-                    prob.lr.reduce_grad(k, i, -(gi * vi), dlr)  # dα_k += −g_k ⊙ v_{k+1}
-            # In place (v is a fresh tensor made at the start of the backward).
-            if second:
-                for vi, hi in zip(v, hv_a):
-                    vi.sub_(hi)  # v_k = v_{k+1} − H_k(α_k ⊙ v_{k+1})
-                del u, hv_a, hv_f
-            if k >= 1 and prob.msl[k - 1] != 0.0:
-                for vi, gi in zip(v, ctx.gq_a[k]):
-                    vi.add_(scale * prob.msl[k - 1] * gi)
-        dtheta = [vi.sum(0) for vi in v] if need_a else [None] * na
-        if not need_f:
-            dphi = [None] * nf
-        if not need_lr:
-            dlr = [None] * plan.n_lr
-        return (None, *dtheta, *dphi, *dlr, None, None, None, None)
+            dt, df, dl = _adjoint(plan, ctx.st, grad_out / plan.prob.T, ctx.flags)
+            ctx.st = None
+            grads = [*dt, *df, *dl]
+        return (None, *grads, None, None, None, None)
 
 
 # Default memory for keeping the support graphs of the inner steps before the last one
@@ -726,6 +771,14 @@ class _MetaStep(torch.autograd.Function):
 # per step (166 MiB at K=5, kept); miniImageNet's (25 images of 84x84, T=2) 271 MiB, so it
 # recomputes.
 GRAPH_MEMORY_MB = 256.0
+
+
+def _choose_fused_bn(fused: bool, task_map: str, xs: torch.Tensor) -> bool:
+    """The fused BatchNorm applies to the per-task loop (vmap has no rule for it) on
+    CPU with the extension built."""
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused_batch_norm must be a bool, got {type(fused).__name__}")
+    return fused and task_map == "loop" and xs.device.type == "cpu" and fused_bn_available()
 
 
 def _graph_budget(mb: float) -> int:
@@ -754,6 +807,7 @@ def maml_loss(
     hvp_map: str = "auto",
     task_threads: int | str = "auto",
     graph_memory_mb: float = GRAPH_MEMORY_MB,
+    fused_batch_norm: bool = True,
 ) -> torch.Tensor:
     """The meta-loss M by the generic fast path; arguments as
     :func:`fastmaml.reference.maml_loss`. ``backend`` selects ``ops.sgd_step``'s
@@ -766,14 +820,20 @@ def maml_loss(
     else 1; an int > 1 declares ``fn`` safe to call from several threads at once);
     ``graph_memory_mb``: how much memory the support graphs of the steps before the last
     may keep for the backward (per-task loop; 0: recompute them, the minimum-memory
-    mode). Returns a 0-d tensor whose backward is the adjoint; it is once-differentiable
-    (a double backward raises RuntimeError)."""
+    mode); ``fused_batch_norm``: in the per-task loop on CPU, run the model's
+    batch-statistics ``F.batch_norm`` calls by :func:`fastmaml.batch_norm.batch_norm` (the
+    fused kernels with the closed-form double backward; False: PyTorch's). Returns a 0-d
+    tensor whose backward is the adjoint; it is once-differentiable (a double backward
+    raises RuntimeError)."""
     prob = check_problem(fn, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,
                          msl_weights=msl_weights, adapt=adapt)
     tm = _choose_task_map(task_map, xs)
     plan = _Plan(fn, prob, tm, _choose_hvp(hvp), None if backend in (None, "auto") else backend,
                  len(prob.lr.tensors), torch.is_grad_enabled(), _choose_hvp_map(hvp_map, tm, xs),
-                 _choose_workers(task_threads, tm, fn, xs, xq), _graph_budget(graph_memory_mb))
+                 _choose_workers(task_threads, tm, fn, xs, xq), _graph_budget(graph_memory_mb),
+                 _choose_fused_bn(fused_batch_norm, tm, xs))
+    # One task at a time where the tasks already run one after another, HVPs included.
+    plan.per_task = tm == "loop" and plan.workers == 1 and (plan.hvp_map or tm) == "loop"
     flat = [params[n] for n in prob.adapted] + [params[n] for n in prob.fixed] + list(prob.lr.tensors)
     return _MetaStep.apply(plan, *flat, xs, ys, xq, yq)
 
@@ -791,6 +851,7 @@ def adapt(
     backend: str | None = None,
     task_map: str = "auto",
     task_threads: int | str = "auto",
+    fused_batch_norm: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-task adapted parameters θ_{t,steps} (no graph), dict name -> [T, *shape];
     tensors not adapted are expanded views of θ."""
@@ -798,7 +859,8 @@ def adapt(
                          msl_weights=None, adapt=adapt)
     tm = _choose_task_map(task_map, xs)
     plan = _Plan(fn, prob, tm, "autograd", None if backend in (None, "auto") else backend, len(prob.lr.tensors),
-                 workers=_choose_workers(task_threads, tm, fn, xs))
+                 workers=_choose_workers(task_threads, tm, fn, xs),
+                 fused_bn=_choose_fused_bn(fused_batch_norm, tm, xs))
     T = prob.T
     with torch.no_grad():
         pa = tuple(params[n].detach() for n in prob.adapted)

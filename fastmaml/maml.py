@@ -217,6 +217,9 @@ class MAML(nn.Module):
         # memory the earlier steps' support graphs may keep (MiB; 0: recompute them).
         self.task_threads: int | str = "auto"
         self.graph_memory_mb = generic.GRAPH_MEMORY_MB
+        # Batch-statistics BatchNorm by fastmaml's fused kernels in the CPU per-task loop
+        # (fastmaml.batch_norm: closed-form double backward); False: PyTorch's.
+        self.fused_batch_norm = True
         self.check_model()
         self.path, self.path_reason = self._select_path(p0.device)
         self._route_cache: dict = {}
@@ -350,7 +353,7 @@ class MAML(nn.Module):
             out = generic.maml_loss(fn, self._params(), self._lrs_arg(), xs, ys, xq, yq,
                                     backend=self.backend, task_map=self._task_map(device), hvp=self.hvp,
                                     task_threads=self.task_threads, graph_memory_mb=self.graph_memory_mb,
-                                    **kw)  # type: ignore[arg-type]
+                                    fused_batch_norm=self.fused_batch_norm, **kw)  # type: ignore[arg-type]
         if self._buffer_versions() != versions:
             raise RuntimeError("the model modified one of its buffers in place during forward; MAML needs a model "
                                "whose forward is a pure function of its parameters and inputs")
@@ -370,7 +373,7 @@ class MAML(nn.Module):
             return ref.maml_adapt(self._fn, self._params(), self._lrs_arg(), xs, ys, **kw)  # type: ignore[arg-type]
         return generic.adapt(generic.module_fn(self.model), self._params(), self._lrs_arg(), xs, ys,
                              backend=self.backend, task_map=self._task_map(device), task_threads=self.task_threads,
-                             **kw)  # type: ignore[arg-type]
+                             fused_batch_norm=self.fused_batch_norm, **kw)  # type: ignore[arg-type]
 
     def predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
         """Predictions of each task's adapted parameters ``fast`` (from ``adapt``) on
