@@ -29,14 +29,24 @@ activations — never K steps of activations and their double-backward graph. Th
 is recomputing each step's support forward/backward once in the backward pass. Where the
 support graphs are small (per-task loop; step 0's graph measured by saved-tensor hooks),
 the graphs of the steps before the last are kept instead while K-1 of them fit
-``graph_memory_mb`` (default 256 MiB): Omniglot T=32 keeps 41 MiB per step and skips
-the recomputation; miniImageNet's 271 MiB per step recomputes, so its bound holds.
-Measured peak RSS growth of one meta-step (miniImageNet T=2, second order, 2-core
-CPU): ~530 MiB at both K=5 and K=10 (0.2 MB per extra step) with glibc's mmap
-threshold fixed (``MALLOC_MMAP_THRESHOLD_=65536``); 690–790 MiB at both K with
-glibc's default dynamic threshold, which serves the large transient activation
-buffers from the heap, where freed ones stay resident (fragmentation, not kept
-tensors).
+``graph_memory_mb`` (default 640 MiB, ``GRAPH_MEMORY_MB``): Omniglot T=32 keeps 41 MiB
+per step; miniImageNet, one task at a time (below), 138 MiB per step, kept at K=5 and
+recomputed from K=6 on, where its memory stays one step's activations.
+
+One task at a time (``per_task``): when the per-task loop runs its tasks one after
+another and its HVPs per task too (large inputs such as miniImageNet's), the forward
+runs each task's inner loop, query loss *and adjoint* before the next task's, keeping
+only that task's meta-gradient (computed for an incoming gradient of 1 — the
+meta-gradient is linear in it — and scaled in the backward). Memory holds one task's
+graphs and activations instead of all T tasks'; the meta-gradient is then computed in the
+forward, so only when one is needed (grad mode on and some input requiring grad).
+
+BatchNorm in batch-statistics mode runs, in the CPU per-task loop, by
+:func:`fastmaml.batch_norm.batch_norm` (``fused_batch_norm``, default True): fused C++
+kernels for its forward, backward and a closed-form double backward (PyTorch's
+``batchnorm_double_backward`` was 45 % of a miniImageNet task's HVP). It is routed by a
+``TorchFunctionMode`` around each per-task call of ``fn``, so any model calling
+``F.batch_norm`` (``nn.BatchNorm*d`` with ``track_running_stats=False``) gets it.
 
 BatchNorm (pytorch/functorch#534): differentiating *through* a ``vmap(grad(...))``
 (reverse mode applied outside a vmapped gradient, as an unrolled torch.func meta-loss
@@ -767,10 +777,12 @@ class _MetaStep(torch.autograd.Function):
 
 # Default memory for keeping the support graphs of the inner steps before the last one
 # (per-task loop): a kept graph saves recomputing that step's support forward and
-# backward in the meta-backward. Omniglot (5 support images per task, T=32) needs 41 MiB
-# per step (166 MiB at K=5, kept); miniImageNet's (25 images of 84x84, T=2) 271 MiB, so it
-# recomputes.
-GRAPH_MEMORY_MB = 256.0
+# backward in the meta-backward. It bounds the graphs held at one time: those of all T
+# tasks when tasks run concurrently (Omniglot, 5 support images per task, T=32: 41 MiB
+# per step, 166 MiB at K=5, kept), one task's when they run one at a time (miniImageNet,
+# 25 images of 84x84: 138 MiB per step, 551 MiB at K=5, kept; 1.24 GB at K=10, so K >= 6
+# recomputes and its memory stays one step's activations).
+GRAPH_MEMORY_MB = 640.0
 
 
 def _choose_fused_bn(fused: bool, task_map: str, xs: torch.Tensor) -> bool:

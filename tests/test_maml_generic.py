@@ -414,3 +414,37 @@ def test_support_graphs_kept_within_budget(monkeypatch, graph_mb, kept_steps):
     else:  # step 0 is measured (kept, then dropped when over budget) unless the budget is 0
         assert calls["recomputed"] == 2
         assert calls["kept"] == (1 if graph_mb == 0 else 2)
+
+
+@pytest.mark.parametrize("kind,first_order,anil", [("scalar", False, False), ("per_step_layer", False, True),
+                                                   ("per_element", True, False)])
+def test_one_task_at_a_time_matches_all_tasks_at_once(monkeypatch, kind, first_order, anil):
+    """The serial per-task loop runs each task's forward and adjoint in the forward
+    (per_task): one adjoint per task there, the backward only scales the result by the
+    incoming gradient. Same meta-loss and meta-gradients (θ, φ, learned lrs) as all tasks
+    at once (two worker threads: one adjoint over all tasks in the backward), and 3·M
+    gives 3× the gradients."""
+    model, data = _conv_case(T=3)
+    params = module_params(model)
+    adapt = list(params)[-2:] if anil else None
+    names = adapt or list(params)
+    lrs = make_lrs(kind, [params[n].shape for n in names], 3, base=0.05)
+    seen = []
+    real = generic._adjoint
+    monkeypatch.setattr(generic, "_adjoint", lambda plan, st, *a: seen.append(st.xs.shape[0]) or real(plan, st, *a))
+    out = []
+    for threads, factor in ((1, 1.0), (2, 1.0), (1, 3.0)):
+        p = {n: v.clone().requires_grad_(True) for n, v in params.items()}
+        seen.clear()
+        M = generic.maml_loss(generic.module_fn(model), p, lrs, *data, steps=3, first_order=first_order,
+                              adapt=adapt, loss="cross_entropy", task_map="loop", hvp_map="loop",
+                              task_threads=threads, msl_weights=[0.3, 0.0, 1.0])
+        assert seen == ([1, 1, 1] if threads == 1 else [])  # per task, in the forward
+        wrt = list(p.values()) + [t for t in lr_tensors(lrs) if t.requires_grad]
+        grads = torch.autograd.grad(factor * M, wrt)
+        assert seen == ([1, 1, 1] if threads == 1 else [3])
+        out.append((M.detach(), [g / factor for g in grads]))
+    for M, grads in out[1:]:
+        assert_close("meta-loss", M, out[0][0], 1e-12)
+        for i, (a, b) in enumerate(zip(grads, out[0][1])):
+            assert_close(f"grad {i}", a, b, 1e-11)
