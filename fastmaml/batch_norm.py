@@ -209,15 +209,39 @@ class _BN(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
             dx, dw, db = _BNBackward.apply(gy, x, w, mean, rstd)
         else:
-            dx, dw, db = _bwd(gy.contiguous(), x, w, mean, rstd)
+            dx, dw, db = _bwd(gy.contiguous(), x, w, mean, rstd, need_dx=ctx.needs_input_grad[0])
         return dx, dw, db, None
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)`` with the
-    closed-form backward and double backward above. x: [N, C, *]."""
+    closed-form backward and double backward above. x: [N, C, *] float32/float64;
+    weight, bias: [C] of x's dtype and device. On the CPU the C++ kernels run it (when
+    the extension is built), elsewhere the same formulas in PyTorch ops."""
+    _check(x, weight, bias, eps)
     x3 = _view3(x)
     return _BN.apply(x3, weight, bias, float(eps)).view(x.shape)
+
+
+def _check(x: Any, weight: Any, bias: Any, eps: Any) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"batch_norm: x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"batch_norm: x must be float32 or float64, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm: x must be [N, C, *], got shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"batch_norm: {name} must be a tensor, got {type(t).__name__}")
+        if t.shape != (x.shape[1],):
+            raise ValueError(f"batch_norm: {name} must have shape ({x.shape[1]},) (x's channels), "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"batch_norm: {name} must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
+    if x.numel() // max(1, x.shape[1]) < 2:
+        raise ValueError(f"batch_norm: expected more than 1 value per channel, got x of shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"batch_norm: eps must be a number >= 0, got {eps!r}")
 
 
 def _applies(x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool) -> bool:

@@ -154,3 +154,19 @@ def test_generic_path_fused_equals_native_and_is_used(pool, monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
     with pytest.raises(TypeError, match="fused_batch_norm must be a bool"):
         generic.maml_loss(module_fn(model), params, 0.3, *data, steps=1, loss="cross_entropy", fused_batch_norm="yes")
+
+
+def test_bad_arguments_are_named():
+    x, w, b = _inputs((4, 3, 5))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        bn.batch_norm(x, w[:2], b)
+    with pytest.raises(TypeError, match="bias must be torch.float64"):
+        bn.batch_norm(x, w, b.float())
+    with pytest.raises(TypeError, match="x must be float32 or float64"):
+        bn.batch_norm(x.half(), w, b)
+    with pytest.raises(ValueError, match=r"x must be \[N, C, \*\]"):
+        bn.batch_norm(x[0, 0], w, b)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn.batch_norm(x[:1, :, :1], w, b)
+    with pytest.raises(ValueError, match="eps must be a number >= 0"):
+        bn.batch_norm(x, w, b, eps=-1.0)

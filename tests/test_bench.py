@@ -103,6 +103,23 @@ def test_harness_checks_peers_in_float32(cfg):
         assert row.status == "ok", (row.method, row.reason)
         assert row.agrees is True and row.rel_diff <= res.reference["tolerance_rel"]
         assert row.median_s is not None and len(row.times_s) == 1
+    ref = res.reference
+    assert len(ref["float32_loop_perturbed_rel_diffs"]) == harness.N_PERTURB
+    assert ref["tolerance_rel"] == harness.tolerance(max([ref["float32_loop_rel_diff"],
+                                                          *ref["float32_loop_perturbed_rel_diffs"]]))
+
+
+def test_perturbed_inputs_move_by_about_one_ulp():
+    cfg = Config("omniglot", 2, 1, 0.4, False)
+    batch = configs.make_batch(cfg, 0)
+    a, b = harness.perturb_inputs(batch, 0), harness.perturb_inputs(batch, 0)
+    c = harness.perturb_inputs(batch, 1)
+    for i in (0, 2):  # xs, xq: changed by ~2^-23 relative, reproducibly per seed
+        rel = ((a[i] - batch[i]).abs() / batch[i].abs().clamp_min(1e-30)).max().item()
+        assert 0 < rel < 2.0 ** -23 * 8
+        assert torch.equal(a[i], b[i]) and not torch.equal(a[i], c[i])
+    for i in (1, 3):  # labels untouched
+        assert a[i] is batch[i]
 
 
 def test_jax_peer_matches_reference():

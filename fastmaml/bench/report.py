@@ -158,7 +158,10 @@ def _footer(res: ConfigResult) -> str:
     if res.flops:
         parts.append(f"{res.flops / 1e6:.1f} MFLOP per meta-step (matmul count, see configs.mlp_meta_step_flops)")
     if ref.get("float32_loop_rel_diff") is not None:
-        parts.append(f"float32 loop vs float64 reference: {ref['float32_loop_rel_diff']:.1e} relative; "
+        pert = ref.get("float32_loop_perturbed_rel_diffs")
+        pert_txt = (f" ({', '.join(f'{v:.1e}' for v in pert)} on batch 0 with its inputs perturbed by ~1 ulp)"
+                    if pert else "")
+        parts.append(f"float32 loop vs float64 reference: {ref['float32_loop_rel_diff']:.1e} relative{pert_txt}; "
                      f"agreement tolerance {ref['tolerance_rel']:.1e} relative")
     elif ref.get("tolerance_rel") is not None:
         parts.append(f"agreement tolerance {ref['tolerance_rel']:.1e} relative")
