@@ -63,6 +63,28 @@ void bn_fwd(const S* x, const S* w, const S* b, S* y, S* mean, S* rstd, int64_t 
   }
 }
 
+// Σ gy and Σ gy (x − μ) over channel c, in double (one pass).
+template <class S>
+void gy_sums(const BnTensors<S>& t, const S* gy, int64_t c, S muS, double* sg, double* sgd) {
+  double a1 = 0.0, a2 = 0.0;
+  for (int64_t n = 0; n < t.N; ++n) {
+    const int64_t base = (n * t.C + c) * t.L;
+    const S* gp = gy + base;
+    const S* xp = t.x + base;
+    double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t l = 0; l < t.L; ++l) {
+      const double g = gp[l];
+      s1 += g;
+      s2 += g * static_cast<double>(xp[l] - muS);
+    }
+    a1 += s1;
+    a2 += s2;
+  }
+  *sg = a1;
+  *sgd = a2;
+}
+
 // dx = w r (gy − Σgy/M − x̂ Σ(gy x̂)/M), dw = Σ gy x̂, db = Σ gy. dx may be null.
 template <class S>
 void bn_bwd(const BnTensors<S>& t, const S* gy, S* dx, S* dw, S* db, int threads) {
@@ -72,23 +94,9 @@ void bn_bwd(const BnTensors<S>& t, const S* gy, S* dx, S* dw, S* db, int threads
   for (int64_t c = 0; c < C; ++c) {
     const double r = t.rstd[c], w = t.w[c];
     const S muS = t.mean[c];
-    // One pass: Σ gy and Σ gy (x − μ) (then × r: x̂ = (x − μ) r).
     double sg = 0.0, sgd = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t base = (n * C + c) * L;
-      const S* gp = gy + base;
-      const S* xp = t.x + base;
-      double s1 = 0.0, s2 = 0.0;
-#pragma omp simd reduction(+ : s1, s2)
-      for (int64_t l = 0; l < L; ++l) {
-        const double g = gp[l];
-        s1 += g;
-        s2 += g * static_cast<double>(xp[l] - muS);
-      }
-      sg += s1;
-      sgd += s2;
-    }
-    const double sgx = r * sgd;
+    gy_sums(t, gy, c, muS, &sg, &sgd);
+    const double sgx = r * sgd;  // x̂ = (x − μ) r
     dw[c] = static_cast<S>(sgx);
     db[c] = static_cast<S>(sg);
     if (dx == nullptr) continue;
@@ -118,13 +126,15 @@ void bn_bwd_bwd(const BnTensors<S>& t, const S* gy, const S* a, const S* bw, con
     const double bwc = bw ? static_cast<double>(bw[c]) : 0.0, bbc = bb ? static_cast<double>(bb[c]) : 0.0;
     // One pass: Σ gy, Σ gy (x − μ), and with a: Σ a, Σ a (x − μ), Σ a gy.
     double sg = 0.0, sgd = 0.0, A = 0.0, ad = 0.0, sag = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t base = (n * C + c) * L;
-      const S* gp = gy + base;
-      const S* xp = t.x + base;
-      double s1 = 0.0, s2 = 0.0, s3 = 0.0, s4 = 0.0, s5 = 0.0;
-      if (a != nullptr) {
+    if (a == nullptr) {
+      gy_sums(t, gy, c, muS, &sg, &sgd);
+    } else {
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t base = (n * C + c) * L;
+        const S* gp = gy + base;
+        const S* xp = t.x + base;
         const S* ap = a + base;
+        double s1 = 0.0, s2 = 0.0, s3 = 0.0, s4 = 0.0, s5 = 0.0;
 #pragma omp simd reduction(+ : s1, s2, s3, s4, s5)
         for (int64_t l = 0; l < L; ++l) {
           const double g = gp[l], av = ap[l], d = static_cast<double>(xp[l] - muS);
@@ -134,19 +144,12 @@ void bn_bwd_bwd(const BnTensors<S>& t, const S* gy, const S* a, const S* bw, con
           s4 += av * d;
           s5 += av * g;
         }
-      } else {
-#pragma omp simd reduction(+ : s1, s2)
-        for (int64_t l = 0; l < L; ++l) {
-          const double g = gp[l];
-          s1 += g;
-          s2 += g * static_cast<double>(xp[l] - muS);
-        }
+        sg += s1;
+        sgd += s2;
+        A += s3;
+        ad += s4;
+        sag += s5;
       }
-      sg += s1;
-      sgd += s2;
-      A += s3;
-      ad += s4;
-      sag += s5;
     }
     const double sgx = r * sgd, ax = r * ad;
     const double gw = r * (sag - sg * A / M - ax * sgx / M);
