@@ -40,6 +40,11 @@ only that task's meta-gradient (computed for an incoming gradient of 1 — the
 meta-gradient is linear in it — and scaled in the backward). Memory holds one task's
 graphs and activations instead of all T tasks'; the meta-gradient is then computed in the
 forward, so only when one is needed (grad mode on and some input requiring grad).
+Measured (miniImageNet T=2, second order, 2-core CPU, each method in a fresh process, commit
+afe52bd; benchmarks/RESULTS.md): 4.05 s per meta-step at K=5 against the loop peer's 5.74 s;
+peak memory 534 MiB at K=1, 1.15 GiB at K=5 (its four support graphs kept), 764 MiB at K=10
+and 730 MiB at K=20 (recomputed; the loop peer: 0.66, 1.23, 2.20, 3.69 GiB); with
+``graph_memory_mb=0`` 563, 579 and 533 MiB at K=5, 10, 20.
 
 BatchNorm in batch-statistics mode runs, in the CPU per-task loop, by
 :func:`fastmaml.batch_norm.batch_norm` (``fused_batch_norm``, default True): fused C++
@@ -80,10 +85,10 @@ Mapping over tasks (``task_map``):
   runs its tasks concurrently, one per worker thread with one intra-op thread each
   (``task_threads``, ``run_tasks``), when ``fn`` is thread-safe (``module_fn``, which the
   ``MAML`` wrapper uses) and each task's inputs are small (≤ ``SMALL_TASK_INPUT``
-  elements). Omniglot T=32 second order, 2-core CPU, one bench run (``--suite omniglot
-  --steps 1,5 --peers fastmaml,loop``): K=1 1.46 s against the loop peer's 1.68 s; K=5,
-  with the kept graphs above, 2.95 s against 4.79 s. Before both changes (one task at a
-  time, only the last graph kept; an earlier run): 1.83 s vs 1.73 s and 3.94 s vs 3.83 s.
+  elements). Omniglot T=32 second order, 2-core CPU (the re-run in benchmarks/RESULTS.md,
+  commit afe52bd): K=1 1.41 s against the loop peer's 1.63 s; K=5, with the kept graphs
+  above, 3.03 s against 3.85 s. Before concurrency and kept graphs (one task at a time,
+  only the last graph kept; an earlier run): 1.83 s vs 1.73 s and 3.94 s vs 3.83 s.
 
 The backward's HVPs can be mapped differently from the rest (``hvp_map``: 'auto' |
 'vmap' | 'loop'; 'vmap' with ``hvp='autograd'`` is the BatchNorm-safe autograd flavour
