@@ -63,6 +63,14 @@ void bn_fwd(const S* x, const S* w, const S* b, S* y, S* mean, S* rstd, int64_t 
   }
 }
 
+// f(c, r, w, μ) for every channel c (its rstd, weight and mean), the channels split over
+// `threads` OpenMP threads.
+template <class S, class F>
+void for_each_channel(const BnTensors<S>& t, int threads, F f) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && t.C > 1)
+  for (int64_t c = 0; c < t.C; ++c) f(c, static_cast<double>(t.rstd[c]), static_cast<double>(t.w[c]), t.mean[c]);
+}
+
 // Σ gy and Σ gy (x − μ) over channel c, in double (one pass).
 template <class S>
 void gy_sums(const BnTensors<S>& t, const S* gy, int64_t c, S muS, double* sg, double* sgd) {
@@ -90,16 +98,13 @@ template <class S>
 void bn_bwd(const BnTensors<S>& t, const S* gy, S* dx, S* dw, S* db, int threads) {
   const int64_t N = t.N, C = t.C, L = t.L;
   const double M = static_cast<double>(N * L);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && C > 1)
-  for (int64_t c = 0; c < C; ++c) {
-    const double r = t.rstd[c], w = t.w[c];
-    const S muS = t.mean[c];
+  for_each_channel(t, threads, [&](int64_t c, double r, double w, S muS) {
     double sg = 0.0, sgd = 0.0;
     gy_sums(t, gy, c, muS, &sg, &sgd);
     const double sgx = r * sgd;  // x̂ = (x − μ) r
     dw[c] = static_cast<S>(sgx);
     db[c] = static_cast<S>(sg);
-    if (dx == nullptr) continue;
+    if (dx == nullptr) return;
     // dx = k_g gy + k_x (x − μ) + k_0
     const S kg = static_cast<S>(w * r);
     const S kx = static_cast<S>(-w * r * r * sgx / M);
@@ -109,7 +114,7 @@ void bn_bwd(const BnTensors<S>& t, const S* gy, S* dx, S* dw, S* db, int threads
 #pragma omp simd
       for (int64_t l = 0; l < L; ++l) dx[base + l] = kg * gy[base + l] + kx * (t.x[base + l] - muS) + k0;
     }
-  }
+  });
 }
 
 // The double backward: cotangents a (for dx; may be null = 0), bw (for dw), bb (for db;
@@ -119,10 +124,7 @@ void bn_bwd_bwd(const BnTensors<S>& t, const S* gy, const S* a, const S* bw, con
                 int threads) {
   const int64_t N = t.N, C = t.C, L = t.L;
   const double M = static_cast<double>(N * L);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && C > 1)
-  for (int64_t c = 0; c < C; ++c) {
-    const double r = t.rstd[c], w = t.w[c];
-    const S muS = t.mean[c];
+  for_each_channel(t, threads, [&](int64_t c, double r, double w, S muS) {
     const double bwc = bw ? static_cast<double>(bw[c]) : 0.0, bbc = bb ? static_cast<double>(bb[c]) : 0.0;
     // One pass: Σ gy, Σ gy (x − μ), and with a: Σ a, Σ a (x − μ), Σ a gy.
     double sg = 0.0, sgd = 0.0, A = 0.0, ad = 0.0, sag = 0.0;
@@ -193,7 +195,7 @@ void bn_bwd_bwd(const BnTensors<S>& t, const S* gy, const S* a, const S* bw, con
         }
       }
     }
-  }
+  });
 }
 
 template <class S>

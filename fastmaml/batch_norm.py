@@ -219,38 +219,52 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     weight, bias: [C] of x's dtype and device. On the CPU the C++ kernels run it (when
     the extension is built), elsewhere the same formulas in PyTorch ops."""
     _check(x, weight, bias, eps)
-    x3 = _view3(x)
-    return _BN.apply(x3, weight, bias, float(eps)).view(x.shape)
+    return _run(x, weight, bias, eps)
+
+
+def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`batch_norm` on arguments already checked (by it, or by the mode's ``_applies``)."""
+    return _BN.apply(_view3(x), weight, bias, float(eps)).view(x.shape)
+
+
+def _problem(x: Any, weight: Any, bias: Any, eps: Any) -> Exception | None:
+    """What makes these arguments unfit for :func:`batch_norm` (an exception naming the
+    argument), or None."""
+    if not isinstance(x, torch.Tensor):
+        return TypeError(f"batch_norm: x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float64):
+        return TypeError(f"batch_norm: x must be float32 or float64, got {x.dtype}")
+    if x.dim() < 2:
+        return ValueError(f"batch_norm: x must be [N, C, *], got shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            return TypeError(f"batch_norm: {name} must be a tensor, got {type(t).__name__}")
+        if t.shape != (x.shape[1],):
+            return ValueError(f"batch_norm: {name} must have shape ({x.shape[1]},) (x's channels), "
+                              f"got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            return TypeError(f"batch_norm: {name} must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
+    if x.numel() // max(1, x.shape[1]) < 2:
+        return ValueError(f"batch_norm: expected more than 1 value per channel, got x of shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        return ValueError(f"batch_norm: eps must be a number >= 0, got {eps!r}")
+    return None
 
 
 def _check(x: Any, weight: Any, bias: Any, eps: Any) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"batch_norm: x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"batch_norm: x must be float32 or float64, got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"batch_norm: x must be [N, C, *], got shape {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"batch_norm: {name} must be a tensor, got {type(t).__name__}")
-        if t.shape != (x.shape[1],):
-            raise ValueError(f"batch_norm: {name} must have shape ({x.shape[1]},) (x's channels), "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"batch_norm: {name} must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
-    if x.numel() // max(1, x.shape[1]) < 2:
-        raise ValueError(f"batch_norm: expected more than 1 value per channel, got x of shape {tuple(x.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"batch_norm: eps must be a number >= 0, got {eps!r}")
+    err = _problem(x, weight, bias, eps)
+    if err is not None:
+        raise err
 
 
-def _applies(x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool) -> bool:
+def _applies(x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
+             eps: Any) -> bool:
+    """Whether the mode routes this ``F.batch_norm`` call: batch statistics (training, no
+    running statistics), CPU, outside torch.func transforms, and arguments
+    :func:`batch_norm` accepts."""
     return (training and running_mean is None and running_var is None and isinstance(x, torch.Tensor)
-            and isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and x.dim() >= 2
-            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and weight.dtype == x.dtype and bias.dtype == x.dtype and weight.dim() == 1 and bias.dim() == 1
-            and weight.shape[0] == x.shape[1] == bias.shape[0] and x.numel() > 0 and x.numel() // x.shape[1] > 1
-            and not torch._C._are_functorch_transforms_active())
+            and x.device.type == "cpu" and not torch._C._are_functorch_transforms_active()
+            and _problem(x, weight, bias, eps) is None)
 
 
 class FusedBatchNorm(TorchFunctionMode):
@@ -263,12 +277,12 @@ class FusedBatchNorm(TorchFunctionMode):
         if func is _F_BATCH_NORM:
             bound = _bind(*args, **kwargs)
             if bound is not None:
-                return batch_norm(*bound)
+                return _run(*bound)  # _applies has checked the arguments
         return func(*args, **kwargs)
 
 
 def _bind(input: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,  # noqa: A002
           training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> tuple | None:
-    if _applies(input, running_mean, running_var, weight, bias, training):
+    if _applies(input, running_mean, running_var, weight, bias, training, eps):
         return input, weight, bias, eps
     return None

@@ -112,6 +112,7 @@ a graph; a double backward through it raises a RuntimeError.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -347,10 +348,9 @@ class _Plan:
         return d
 
     def loss(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.fused_bn and not torch._C._are_functorch_transforms_active():
-            with FusedBatchNorm():  # per call: torch function modes are per thread
-                return self.prob.loss_fn(self.fn(self.params(pa, pf), x), y)
-        return self.prob.loss_fn(self.fn(self.params(pa, pf), x), y)
+        fused = self.fused_bn and not torch._C._are_functorch_transforms_active()
+        with FusedBatchNorm() if fused else contextlib.nullcontext():  # per call: modes are per thread
+            return self.prob.loss_fn(self.fn(self.params(pa, pf), x), y)
 
     def _task_grad_hvp(self, with_fixed: bool) -> Callable[..., Any]:
         """(g, H u) of one task by torch.func, both derivative levels inside the task
@@ -597,7 +597,6 @@ class _Pass:
     gq_a: list
     gq_f: list
     kept: list
-    shapes: list
 
 
 def _forward_pass(plan: _Plan, theta_a: tuple, phi: tuple, lr_t: list, xs: torch.Tensor, ys: torch.Tensor,
@@ -654,7 +653,7 @@ def _forward_pass(plan: _Plan, theta_a: tuple, phi: tuple, lr_t: list, xs: torch
         else:
             val = plan.query(pa, phi, xq, yq, False, False)
         total = total + w * val.mean()
-    return total, _Pass(phi, lr_t, xs, ys, states, gs, gq_a, gq_f, kept, [p.shape for p in theta_a])
+    return total, _Pass(phi, lr_t, xs, ys, states, gs, gq_a, gq_f, kept)
 
 
 def _adjoint(plan: _Plan, st: _Pass, scale: torch.Tensor | float, flags: tuple[bool, bool, bool]) -> tuple:
@@ -671,7 +670,7 @@ def _adjoint(plan: _Plan, st: _Pass, scale: torch.Tensor | float, flags: tuple[b
     if prob.msl[K - 1] != 0.0:
         v = [scale * prob.msl[K - 1] * gi for gi in st.gq_a[K]]
     else:
-        v = [torch.zeros((xs.shape[0], *s), dtype=xs.dtype, device=xs.device) for s in st.shapes]
+        v = [torch.zeros((xs.shape[0], *p.shape), dtype=xs.dtype, device=xs.device) for p in st.states[0]]
     dlr = [torch.zeros_like(t) for t in lr_t] if need_lr else []
     dphi = [scale * w for w in st.gq_f] if need_f else []
     for k in reversed(range(K)):
@@ -699,7 +698,7 @@ def _adjoint(plan: _Plan, st: _Pass, scale: torch.Tensor | float, flags: tuple[b
         if k >= 1 and prob.msl[k - 1] != 0.0:
             for vi, gi in zip(v, st.gq_a[k]):
                 vi.add_(scale * prob.msl[k - 1] * gi)
-    dtheta = [vi.sum(0) for vi in v] if need_a else [None] * len(st.shapes)
+    dtheta = [vi.sum(0) for vi in v] if need_a else [None] * len(v)
     if not need_f:
         dphi = [None] * len(phi)
     if not need_lr:

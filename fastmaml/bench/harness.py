@@ -444,12 +444,13 @@ def run_config(cfg: Config, methods: list[str], s: Settings, suite: str = "",
         if progress:
             progress(f"{cfg.name}: float64 reference")
         ref = peers.reference_meta_grad(problem, 0)
-        base = peers.loop_meta_grad(build_model(cfg.family, cfg.seed).to(s.device), problem.batches[0], cfg)
+        loop_model = build_model(cfg.family, cfg.seed).to(s.device)  # loop_meta_grad resets its .grad
+        base = peers.loop_meta_grad(loop_model, problem.batches[0], cfg)
         base_abs, base_rel = compare(base, ref)
         del base
-        perturbed_rel = [compare(peers.loop_meta_grad(build_model(cfg.family, cfg.seed).to(s.device),
-                                                      perturb_inputs(problem.batches[0], i), cfg), ref)[1]
+        perturbed_rel = [compare(peers.loop_meta_grad(loop_model, perturb_inputs(problem.batches[0], i), cfg), ref)[1]
                          for i in range(N_PERTURB)]
+        del loop_model
         tol_rel = tolerance(max([base_rel, *perturbed_rel]))
         reference.update(method="per-task loop, unrolled autograd, float64, meta-batch 0",
                          max_abs_grad=max(r.abs().max().item() for r in ref),
