@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import fastmaml
-from tests.maml_cases import assert_close, meta_batch
+from fastmaml.maml import mlp_path
+from tests.maml.cases import assert_close, meta_batch
 
 F64 = torch.float64
 
@@ -164,9 +165,10 @@ def test_other_models_take_the_generic_path_and_say_why(case, reason):
     loss = maml(*data)
     loss.backward()
     assert maml.path == "generic", (maml.path, maml.path_reason)
-    route = fastmaml.mlp_route.route(model, maml._params(), maml.adapt_names, maml.loss, False, 1, 2, data[0],
-                                     data[1], data[2], "auto")
+    route = mlp_path.mlp_route(model, maml._params(), maml.adapt_names, maml.loss, False, 1, 2,
+                               (data[0], data[1], data[2]))
     assert route[0] is None and reason in route[1], route[1]
+    assert reason in maml.path_reason, maml.path_reason  # the router's reason names why not the MLP op
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -185,7 +187,7 @@ def test_nonfinite_data_is_named_on_the_fused_path(dtype, bad, which):
     data[which] = data[which].transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous: torch reductions
     assert not data[which].is_contiguous()
     with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
-        fastmaml.mlp_route.finite_inputs(xs=data[0], ys=data[1], xq=data[2], yq=data[3])
+        mlp_path.finite_inputs(xs=data[0], ys=data[1], xq=data[2], yq=data[3])
 
 
 def test_first_nonfinite_cpu_returns_the_index_of_the_first_bad_tensor():

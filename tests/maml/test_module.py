@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from maml_cases import F64, assert_close, conv_bn_net, meta_batch, one_thread
+from tests.maml.cases import F64, assert_close, conv_bn_net, meta_batch, one_thread
 from torch import nn
 
 import fastmaml
