@@ -29,7 +29,6 @@ from fastmaml.maml import mlp_path
 from fastmaml.batch_norm import available as fused_bn_available
 from fastmaml.maml.tasks import TASK_MAPS
 
-PATHS = ("fused_mlp", "mlp_layerwise", "generic", "reference")
 PROVISIONAL = "provisional (before the first call, for data that fit): "
 
 # Support sets of at most this many points per task count as "small" for the choice of
@@ -46,8 +45,8 @@ GRAPH_MEMORY_MB = 640.0
 
 @dataclass(frozen=True)
 class Route:
-    """The router's answer: ``path`` (one of :data:`PATHS`), ``reason`` (why), and the
-    plan of that path: the MLP structure (``mlp``, MLP paths) or the task map (generic)."""
+    """The router's answer: ``path`` ('fused_mlp' | 'mlp_layerwise' | 'generic' |
+    'reference'), ``reason`` (why), and the plan of that path: the MLP structure (``mlp``, MLP paths) or the task map (generic)."""
 
     path: str
     reason: str
@@ -78,7 +77,9 @@ def choose_hvp_map(hvp_map: str, task_map: str, xs: torch.Tensor) -> str:
     except for the per-task loop over images on CPU with small support sets (at most
     ``SMALL_SUPPORT`` points per task): each task's HVP is then a few hundred tiny,
     overhead-bound ops, and one vmapped HVP over the tasks runs them once (grouped
-    convolutions on large images lose, so larger support sets keep the loop)."""
+    convolutions on large images lose, so larger support sets keep the loop). Only the
+    steps whose support graph was not kept recompute an HVP, so the choice matters only
+    for those."""
     if hvp_map not in TASK_MAPS:
         raise ValueError(f"hvp_map must be one of {TASK_MAPS}, got {hvp_map!r}")
     if hvp_map != "auto":

@@ -118,7 +118,11 @@ def mlp_route(
     if data is None:
         if p0.dtype not in _checks.FLOAT_DTYPES:
             return None, f"dtype {p0.dtype} of the parameters (the generic path reports it)", st
-        return FUSED, f"fused MLP kernel ({dims}, {st.activation}) for [T, N, in] data within its limits", st
+        ok, why = _maml_mlp_op.fits_fused(list(st.dims), steps, 1, 1, dtype=p0.dtype, device=p0.device,
+                                          lr_learned=lr_learned, n_msl=n_msl)
+        if ok:  # with a point or two per task: the data's sizes are checked at the call
+            return FUSED, f"fused MLP kernel ({dims}, {st.activation}) for [T, N, in] data within its limits", st
+        return LAYERWISE, f"MLP {dims} past the fused limits ({why}): layer-wise MLP ops, loop over steps", st
     xs, ys, xq = data
     if not (isinstance(xs, torch.Tensor) and isinstance(xq, torch.Tensor) and isinstance(ys, torch.Tensor)):
         return None, "inputs are not tensors", None

@@ -32,12 +32,11 @@ TASK_MAPS = ("auto", "vmap", "loop")
 # --- concurrent tasks on CPU ---------------------------------------------------------
 # The per-task loop on CPU runs its tasks concurrently on a pool of worker threads, one
 # intra-op thread each, instead of one task after another with every op split across the
-# cores. A task's ops on a small image batch (Omniglot: 5 or 75 images of 28x28) are too
-# small to split well: measured on the 2-core CPU, a 32-task query forward+backward took
-# 1.03-1.36 s one task at a time on 2 intra-op threads, 1.8 s on one, and 0.88-1.0 s as
-# two tasks at a time on one thread each. PyTorch's ops release the GIL, so the workers
-# run in parallel; each task's numbers are computed exactly as in the serial loop, on one
-# thread (so they do not depend on the number of workers).
+# cores: a task's ops on a small image batch (Omniglot: 5 or 75 images of 28x28) are too
+# small to split well (measured: benchmarks/RESULTS.md, "Measurements formerly in
+# fastmaml/generic.py"). PyTorch's ops release the GIL, so the workers run in parallel;
+# each task's numbers are computed exactly as in the serial loop, on one thread (so they
+# do not depend on the number of workers).
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
@@ -46,7 +45,7 @@ _WORKER_NAME = "fastmaml-task"
 # Per-task inputs up to this many elements count as small enough to run tasks
 # concurrently (Omniglot's 75 x 1x28x28 query set: 58,800). Larger ones (miniImageNet:
 # 75 x 3x84x84 = 1.6M) stay in the serial loop: their ops already use the cores (threads
-# measured only 1.2x faster there) and concurrent tasks would hold several tasks'
+# gain little there) and concurrent tasks would hold several tasks'
 # activations at once, breaking the one-step-of-activations memory bound.
 SMALL_TASK_INPUT = 1 << 18
 
