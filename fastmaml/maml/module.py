@@ -122,11 +122,14 @@ def route_key(m: MAML, data: tuple | None) -> tuple[tuple | None, list, list]:
     if not (isinstance(m.model, nn.Sequential) and data is not None and all(isinstance(t, torch.Tensor) for t in data)):
         return None, [], []
     mods, ws, bs = mlp_path.linear_tensors(m.model)
+    if not all(isinstance(v, str) for v in (m.backend, m.task_map, m.hvp)):
+        return None, ws, bs  # not cached (ill-typed knobs: the router reports them)
     w0 = ws[0] if ws else None
     xs, ys, xq = data
     key = (mods, tuple(w.requires_grad for w in ws) + tuple(b is not None and b.requires_grad for b in bs),
            xs.shape, ys.shape, xq.shape, xs.dtype, xs.device, None if w0 is None else (w0.dtype, w0.device),
-           torch.is_grad_enabled(), tuple(p.requires_grad for p in m.lrs), m.loss, m.backend, m.task_map, m.hvp,
+           torch.is_grad_enabled(), tuple(p.requires_grad for p in m.lrs),
+           m.loss if isinstance(m.loss, str) else "callable", m.backend, m.task_map, m.hvp,
            m.inner_steps, tuple(m.adapt_names), None if m.msl_weights is None else tuple(m.msl_weights))
     return key, ws, bs
 
@@ -276,5 +279,6 @@ class MAML(nn.Module):
         return functional.predict(module_fn(self.model), fast, xq, task_map=self._task_map(xq),
                                   task_threads=self.task_threads)
 
-    def _task_map(self, x: torch.Tensor) -> str:
-        return dispatch.choose_task_map(self.task_map, self.model, x, x.device)
+    def _task_map(self, x: object) -> str:
+        device = next(iter(self._params().values())).device
+        return dispatch.choose_task_map(self.task_map, self.model, x if isinstance(x, torch.Tensor) else None, device)
