@@ -125,7 +125,7 @@ class Derivatives:
 
     def task_grad_hvp(self, with_fixed: bool) -> Callable[..., tuple]:
         """f(pa, pf, x, y, u) -> (g, H u) of one task; with ``with_fixed``
-        ((g_a, g_f or None), (H_aa u, H_fa u))."""
+        ((g_a, g_f or ()), (H_aa u, H_fa u))."""
         raise NotImplementedError
 
     # --- vmapped forms (torch.func by default) -------------------------------------------
@@ -185,7 +185,7 @@ class Autograd(Derivatives):
                 g = grads(self.loss(tuple(a), tuple(f), x, y), a, create_graph=True)
                 hv = hvp_of(g, u, a + (f if with_fixed else []))
             g = tuple(gi.detach() for gi in g)
-            return ((g, None), (tuple(hv[:len(a)]), tuple(hv[len(a):]))) if with_fixed else (g, tuple(hv))
+            return ((g, ()), (tuple(hv[:len(a)]), tuple(hv[len(a):]))) if with_fixed else (g, tuple(hv))
 
         return one
 

@@ -119,18 +119,21 @@ def route_key(m: MAML, data: tuple | None) -> tuple[tuple | None, list, list]:
     """(cache key, Linear weights, biases) of a call of ``m``: for an ``nn.Sequential``
     everything the route depends on, with the Linear weights read without walking the
     module tree (a few µs per call); (None, [], []) otherwise (not cached)."""
-    if not (isinstance(m.model, nn.Sequential) and data is not None and all(isinstance(t, torch.Tensor) for t in data)):
+    model, d = m._modules["model"], m.__dict__  # past nn.Module.__getattr__ (a Python call per lookup)
+    if not (isinstance(model, nn.Sequential) and data is not None and all(isinstance(t, torch.Tensor) for t in data)):
         return None, [], []
-    mods, ws, bs = mlp_path.linear_tensors(m.model)
-    if not all(isinstance(v, str) for v in (m.backend, m.task_map, m.hvp)):
+    mods, ws, bs = mlp_path.linear_tensors(model)
+    knobs = (d["backend"], d["task_map"], d["hvp"])
+    if not all(isinstance(v, str) for v in knobs):
         return None, ws, bs  # not cached (ill-typed knobs: the router reports them)
     w0 = ws[0] if ws else None
     xs, ys, xq = data
+    loss, msl = d["loss"], d["msl_weights"]
     key = (mods, tuple(w.requires_grad for w in ws) + tuple(b is not None and b.requires_grad for b in bs),
            xs.shape, ys.shape, xq.shape, xs.dtype, xs.device, None if w0 is None else (w0.dtype, w0.device),
-           torch.is_grad_enabled(), tuple(p.requires_grad for p in m.lrs),
-           m.loss if isinstance(m.loss, str) else "callable", m.backend, m.task_map, m.hvp,
-           m.inner_steps, tuple(m.adapt_names), None if m.msl_weights is None else tuple(m.msl_weights))
+           torch.is_grad_enabled(), tuple(p.requires_grad for p in m._modules["lrs"]._parameters.values()),
+           loss if isinstance(loss, str) else "callable", knobs, d["inner_steps"], tuple(d["adapt_names"]),
+           None if msl is None else tuple(msl))
     return key, ws, bs
 
 
