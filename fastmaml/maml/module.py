@@ -208,8 +208,8 @@ class MAML(nn.Module):
         check_args(inner_steps, first_order, lr_mode, learn_lr, inner_lr, loss)
         check_knobs(task_map, hvp, hvp_map, task_threads, graph_memory_mb, fused_batch_norm)
         self.model, self.inner_steps, self.first_order, self.lr_mode = model, inner_steps, first_order, lr_mode
-        self.learn_lr, self.inner_lr, self.loss, self.backend = learn_lr, float(inner_lr), loss, \
-            functional.check_backend(backend)
+        self.learn_lr, self.inner_lr, self.loss = learn_lr, float(inner_lr), loss
+        self.backend = functional.check_backend(backend)
         self.msl_weights = None if msl_weights is None else resolve_msl(msl_weights, inner_steps)
         self.adapt_names = adapted_names(model, adapt)
         self.lrs = make_lrs(model, self.adapt_names, lr_mode, self.inner_lr, inner_steps, learn_lr)
