@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from fastmaml import _checks, _ext
+from fastmaml.codes import DTYPE as _DTYPE_CODE
 from fastmaml.ops import maml_mlp as _maml_mlp_op
-from fastmaml.ops.mlp import _DTYPE_CODE
+from fastmaml.ops import maml_mlp_fit
 
 FUSED = "fused_mlp"
 LAYERWISE = "mlp_layerwise"
@@ -42,7 +43,7 @@ def mlp_structure(model: object) -> tuple[MlpModel | None, str]:
     """(structure, '') for a supported ``nn.Sequential`` MLP, else (None, why not)."""
     if not isinstance(model, nn.Sequential):
         return None, f"the model is a {type(model).__name__}, not an nn.Sequential of nn.Linear and ReLU/Tanh"
-    parsed = _maml_mlp_op.mlp_structure(model)
+    parsed = maml_mlp_fit.mlp_structure(model)
     if isinstance(parsed, str):
         return None, parsed
     dims, act = parsed
@@ -86,7 +87,7 @@ def route(
     p0 = params[st.weight_names[0]]
     if p0.dtype not in _checks.FLOAT_DTYPES or xs.dtype != p0.dtype:
         return None, f"dtype {xs.dtype} of xs vs {p0.dtype} of the parameters (the generic path reports it)", st
-    ok, why = _maml_mlp_op.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
+    ok, why = maml_mlp_fit.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
                                       device=p0.device, lr_learned=lr_learned, n_msl=n_msl)
     dims = "-".join(map(str, st.dims))
     if ok:
