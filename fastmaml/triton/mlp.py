@@ -51,6 +51,7 @@ CPU tensors run only under ``TRITON_INTERPRET=1`` (tests). tanh is written with 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -614,7 +615,7 @@ def mlp_loss_and_grad(
     (``2L`` when N exceeds one head row tile).
     """
     ws, bs, x, y, _, _ = _prepare(weights, biases, x, y, activation, loss)
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         return _run(ws, bs, x, y, None, None, activation, loss)
 
 
@@ -637,17 +638,9 @@ def mlp_hvp(
     R-forward share tiles, as do backward and R-backward.
     """
     ws, bs, x, y, vws, vbs = _prepare(weights, biases, x, y, activation, loss, v_weights, v_biases)
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _, hw, hb = _run(ws, bs, x, y, vws, vbs, activation, loss)
     return hw, hb
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["mlp_loss_and_grad", "mlp_hvp", "MAX_HEAD_WIDTH"]

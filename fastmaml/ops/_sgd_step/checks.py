@@ -53,7 +53,7 @@ def validate(params: object, grads: object, lr: object, strict_layout: bool) -> 
         _checks.tensor("grads[0]", g0)
     dtype = g0.dtype
     device = g0.device
-    if dtype not in _DTYPE_CODE:
+    if dtype not in codes.DTYPE:
         _checks.float_dtype("grads[0]", g0)
     if g0.dim() == 0:
         raise ValueError("grads[0] must have a leading task dimension [T, *shape], got a 0-d tensor")

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close
 from torch.func import grad, jvp
 
 from fastmaml.reference import mlp as ref
 from fastmaml.triton import mlp as tmlp
+
+pytestmark = pytest.mark.triton
 
 # (atol, rtol) against a float64 reference. float32: rounding of sums of a few dozen terms.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 1e-4)}
@@ -36,22 +39,12 @@ def make_problem(T, dims, N, dtype, loss, *, seed=0, device="cpu"):
     return cast(ws), cast(bs), x.to(device, dtype), y, cast(vws), cast(vbs)
 
 
-def assert_close(name, got, want, dtype):
-    """|got − want| ≤ atol + rtol·|want| elementwise; the message names the worst element."""
+def close(name, got, want, dtype) -> float:
+    """:func:`helpers.assert_close` with the Triton tolerance (elementwise atol + rtol·|want|,
+    dtype checked); returns the largest absolute error."""
     atol, rtol = TOL[dtype]
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.dtype == dtype, f"{name}: dtype {got.dtype} != {dtype}"
-    got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()
-    err = (got64 - want64).abs()
-    bad = err > atol + rtol * want64.abs()
-    worst = int(err.argmax())
-    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
-    assert not bool(bad.any()), (
-        f"{name}: {int(bad.sum())}/{err.numel()} elements off; worst at {idx}: "
-        f"got {got64.flatten()[worst].item():.17g}, want {want64.flatten()[worst].item():.17g}, "
-        f"|err| {err.flatten()[worst].item():.3g} (atol {atol:g}, rtol {rtol:g})"
-    )
-    return err.max().item()
+    assert_close(name, got, want, atol=atol, rtol=rtol, dtype=dtype)
+    return (got.detach().double().cpu() - want.detach().double().cpu()).abs().max().item()
 
 
 def jvp_grad_hvp(ws, bs, x, y, vws, vbs, activation, loss):
@@ -78,21 +71,21 @@ def check_all(T, dims, N, dtype, activation, loss, *, seed=0, device="cpu", with
 
     lt, gw, gb = tmlp.mlp_loss_and_grad(ws, bs, x, y, **kw)
     lr, gwr, gbr = ref.mlp_loss_and_grad(up(ws), up(bs), x.double(), y64, **kw)
-    worst = assert_close("loss", lt, lr, dtype)
+    worst = close("loss", lt, lr, dtype)
     for l in range(len(ws)):
-        worst = max(worst, assert_close(f"grad_w[{l}]", gw[l], gwr[l], dtype))
-        worst = max(worst, assert_close(f"grad_b[{l}]", gb[l], gbr[l], dtype))
+        worst = max(worst, close(f"grad_w[{l}]", gw[l], gwr[l], dtype))
+        worst = max(worst, close(f"grad_b[{l}]", gb[l], gbr[l], dtype))
 
     hw, hb = tmlp.mlp_hvp(ws, bs, x, y, vws, vbs, **kw)
     hwr, hbr = ref.mlp_hvp(up(ws), up(bs), x.double(), y64, up(vws), up(vbs), **kw)
     for l in range(len(ws)):
-        worst = max(worst, assert_close(f"hvp_w[{l}] vs reference", hw[l], hwr[l], dtype))
-        worst = max(worst, assert_close(f"hvp_b[{l}] vs reference", hb[l], hbr[l], dtype))
+        worst = max(worst, close(f"hvp_w[{l}] vs reference", hw[l], hwr[l], dtype))
+        worst = max(worst, close(f"hvp_b[{l}] vs reference", hb[l], hbr[l], dtype))
     if with_jvp:
         hwj, hbj = jvp_grad_hvp(up(ws), up(bs), x.double(), y64, up(vws), up(vbs), activation, loss)
         for l in range(len(ws)):
-            worst = max(worst, assert_close(f"hvp_w[{l}] vs jvp(grad)", hw[l], hwj[l], dtype))
-            worst = max(worst, assert_close(f"hvp_b[{l}] vs jvp(grad)", hb[l], hbj[l], dtype))
+            worst = max(worst, close(f"hvp_w[{l}] vs jvp(grad)", hw[l], hwj[l], dtype))
+            worst = max(worst, close(f"hvp_b[{l}] vs jvp(grad)", hb[l], hbj[l], dtype))
 
     for a, b in zip(before, ws + bs + vws + vbs + [x, y]):  # inputs untouched
         assert torch.equal(a, b)
@@ -156,9 +149,9 @@ def test_mlp_triton_noncontiguous_inputs(triton_device):
     assert not xt.is_contiguous() and not wt[0].is_contiguous()
     lt, gw, gb = tmlp.mlp_loss_and_grad(wt, bs, xt, y)
     lr, gwr, gbr = ref.mlp_loss_and_grad(ws, bs, x, y)
-    assert_close("loss", lt, lr, torch.float64)
+    close("loss", lt, lr, torch.float64)
     for a, b in zip(gw + gb, gwr + gbr):
-        assert_close("grad", a, b, torch.float64)
+        close("grad", a, b, torch.float64)
 
 
 def test_mlp_triton_bad_inputs(triton_device):

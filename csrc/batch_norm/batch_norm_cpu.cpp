@@ -11,7 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops.h"
+#include "batch_norm/batch_norm_api.h"
 
 namespace fastmaml {
 

@@ -1,8 +1,8 @@
 // Device queries for `python -m fastmaml info` and for the Python-side checks.
 #include <string>
 
-#include "cuda_check.h"
-#include "ops.h"
+#include "common/cuda_check.h"
+#include "common/device.h"
 
 namespace fastmaml {
 

@@ -11,6 +11,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/codes.h"
+
 #if defined(__CUDACC__)
 #define FM_HD __host__ __device__ __forceinline__
 #define FM_DEVICE __device__ __forceinline__
@@ -21,8 +23,10 @@
 
 namespace fastmaml {
 
-// dtype codes used across the Python/C++ boundary.
-enum DType : int { kFloat32 = 0, kFloat64 = 1 };
+// dtype codes used across the Python/C++ boundary (common/codes.h).
+using codes::DType;
+using codes::kFloat32;
+using codes::kFloat64;
 
 // A group of threads that cooperates on one task. The CPU policy is a single thread.
 struct SerialGroup {

@@ -8,9 +8,9 @@
 #include <string>
 #include <vector>
 
-#include "cuda_check.h"
-#include "mlp.h"
-#include "ops.h"
+#include "common/cuda_check.h"
+#include "mlp/mlp.h"
+#include "mlp/mlp_api.h"
 
 namespace fastmaml {
 namespace {

@@ -1,5 +1,5 @@
 // sgd_step: the fused inner update θ' = θ − α ⊙ g and its backward, as per-element
-// FM_HD functors shared by the CPU (sgd_step_cpu.cpp) and CUDA (sgd_step_cuda.cu)
+// FM_HD functors shared by the CPU (sgd_step/sgd_step_cpu.cpp) and CUDA (sgd_step/sgd_step_cuda.cu)
 // kernels, so the CPU tests exercise the arithmetic the GPU runs.
 //
 // Layout (all tensors contiguous, one dtype S = float or double). Tensor i has
@@ -22,11 +22,11 @@
 // for a given build and thread/block configuration).
 #pragma once
 
-#include "common.h"
+#include "common/common.h"
 
 namespace fastmaml {
 
-// CUDA launch geometry (sgd_step_cuda.cu; exported for tests and docs): tensor and
+// CUDA launch geometry (sgd_step/sgd_step_cuda.cu; exported for tests and docs): tensor and
 // block slots of the by-value chunk table, threads per block (one column each), and
 // rows (tasks) per block of the forward. The backward gives each block all T rows.
 constexpr int kSgdStepMaxTensors = 24;
@@ -36,7 +36,11 @@ constexpr int kSgdStepFwdRows = 16;
 
 namespace sgd_step {
 
-enum LrMode : int { kLrValue = 0, kLrBroadcast = 1, kLrElement = 2 };
+// The kernels' lr modes (common/codes.h) under this namespace's short names.
+using LrMode = codes::SgdKernelLrMode;
+constexpr LrMode kLrValue = codes::kSgdLrValue;
+constexpr LrMode kLrBroadcast = codes::kSgdLrBroadcast;
+constexpr LrMode kLrElement = codes::kSgdLrElement;
 
 // Accumulator type of the reductions: the storage type (float sums of a few thousand
 // terms are well inside float32 rounding of the test tolerance; double stays double).

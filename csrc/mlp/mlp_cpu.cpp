@@ -13,8 +13,8 @@
 #include <omp.h>
 #endif
 
-#include "mlp.h"
-#include "ops.h"
+#include "mlp/mlp.h"
+#include "mlp/mlp_api.h"
 
 namespace fastmaml {
 namespace {

@@ -20,7 +20,7 @@
 #include <limits>
 #include <vector>
 
-#include "common.h"
+#include "common/common.h"
 
 namespace fastmaml {
 

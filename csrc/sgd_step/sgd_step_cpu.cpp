@@ -14,8 +14,8 @@
 #include <stdexcept>
 #include <vector>
 
-#include "ops.h"
-#include "sgd_step.h"
+#include "sgd_step/sgd_step_api.h"
+#include "sgd_step/sgd_step.h"
 
 namespace fastmaml {
 
@@ -256,7 +256,7 @@ void sgd_step_check_args(const SgdStepArgs& a, const std::vector<std::uintptr_t>
 
 void sgd_step_check_overlap_outputs(const SgdStepArgs& a, const std::vector<std::uintptr_t>* out) {
   // Byte spans of every input and (when given) every output; no two may share memory
-  // (DESIGN.md §4): an output overlapping an input would be written while other tasks
+  // (docs/DESIGN.md §4): an output overlapping an input would be written while other tasks
   // still read it. Sorted by start, a sweep that tracks the furthest end seen finds an
   // overlapping pair whenever one exists: O(n log n) instead of all pairs.
   struct Span {

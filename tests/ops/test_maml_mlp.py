@@ -1,109 +1,24 @@
-"""fastmaml.ops.maml_mlp (fused and layer-wise) against fastmaml.reference.maml_mlp:
-values and every gradient (weights, biases, learned learning rates), all variants."""
+"""fastmaml.ops.maml_mlp (fused and layer-wise): beyond the op-vs-twin agreement (the
+registry, tests/ops/test_registry.py), shapes, the fused limit and its checks, the
+workspace formula, reproducibility, gradients, bad inputs, and the GPU (``cuda``)."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
+from maml_mlp_cases import PATHS, check, close, lr_tensors, make_lr, problem, use_path
 
 import fastmaml
 from fastmaml import reference as ref
 from fastmaml.ops import maml_mlp
-from maml_cases import assert_close_to_max
-
-MM = sys.modules["fastmaml.ops.maml_mlp"]  # the module (fastmaml.ops.maml_mlp is the function)
-TOL = {torch.float64: (1e-10, 1e-13), torch.float32: (2e-4, 1e-6)}
+from fastmaml.ops import maml_mlp_fit as FIT
+from fastmaml.ops._maml_mlp import function as FN
 
 
-def assert_close(name, got, want, dtype):
-    """Compare with a tolerance relative to the largest magnitude; report the worst element."""
-    assert_close_to_max(name, got, want, *TOL[dtype])
-
-
-def problem(dims, T, Ns, Nq, loss, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    L = len(dims) - 1
-    ws = [(torch.randn(dims[l + 1], dims[l], generator=g, dtype=dtype) / dims[l] ** 0.5).requires_grad_()
-          for l in range(L)]
-    bs = [(0.1 * torch.randn(dims[l + 1], generator=g, dtype=dtype)).requires_grad_() for l in range(L)]
-    xs = torch.randn(T, Ns, dims[0], generator=g, dtype=dtype)
-    xq = torch.randn(T, Nq, dims[0], generator=g, dtype=dtype)
-    if loss == "mse":
-        ys = torch.randn(T, Ns, dims[-1], generator=g, dtype=dtype)
-        yq = torch.randn(T, Nq, dims[-1], generator=g, dtype=dtype)
-    else:
-        ys = torch.randint(0, dims[-1], (T, Ns), generator=g)
-        yq = torch.randint(0, dims[-1], (T, Nq), generator=g)
-    return ws, bs, xs, ys, xq, yq
-
-
-def make_lr(kind, K, ws, bs, dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [p.shape for pair in zip(ws, bs) for p in pair]
-    if kind == "float":
-        return 0.1
-    if kind == "scalar":
-        return torch.tensor(0.1, dtype=dtype, requires_grad=True)
-    if kind == "table":
-        return (0.05 + 0.1 * torch.rand(K, len(shapes), generator=g, dtype=dtype)).requires_grad_()
-    if kind == "elem":
-        return [(0.05 + 0.1 * torch.rand(s, generator=g, dtype=dtype)).requires_grad_() for s in shapes]
-    if kind == "step_elem":
-        return [(0.05 + 0.1 * torch.rand(K, *s, generator=g, dtype=dtype)).requires_grad_() for s in shapes]
-    if kind == "mixed_elem":  # some tensors per step, some shared across steps
-        return [(0.05 + 0.1 * torch.rand(*((K,) if i % 2 else ()), *s, generator=g, dtype=dtype)).requires_grad_()
-                for i, s in enumerate(shapes)]
-    raise AssertionError(kind)
-
-
-def lr_tensors(lr):
-    if isinstance(lr, torch.Tensor):
-        return [lr]
-    if isinstance(lr, list):
-        return list(lr)
-    return []
-
-
-def check(dims, T, Ns, Nq, K, *, lr_kind="float", first_order=False, activation="relu", loss="mse", msl=False,
-          dtype=torch.float64, backend="cpu", seed=0):
-    ws, bs, xs, ys, xq, yq = problem(dims, T, Ns, Nq, loss, dtype, seed)
-    lr = make_lr(lr_kind, K, ws, bs, dtype)
-    mslw = torch.linspace(0.2, 1.0, K, dtype=dtype) if msl else None
-    inputs = ws + bs + lr_tensors(lr)
-    before = [t.detach().clone() for t in (*inputs, xs, ys, xq, yq)]
-    kw = dict(steps=K, first_order=first_order, activation=activation, loss=loss, msl_weights=mslw)
-    got = maml_mlp(ws, bs, xs, ys, xq, yq, lr, backend=backend, **kw)
-    g_got = torch.autograd.grad(got, inputs)
-    want = ref.maml_mlp(ws, bs, xs, ys, xq, yq, lr, **kw)
-    g_want = torch.autograd.grad(want, inputs)
-    assert_close("meta-loss", got.detach(), want.detach(), dtype)
-    names = [f"W{l}" for l in range(len(ws))] + [f"b{l}" for l in range(len(bs))]
-    names += [f"lr[{i}]" for i in range(len(inputs) - len(names))]
-    for n, a, b in zip(names, g_got, g_want):
-        assert_close(f"d meta / d {n}", a, b, dtype)
-    for a, b in zip(before, (*inputs, xs, ys, xq, yq)):
-        assert torch.equal(a, b.detach()), "an input was modified in place"
-    return got, g_got
-
-
-@pytest.fixture(params=["fused", "layerwise_cpu", "layerwise_reference"])
+@pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     """Runs maml_mlp on the fused cpu kernel, or on the layer-wise path (cpu ops, reference ops)."""
-    if request.param == "fused":
-        return "cpu"
-    monkeypatch.setattr(MM, "FUSED_CPU_MAX_WORKSPACE_BYTES", 0)  # nothing fits: layer-wise
-    return "cpu" if request.param == "layerwise_cpu" else "reference"
-
-
-@pytest.mark.parametrize("lr_kind", ["float", "scalar", "table", "elem", "step_elem", "mixed_elem"])
-@pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("activation,loss", [("relu", "mse"), ("tanh", "cross_entropy"), ("tanh", "mse"),
-                                             ("relu", "cross_entropy")])
-def test_matches_reference_float64(path, lr_kind, first_order, activation, loss):
-    check([3, 9, 7, 4], 3, 5, 6, 3, lr_kind=lr_kind, first_order=first_order, activation=activation, loss=loss,
-          msl=lr_kind in ("table", "step_elem"), backend=path)
+    return use_path(request.param, monkeypatch)
 
 
 @pytest.mark.parametrize("case", [
@@ -122,21 +37,21 @@ def test_shapes(path, case, dtype):
 def test_fused_limit_boundary(monkeypatch):
     """At the limit the fused kernel runs; one byte below it the layer-wise path does; same numbers."""
     dims, T, Ns, Nq, K = [3, 24, 24, 2], 2, 7, 5, 2
-    need = MM.fused_workspace_bytes(dims, K, Ns, Nq, torch.float64, lr_learned=True)
+    need = FIT.fused_workspace_bytes(dims, K, Ns, Nq, torch.float64, lr_learned=True)
     calls = []
-    real = MM._run_fused
-    monkeypatch.setattr(MM, "_run_fused", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(MM, "FUSED_CPU_MAX_WORKSPACE_BYTES", need)
-    assert MM.fits_fused(dims, K, Ns, Nq, dtype=torch.float64, lr_learned=True)[0]
+    real = FN.run_fused
+    monkeypatch.setattr(FN, "run_fused", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(FIT, "FUSED_CPU_MAX_WORKSPACE_BYTES", need)
+    assert FIT.fits_fused(dims, K, Ns, Nq, dtype=torch.float64, lr_learned=True)[0]
     _, g_fused = check(dims, T, Ns, Nq, K, lr_kind="table")
     assert calls == [1]
-    monkeypatch.setattr(MM, "FUSED_CPU_MAX_WORKSPACE_BYTES", need - 1)
-    ok, why = MM.fits_fused(dims, K, Ns, Nq, dtype=torch.float64, lr_learned=True)
+    monkeypatch.setattr(FIT, "FUSED_CPU_MAX_WORKSPACE_BYTES", need - 1)
+    ok, why = FIT.fits_fused(dims, K, Ns, Nq, dtype=torch.float64, lr_learned=True)
     assert not ok and "exceeds" in why
     _, g_layer = check(dims, T, Ns, Nq, K, lr_kind="table")
     assert calls == [1]
     for a, b in zip(g_fused, g_layer):
-        assert_close("fused vs layer-wise", a, b, torch.float64)
+        close("fused vs layer-wise", a, b, torch.float64)
 
 
 @pytest.mark.parametrize("lr_learned,n_msl", [(False, 1), (True, 1), (True, 3), (False, 2)])
@@ -144,15 +59,15 @@ def test_workspace_formula_matches_kernel(lr_learned, n_msl):
     C = fastmaml._ext.ext()
     for dims, K, Ns, Nq in [([1, 40, 40, 1], 5, 10, 10), ([3, 7, 2], 3, 4, 9), ([5, 9, 8, 7, 3], 4, 13, 2)]:
         n = min(n_msl, K)
-        assert MM.fused_workspace_bytes(dims, K, Ns, Nq, torch.float32, lr_learned=lr_learned, n_msl=n) == \
+        assert FIT.fused_workspace_bytes(dims, K, Ns, Nq, torch.float32, lr_learned=lr_learned, n_msl=n) == \
             4 * C.maml_mlp_workspace_elems(dims, K, Ns, Nq, lr_learned, n)
     # the sinusoid configuration fits an H100's 227 KB of shared memory per block
-    assert MM.fused_workspace_bytes([1, 40, 40, 1], 5, 10, 10, torch.float32) <= 227 * 1024 - 128 * 8
+    assert FIT.fused_workspace_bytes([1, 40, 40, 1], 5, 10, 10, torch.float32) <= 227 * 1024 - 128 * 8
 
 
 def test_wide_model_past_default_limit_uses_layerwise():
     dims = [64, 512, 512, 5]  # ~1.6 MB of parameters per copy: past the 4 MiB workspace
-    ok, why = maml_mlp.supports(dims, "relu", steps=5, n_support=5, n_query=15)
+    ok, why = FIT.supports(dims, "relu", steps=5, n_support=5, n_query=15)
     assert not ok and "exceeds" in why
     check([64, 512, 512, 5], 2, 5, 4, 2, loss="cross_entropy", lr_kind="scalar", dtype=torch.float32)
 
@@ -182,7 +97,7 @@ def test_forward_only_no_grad_matches():
     with torch.no_grad():
         m = maml_mlp(ws, bs, xs, ys, xq, yq, 0.1, steps=2, backend="cpu")
         r = ref.maml_mlp(ws, bs, xs, ys, xq, yq, 0.1, steps=2)
-    assert_close("no-grad meta-loss", m, r, torch.float64)
+    close("no-grad meta-loss", m, r, torch.float64)
 
 
 def test_upstream_gradient_is_applied():
@@ -193,7 +108,7 @@ def test_upstream_gradient_is_applied():
     m = maml_mlp(ws, bs, xs, ys, xq, yq, lr, steps=2, backend="cpu")
     g2 = torch.autograd.grad(m, ws + bs + [lr])
     for a, b in zip(g1, g2):
-        assert_close("scaled grad", a, 3.5 * b, torch.float64)
+        close("scaled grad", a, 3.5 * b, torch.float64)
 
 
 def test_double_backward_raises():
@@ -206,19 +121,19 @@ def test_double_backward_raises():
 def test_supports():
     seq = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40), torch.nn.ReLU(),
                               torch.nn.Linear(40, 1))
-    assert maml_mlp.supports(seq)[0]
-    assert maml_mlp.supports(seq, "relu", "mse")[0]
-    ok, why = maml_mlp.supports(seq, "tanh")
+    assert FIT.supports(seq)[0]
+    assert FIT.supports(seq, "relu", "mse")[0]
+    ok, why = FIT.supports(seq, "tanh")
     assert not ok and "does not match" in why
-    ok, why = maml_mlp.supports(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU(), torch.nn.Linear(4, 1)))
+    ok, why = FIT.supports(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU(), torch.nn.Linear(4, 1)))
     assert not ok and "GELU" in why
-    ok, why = maml_mlp.supports(torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False)))
+    ok, why = FIT.supports(torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False)))
     assert not ok and "without bias" in why
-    ok, why = maml_mlp.supports(torch.nn.Conv2d(1, 1, 3))
+    ok, why = FIT.supports(torch.nn.Conv2d(1, 1, 3))
     assert not ok and "Conv2d" in why
-    ok, why = maml_mlp.supports([2] * 10)
+    ok, why = FIT.supports([2] * 10)
     assert not ok and "9 layers" in why
-    assert MM.fused_limits("cpu")["max_workspace_bytes"] == MM.FUSED_CPU_MAX_WORKSPACE_BYTES
+    assert FIT.fused_limits("cpu")["max_workspace_bytes"] == FIT.FUSED_CPU_MAX_WORKSPACE_BYTES
 
 
 @pytest.mark.cuda
@@ -237,9 +152,9 @@ def test_cuda_matches_reference(lr_kind, first_order, dtype):
     g = torch.autograd.grad(m, cws + cbs + lr_tensors(clr))
     r = ref.maml_mlp(ws, bs, xs, ys, xq, yq, lr, steps=K, first_order=first_order)
     gr = torch.autograd.grad(r, ws + bs + lr_tensors(lr))
-    assert_close("cuda meta-loss", m.detach().cpu(), r.detach(), dtype)
+    close("cuda meta-loss", m.detach().cpu(), r.detach(), dtype)
     for a, b in zip(g, gr):
-        assert_close("cuda grad", a.cpu(), b, dtype)
+        close("cuda grad", a.cpu(), b, dtype)
     m2 = maml_mlp(cws, cbs, xs.cuda(), ys.cuda(), xq.cuda(), yq.cuda(), clr, steps=K, first_order=first_order,
                   backend="cuda")
     g2 = torch.autograd.grad(m2, cws + cbs + lr_tensors(clr))

@@ -1,5 +1,6 @@
-"""fastmaml.ops.mlp_loss_and_grad / mlp_hvp on every backend against the reference
-(and the HVP against torch.func.jvp(grad) and torch.autograd.functional.hvp)."""
+"""fastmaml.ops.mlp_loss_and_grad / mlp_hvp: beyond the op-vs-twin agreement (the
+registry, tests/ops/test_registry.py), the HVP against torch.func.jvp(grad) and
+torch.autograd.functional.hvp, reproducibility, the triton backend, bad inputs."""
 
 from __future__ import annotations
 
@@ -7,65 +8,13 @@ import importlib.util
 
 import pytest
 import torch
+from mlp_cases import close, make_mlp
 
 import fastmaml
 from fastmaml import backends
 from fastmaml import reference as ref
 from fastmaml.ops import mlp_hvp, mlp_loss_and_grad
 from fastmaml.reference.mlp import mlp_loss
-from maml_cases import assert_close_to_max
-
-TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-4, 1e-5)}  # (rtol, atol) relative to the max
-
-
-def assert_close(name, got, want, dtype):
-    """Compare with a tolerance relative to the largest magnitude; report the worst element."""
-    assert_close_to_max(name, got, want, *TOL[dtype])
-
-
-def make_mlp(dims, T, N, loss, dtype, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    L = len(dims) - 1
-    ws = [(torch.randn(T, dims[l + 1], dims[l], generator=g, dtype=dtype) / dims[l] ** 0.5).to(device) for l in range(L)]
-    bs = [(0.1 * torch.randn(T, dims[l + 1], generator=g, dtype=dtype)).to(device) for l in range(L)]
-    x = torch.randn(T, N, dims[0], generator=g, dtype=dtype).to(device)
-    if loss == "mse":
-        y = torch.randn(T, N, dims[-1], generator=g, dtype=dtype).to(device)
-    else:
-        y = torch.randint(0, dims[-1], (T, N), generator=g).to(device)
-    return ws, bs, x, y
-
-
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-DIMS = [[1, 40, 40, 1], [3, 17, 9, 5], [13, 8, 24, 33, 4], [6, 3]]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
-@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-@pytest.mark.parametrize("dims", DIMS, ids=lambda d: "-".join(map(str, d)))
-def test_loss_grad_hvp_match_reference(backend, dtype, activation, loss, dims):
-    device = "cuda" if backend == "cuda" else "cpu"
-    ws, bs, x, y = make_mlp(dims, 3, 11, loss, dtype, device=device)
-    g = torch.Generator().manual_seed(1)
-    vw = [torch.randn(w.shape, generator=g, dtype=dtype).to(device) for w in ws]
-    vb = [torch.randn(b.shape, generator=g, dtype=dtype).to(device) for b in bs]
-    before = [t.clone() for t in (*ws, *bs, x, y, *vw, *vb)]
-    kw = {"activation": activation, "loss": loss}
-    lt, gw, gb = mlp_loss_and_grad(ws, bs, x, y, backend=backend, **kw)
-    rl, rw, rb = ref.mlp_loss_and_grad(ws, bs, x, y, **kw)
-    assert_close("loss", lt, rl, dtype)
-    for l in range(len(ws)):
-        assert_close(f"grad_w[{l}]", gw[l], rw[l], dtype)
-        assert_close(f"grad_b[{l}]", gb[l], rb[l], dtype)
-    hw, hb = mlp_hvp(ws, bs, x, y, vw, vb, backend=backend, **kw)
-    rhw, rhb = ref.mlp_hvp(ws, bs, x, y, vw, vb, **kw)
-    for l in range(len(ws)):
-        assert_close(f"hv_w[{l}]", hw[l], rhw[l], dtype)
-        assert_close(f"hv_b[{l}]", hb[l], rhb[l], dtype)
-    for a, b in zip(before, (*ws, *bs, x, y, *vw, *vb)):
-        assert torch.equal(a, b), "an input was modified in place"
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
@@ -90,8 +39,8 @@ def test_hvp_against_forward_over_reverse_and_functional_hvp(activation, loss):
         _, fh = torch.autograd.functional.hvp(f, params, tang)
         mine = [p[t:t + 1] for p in (*hw, *hb)]
         for i in range(2 * L):
-            assert_close(f"task {t} param {i} vs jvp(grad)", mine[i], jv[i], dtype)
-            assert_close(f"task {t} param {i} vs functional.hvp", mine[i], fh[i], dtype)
+            close(f"task {t} param {i} vs jvp(grad)", mine[i], jv[i], dtype)
+            close(f"task {t} param {i} vs functional.hvp", mine[i], fh[i], dtype)
 
 
 def test_cpu_loss_and_grad_bitwise_reproducible():
@@ -102,6 +51,7 @@ def test_cpu_loss_and_grad_bitwise_reproducible():
         assert torch.equal(p, q)
 
 
+@pytest.mark.triton
 def test_triton_backend_runs_or_says_why():
     if not backends.status("triton").available:
         pytest.skip("triton backend unavailable: " + backends.status("triton").reason)
@@ -112,10 +62,10 @@ def test_triton_backend_runs_or_says_why():
         return
     lt, gw, gb = mlp_loss_and_grad(ws, bs, x, y, backend="triton")
     rl, rw, rb = ref.mlp_loss_and_grad(ws, bs, x, y)
-    assert_close("triton loss", lt, rl, torch.float32)
+    close("triton loss", lt, rl, torch.float32)
     for l in range(2):
-        assert_close(f"triton grad_w[{l}]", gw[l], rw[l], torch.float32)
-        assert_close(f"triton grad_b[{l}]", gb[l], rb[l], torch.float32)
+        close(f"triton grad_w[{l}]", gw[l], rw[l], torch.float32)
+        close(f"triton grad_b[{l}]", gb[l], rb[l], torch.float32)
 
 
 # ---- bad inputs ------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 // by-value chunk table fills up: 24 tensors or 256 blocks per launch). The table —
 // tensor addresses, sizes, shared-θ flags and the block → tensor / block → chunk maps —
 // is the kernel's by-value argument, so there is no host-to-device copy. The per-op
-// math is a functor (FwdOp / BwdOp) plugged into the generic multi_tensor_kernel; the
-// per-element arithmetic is the FM_HD code of sgd_step.h that the CPU build runs too.
+// math is a functor (FwdOp / BwdOp) plugged into the generic multi_tensor_kernel
+// (multi_tensor/launch.cuh); the per-element arithmetic is the FM_HD code of
+// sgd_step/sgd_step.h that the CPU build runs too.
 //
 // Geometry: a block is kSgdStepBlockThreads threads, one column j each. Forward blocks
 // take kSgdStepFwdRows tasks (rows) per chunk; backward blocks take all T rows, so the
@@ -23,10 +24,12 @@
 #include <string>
 #include <vector>
 
-#include "cuda_check.h"
-#include "multi_tensor.h"
-#include "ops.h"
-#include "sgd_step.h"
+#include "common/cuda_check.h"
+#include "common/cuda_device.cuh"
+#include "multi_tensor/launch.cuh"
+#include "multi_tensor/multi_tensor.h"
+#include "sgd_step/sgd_step_api.h"
+#include "sgd_step/sgd_step.h"
 
 namespace fastmaml {
 
@@ -36,50 +39,10 @@ using sgd_step::kLrBroadcast;
 using sgd_step::kLrElement;
 using sgd_step::kLrValue;
 
-// ---- generic multi-tensor launcher -----------------------------------------------
-
 template <int NPtr>
-struct TensorTable {
-  void* ptr[NPtr][kSgdStepMaxTensors];
-  int64_t numel[kSgdStepMaxTensors];
-  unsigned char shared[kSgdStepMaxTensors];
-  unsigned char block_slot[kSgdStepMaxBlocks];
-  int32_t block_col[kSgdStepMaxBlocks];
-  int32_t block_row[kSgdStepMaxBlocks];
-  int64_t first_block;  // global number of this launch's block 0 (workspace slot)
-};
+using SgdTable = TensorTable<NPtr, kSgdStepMaxTensors, kSgdStepMaxBlocks>;
 // Kernel parameters are limited to 4 KiB: the table plus the functor must fit.
-static_assert(sizeof(TensorTable<6>) + 64 <= 4096, "multi-tensor table too large for a kernel argument");
-static_assert(kSgdStepMaxTensors <= 256, "block_slot is one byte");
-
-template <class Table, class Op>
-__global__ void __launch_bounds__(kSgdStepBlockThreads) multi_tensor_kernel(Table table, Op op) {
-  op(table, static_cast<int>(blockIdx.x));
-}
-
-// One launch per LaunchPlan; fill(table, slot, tensor) writes a slot's addresses.
-template <int NPtr, class Op, class Fill>
-void multi_tensor_apply(const MultiTensorPlan& plan, const std::vector<int64_t>& numel,
-                        const std::vector<int>& shared, Fill fill, const Op& op, cudaStream_t stream) {
-  for (const LaunchPlan& l : plan.launches) {
-    TensorTable<NPtr> t{};
-    for (size_t s = 0; s < l.tensors.size(); ++s) {
-      const int i = l.tensors[s];
-      t.numel[s] = numel[i];
-      t.shared[s] = static_cast<unsigned char>(shared[i] != 0);
-      fill(t, static_cast<int>(s), i);
-    }
-    const int nb = static_cast<int>(l.block_slot.size());
-    for (int b = 0; b < nb; ++b) {
-      t.block_slot[b] = static_cast<unsigned char>(l.block_slot[b]);
-      t.block_col[b] = l.block_col[b];
-      t.block_row[b] = l.block_row[b];
-    }
-    t.first_block = l.first_block;
-    multi_tensor_kernel<<<nb, kSgdStepBlockThreads, 0, stream>>>(t, op);
-    FM_CUDA_CHECK_LAUNCH();
-  }
-}
+static_assert(sizeof(SgdTable<6>) + 64 <= 4096, "multi-tensor table too large for a kernel argument");
 
 // ---- sgd_step functors ---------------------------------------------------------------
 
@@ -87,7 +50,7 @@ template <class S, class Index, int Mode>
 struct FwdOp {  // table pointers: θ, g, out, α
   Index tasks;
   S lr_value;
-  __device__ __forceinline__ void operator()(const TensorTable<4>& t, int b) const {
+  __device__ __forceinline__ void operator()(const SgdTable<4>& t, int b) const {
     const sgd_step::Forward<S> f;
     const int slot = t.block_slot[b];
     const Index N = static_cast<Index>(t.numel[slot]);
@@ -110,7 +73,7 @@ struct BwdOp {  // table pointers: v, g, α, dθ, dg, dα (0 = not requested)
   Index tasks;
   S lr_value;
   S* partials;  // workspace: per-block Σ g·v (Mode == kLrBroadcast), else null
-  __device__ __forceinline__ void operator()(const TensorTable<6>& t, int b) const {
+  __device__ __forceinline__ void operator()(const SgdTable<6>& t, int b) const {
     using Acc = typename sgd_step::Acc<S>::type;
     const sgd_step::GradOfG<S> fdg;
     const sgd_step::LrTerm<S> fdl;
@@ -178,35 +141,17 @@ __global__ void __launch_bounds__(kSgdStepBlockThreads) sum_segments_kernel(Segm
 
 // ---- host side -----------------------------------------------------------------------
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    int count = 0;
-    FM_CUDA_CHECK(cudaGetDeviceCount(&count));
-    require(device >= 0 && device < count,
-            "device index " + std::to_string(device) + " out of range (" + std::to_string(count) + " devices)");
-    FM_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device) FM_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceGuard() { (void)cudaSetDevice(prev_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-};
-
 template <class S, class Index, int Mode>
 void fwd_launch(const SgdStepArgs& a, const std::vector<std::uintptr_t>& out, const MultiTensorPlan& plan,
                 cudaStream_t stream) {
   FwdOp<S, Index, Mode> op{static_cast<Index>(a.tasks), static_cast<S>(a.lr_value)};
-  auto fill = [&](TensorTable<4>& t, int s, int i) {
+  auto fill = [&](SgdTable<4>& t, int s, int i) {
     t.ptr[0][s] = reinterpret_cast<void*>(a.theta[i]);
     t.ptr[1][s] = reinterpret_cast<void*>(a.grad[i]);
     t.ptr[2][s] = reinterpret_cast<void*>(out[i]);
     t.ptr[3][s] = Mode == kLrValue ? nullptr : reinterpret_cast<void*>(a.lr[i]);
   };
-  multi_tensor_apply<4>(plan, a.numel, a.shared, fill, op, stream);
+  multi_tensor_apply<kSgdStepBlockThreads, SgdTable<4>>(plan, a.numel, a.shared, fill, op, stream);
 }
 
 template <class S, class Index, int Mode>
@@ -221,7 +166,7 @@ void bwd_launch(const SgdStepArgs& a, const std::vector<std::uintptr_t>& v, cons
   if (reduce && plan.total_blocks > 0)
     FM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&partials), plan.total_blocks * sizeof(S), stream));
   BwdOp<S, Index, Mode> op{static_cast<Index>(a.tasks), static_cast<S>(a.lr_value), partials};
-  auto fill = [&](TensorTable<6>& t, int s, int i) {
+  auto fill = [&](SgdTable<6>& t, int s, int i) {
     t.ptr[0][s] = reinterpret_cast<void*>(v[i]);
     t.ptr[1][s] = reinterpret_cast<void*>(a.grad[i]);
     t.ptr[2][s] = Mode == kLrValue ? nullptr : reinterpret_cast<void*>(a.lr[i]);
@@ -230,7 +175,7 @@ void bwd_launch(const SgdStepArgs& a, const std::vector<std::uintptr_t>& v, cons
     t.ptr[5][s] = Mode == kLrValue ? nullptr : reinterpret_cast<void*>(dlr[i]);
   };
   try {
-    multi_tensor_apply<6>(plan, a.numel, a.shared, fill, op, stream);
+    multi_tensor_apply<kSgdStepBlockThreads, SgdTable<6>>(plan, a.numel, a.shared, fill, op, stream);
     if (reduce) {
       SegmentTable<S> seg{};
       int k = 0;
