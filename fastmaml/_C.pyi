@@ -1,4 +1,5 @@
-# Type stub for the compiled extension fastmaml._C (pybind11; csrc/extension.cpp).
+# Type stub for the compiled extension fastmaml._C (pybind11; csrc/extension.cpp calls each
+# op folder's registration, csrc/<op>/bindings.cpp).
 # Pointers, strides and CUDA streams cross the boundary as Python ints.
 
 from collections.abc import Callable
@@ -14,6 +15,7 @@ def openmp_max_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 def cuda_device_count() -> tuple[int, str]: ...
 def cuda_runtime_version() -> int: ...
+def codes() -> dict[str, int]: ...  # csrc/common/codes.h by name; fastmaml/codes.py checks them
 
 # ---- sgd_step (csrc/sgd_step.h) ------------------------------------------------------
 # One entry per tensor in every list. theta[i] points at [N_i] data when shared[i] == 1,
@@ -59,6 +61,14 @@ def multi_tensor_plan(
 
 # (max tensors per launch, max blocks per launch, threads per block, forward rows per block)
 SGD_STEP_CUDA_TABLE: tuple[int, int, int, int]
+
+# batch_norm, batch-statistics mode (csrc/batch_norm/); x: contiguous [N, C, L]
+def batch_norm_fwd_cpu(dtype: int, N: int, C: int, L: int, x: int, w: int, b: int, y: int, mean: int, rstd: int,
+                       eps: float, threads: int) -> None: ...
+def batch_norm_bwd_cpu(dtype: int, N: int, C: int, L: int, x: int, w: int, mean: int, rstd: int, gy: int, dx: int,
+                       dw: int, db: int, threads: int) -> None: ...
+def batch_norm_bwd_bwd_cpu(dtype: int, N: int, C: int, L: int, x: int, w: int, mean: int, rstd: int, gy: int, a: int,
+                           bw: int, bb: int, g_gy: int, g_x: int, g_w: int, threads: int) -> None: ...
 
 # ---- mlp (csrc/mlp.h; fastmaml/ops/mlp.py, fastmaml/ops/maml_mlp.py) ---------------------
 # dims: [d_0, ..., d_L]; act: 0 relu, 1 tanh; loss: 0 mse, 1 cross_entropy; dtype: 0 f32, 1 f64

@@ -184,9 +184,8 @@ inline void col_block(int Mo, const Term<S>& x, const Term<S>& y, int q, S* out,
 // for i < Mo, q < Q (out row stride ldo): two products summed in one pass over the
 // output. The full vectors of a row are split into column blocks of 2 vectors (one of
 // 1 when their number is odd: a 40-wide float row is 2 + 2 + 1), each run by col_block;
-// the < n ragged columns last, one by one. (Measured on Zen 3 for the sinusoid MLP:
-// wider blocks with fewer rows per tile, or 1-vector blocks with up to 12 rows, were
-// slower.)
+// the < n ragged columns last, one by one (the fastest blocking for the sinusoid MLP:
+// benchmarks/RESULTS.md, section "csrc/mlp/cpu_primitives.h").
 template <class S>
 inline void rc_gemm2(int Mo, int Q, const Term<S>& x, const Term<S>& y, S* out, int64_t ldo, bool acc,
                      const S* bias) {

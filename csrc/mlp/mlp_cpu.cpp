@@ -141,10 +141,9 @@ void hvp_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std::uintptr_t
 using Clock = std::chrono::steady_clock;
 
 // Thread count of the fused meta-step when the cores are shared. On an oversubscribed
-// machine a parallel region can stall for whole scheduler time slices: measured on the
-// 2-core target with other busy processes, a T = 25 sinusoid call (0.9 ms of work) took
-// 4-12 ms on 2 threads (neither thread ran for the first milliseconds of the region)
-// against 1.0-1.6 ms on 1 thread. So each parallel call compares its wall time with the
+// machine a parallel region can stall for whole scheduler time slices (neither thread
+// runs for the first milliseconds of the region; the measurements: benchmarks/RESULTS.md,
+// section "csrc/mlp/mlp_cpu.cpp"). So each parallel call compares its wall time with the
 // work its threads did (the sum of their CPU times in the loop): a healthy run takes about
 // work / threads; when it takes longer than the work itself plus 200 µs, the threads
 // bought nothing, and the next `backoff` calls run on one thread before 2+ threads are

@@ -3,7 +3,8 @@
 MAML's second-order meta-gradient differentiates the support gradient once more (one
 Hessian-vector product per task and inner step). Through ``F.batch_norm`` PyTorch does
 that with ``batchnorm_double_backward``, a composite of ~40 full-size elementwise and
-reduction ops (measured share of a miniImageNet task's HVP: benchmarks/RESULTS.md).
+reduction ops, a large share of a miniImageNet task's HVP (benchmarks/RESULTS.md, section
+"fastmaml/ops/_batch_norm.py").
 This op computes the same three levels — forward, backward, double backward — in closed
 form, each as one reduction pass and one elementwise pass per channel. The math is in
 :mod:`fastmaml.reference.batch_norm`.

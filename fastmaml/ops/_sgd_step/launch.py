@@ -47,14 +47,12 @@ def _alloc_like_ptrs(spec: Spec, like: Sequence[torch.Tensor]) -> tuple[list[tor
     """:func:`_alloc_like` and the new tensors' data pointers; ``like`` must be contiguous.
 
     Small outputs: one ``empty_like`` each (contiguous: ``like``'s preserved layout), the
-    cheapest small allocation measured here (~1 µs each; a view of one shared buffer
-    costs ~2 µs). Large outputs are views of ONE buffer: glibc hands freed heap memory
-    above its trim threshold (twice the largest block it has recently mmapped and freed)
-    back to the OS. Measured on the Omniglot set (18 outputs, 14.5 MB, the largest
-    4.7 MB), one thread, a loop of calls: separate blocks were fresh memory every call
-    (2312 page faults, 7.4-8.2 ms per call), one buffer was reused (0 faults, 1.4-1.5 ms).
-    Interleaved with other ops' allocations both mostly reuse memory (one buffer: median
-    0, mean 112-366 faults per call; separate: mean 0-18)."""
+    cheapest small allocation (a view of one shared buffer costs about twice as much).
+    Large outputs are views of ONE buffer: glibc hands freed heap memory above its trim
+    threshold (twice the largest block it has recently mmapped and freed) back to the OS,
+    so separate large blocks are fresh memory, with its page faults, on every call, while
+    one buffer is reused (the measurements: benchmarks/RESULTS.md, section
+    "fastmaml/ops/_sgd_step/launch.py")."""
     T = spec.tasks
     total = T * sum(spec.numel)
     es = 8 if spec.dtype is torch.float64 else 4
