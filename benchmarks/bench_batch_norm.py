@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastmaml import batch_norm as bn  # noqa: E402
+from fastmaml.ops import _batch_norm as bn  # noqa: E402
 
 # (label, shape of the first BN layer's input)
 SHAPES = [

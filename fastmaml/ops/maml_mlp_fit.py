@@ -32,7 +32,7 @@ def fused_workspace_bytes(dims: Sequence[int], steps: int, n_support: int, n_que
     sd = sum(dims[1:])
     PT = P + sum(dims[l + 1] * dims[l] for l in range(L))  # with transposed weight copies
     n_g = steps if lr_learned else 1
-    # = csrc/mlp.h maml_workspace_size
+    # = csrc/mlp/meta_step.h maml_workspace_size
     elems = (steps * PT + (n_g + n_msl) * P + steps * 3 * n_support * sd
              + max(3 * n_query * sd, 3 * n_support * sd + n_support * max(dims)) + 2 * PT + 2 * P)
     return elems * torch.empty((), dtype=dtype).element_size()
