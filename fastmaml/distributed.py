@@ -114,11 +114,13 @@ def broadcast_parameters(module_or_params: torch.nn.Module | Iterable[torch.Tens
 
 
 def average_gradients(params: Iterable[torch.Tensor], *, local_tasks: int, total_tasks: int,
-                      group: object = None) -> None:
+                      extra: torch.Tensor | None = None, group: object = None) -> torch.Tensor | None:
     """Replace each parameter's ``.grad`` (that of this rank's mean meta-loss over its
     ``local_tasks`` tasks) by the gradient of the mean over all ``total_tasks`` tasks,
     Σ_r (n_r / T) ∇M_r, with one all-reduce of one flattened buffer. Parameters that
     require grad but have none get the summed gradient too (zeros from this rank).
+    ``extra`` (e.g. the detached local meta-loss) rides in the same buffer and comes
+    back task-weighted the same way (the global mean), or None when not given.
     Without a process group the gradients are left as they are (then local_tasks must
     equal total_tasks)."""
     for name, v in (("local_tasks", local_tasks), ("total_tasks", total_tasks)):
@@ -131,14 +133,19 @@ def average_gradients(params: Iterable[torch.Tensor], *, local_tasks: int, total
         if local_tasks != total_tasks:
             raise ValueError(f"without a process group local_tasks must equal total_tasks, got {local_tasks} "
                              f"and {total_tasks}")
-        return
-    if not params:
-        return
+        return extra
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if extra is not None:
+        ref = grads[0] if grads else extra
+        grads.append(extra.detach().reshape(-1).to(dtype=ref.dtype, device=ref.device))
+    if not grads:
+        return None
     buf = _flat(grads).mul_(local_tasks / total_tasks)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)  # type: ignore[arg-type]
-    for p, b in zip(params, buf.split([p.numel() for p in params])):
+    parts = buf.split([g.numel() for g in grads])
+    for p, b in zip(params, parts):
         p.grad = b.view_as(p).clone() if p.grad is None else p.grad.copy_(b.view_as(p))
+    return parts[-1].reshape(extra.shape).to(extra.dtype) if extra is not None else None
 
 
 def barrier() -> None:
