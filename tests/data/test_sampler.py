@@ -193,3 +193,20 @@ def test_sinusoid_sampler():
     assert torch.equal(torch.cat([parts[0][1], parts[1][1]]), full[1])
     with pytest.raises(ValueError, match="amplitude"):
         SinusoidSampler(1, 1, amplitude=(5.0, 0.1))
+
+
+@pytest.mark.parametrize("n_way,k,q", [(4, 1, 1), (2, 2, 1)])
+def test_sparse_draws_distinct_and_uniform(n_way, k, q):
+    """Many classes or examples (the redraw-on-repeat path): still distinct and uniform."""
+    Cs, Ms = 400, 60
+    s = EpisodeSampler(torch.zeros(Cs, Ms, 1), n_way, k, q, seed=2024)
+    cls, ex = s.indices(20000)
+    srt = cls.sort(dim=1).values
+    assert not bool((srt[:, 1:] == srt[:, :-1]).any())
+    srt = ex.sort(dim=2).values
+    assert not bool((srt[..., 1:] == srt[..., :-1]).any())
+    assert _chi2_pvalue(torch.bincount(cls.flatten(), minlength=Cs)) > 1e-3
+    assert _chi2_pvalue(torch.bincount(cls[:, 0], minlength=Cs)) > 1e-3
+    assert _chi2_pvalue(torch.bincount(ex.flatten(), minlength=Ms)) > 1e-3
+    # ordered pairs of the first two classes are uniform too (no bias towards c0 < c1)
+    assert abs(float((cls[:, 0] < cls[:, 1]).double().mean()) - 0.5) < 0.02
