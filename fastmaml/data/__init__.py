@@ -1,5 +1,5 @@
 """Few-shot data: vectorised episode samplers, the standard datasets and splits, and
-adapters from learn2learn/torchmeta batches (docs/DESIGN.md; README "Train")."""
+adapters from learn2learn/torchmeta batches (see the README's "Train" section)."""
 
 from fastmaml.data.adapters import from_learn2learn, from_torchmeta
 from fastmaml.data.datasets import (FewShotSplit, load_cifar_fs, load_miniimagenet, load_omniglot, omniglot_split,

@@ -110,6 +110,21 @@ def _distinct(g: torch.Generator, device: torch.device, lead: tuple[int, ...], p
         flat[bad] = torch.randint(0, pool, (bad.numel(), n), device=device, generator=g)
 
 
+def _fixed_episodes(sampler: EpisodeSampler | SinusoidSampler, n_episodes: int, batch: int, seed: int,
+                    device: torch.device) -> list[Episode]:
+    """``n_episodes`` episodes in meta-batches of ``batch`` from a generator of their own
+    seeded by ``seed``, every rank getting all of them."""
+    n_episodes, batch = _positive("n_episodes", n_episodes), _positive("batch", batch)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    rank, world = sampler.rank, sampler.world_size
+    sampler.rank, sampler.world_size = 0, 1
+    try:
+        return [sampler.sample(min(batch, n_episodes - i), g) for i in range(0, n_episodes, batch)]
+    finally:
+        sampler.rank, sampler.world_size = rank, world
+
+
 class EpisodeSampler:
     """Draws meta-batches of N-way K-shot episodes from a dense class-indexed tensor.
 
@@ -242,15 +257,7 @@ class EpisodeSampler:
         (the last one smaller), drawn from a generator of their own seeded by ``seed``,
         so the same arguments give bit-identical episodes whatever the sampler's own
         generator has drawn. Distributed mode is ignored here (every rank gets all)."""
-        n_episodes, batch = _positive("n_episodes", n_episodes), _positive("batch", batch)
-        g = torch.Generator(device=self.data.device)
-        g.manual_seed(seed)
-        rank, world = self.rank, self.world_size
-        self.rank, self.world_size = 0, 1
-        try:
-            return [self.sample(min(batch, n_episodes - i), g) for i in range(0, n_episodes, batch)]
-        finally:
-            self.rank, self.world_size = rank, world
+        return _fixed_episodes(self, n_episodes, batch, seed, self.data.device)
 
 
 class SinusoidSampler:
@@ -296,12 +303,4 @@ class SinusoidSampler:
 
     def fixed_episodes(self, n_episodes: int, batch: int, *, seed: int = 0) -> list[Episode]:
         """A fixed evaluation set (see :meth:`EpisodeSampler.fixed_episodes`)."""
-        n_episodes, batch = _positive("n_episodes", n_episodes), _positive("batch", batch)
-        g = torch.Generator(device=self.device)
-        g.manual_seed(seed)
-        rank, world = self.rank, self.world_size
-        self.rank, self.world_size = 0, 1
-        try:
-            return [self.sample(min(batch, n_episodes - i), g) for i in range(0, n_episodes, batch)]
-        finally:
-            self.rank, self.world_size = rank, world
+        return _fixed_episodes(self, n_episodes, batch, seed, self.device)

@@ -13,7 +13,7 @@ miniimagenet-5w5s      5/5     15    2         5 (test 10)  0.01       60000
 
 All use Adam with learning rate 1e-3 for the meta-update. The query size follows the
 MAML code (K per class for Omniglot, 15 for miniImageNet training); Omniglot's
-characters are augmented by rotations of 90°·k as extra classes; Omniglot uses 64
+characters are augmented by rotations of 90°·k as extra classes (in every split); Omniglot uses 64
 filters and strided convolutions, miniImageNet 32 filters and max-pooling. Evaluation:
 600 test episodes, 10 inner steps, accuracy ± 1.96·std/√600.
 """

@@ -156,6 +156,8 @@ def run(cfg: Config, opts: Options) -> dict:
     """Meta-train ``cfg`` with ``opts``; returns the log dict (also written to
     ``out/log.json`` by rank 0, with ``out/checkpoint.pt`` and ``out/curves.png``)."""
     rank, world = fd.init_from_env(timeout_s=opts.timeout_s, device=opts.device)
+    if opts.device == "cuda" and world > 1:  # one GPU per rank (init_from_env set it from LOCAL_RANK)
+        opts.device = f"cuda:{torch.cuda.current_device()}"
     if cfg.meta_batch < world:
         raise ValueError(f"meta_batch must be >= the number of processes {world}, got {cfg.meta_batch}")
     main = rank == 0
