@@ -92,19 +92,22 @@ def _distinct(g: torch.Generator, device: torch.device, lead: tuple[int, ...], p
     random ordered n-subset. Dense draws (n·(n−1)/2 ≥ pool/4) take the n largest of
     ``pool`` uniforms; sparse ones draw n integers and redraw the rows with a repeat
     (rejection keeps the rows exactly uniform; few rows repeat, so the redraw loop,
-    over rounds and not over rows, ends after a round or two)."""
+    over rounds and not over rows, ends after a round or two). Pairs (n = 2, e.g. a
+    1-shot support and a query example) need no redraw: b is drawn from the pool − 1
+    values other than a."""
     if n * (n - 1) >= pool // 2:
         return torch.rand(*lead, pool, device=device, generator=g).topk(n, dim=-1).indices
+    if n == 2:  # b uniform over the pool without a: draw from pool − 1 values, skip a
+        a = torch.randint(0, pool, lead, device=device, generator=g)
+        b = torch.randint(0, pool - 1, lead, device=device, generator=g)
+        return torch.stack([a, b + (b >= a)], dim=-1)
     idx = torch.randint(0, pool, (*lead, n), device=device, generator=g)
     if n == 1:
         return idx
     flat = idx.view(-1, n)
     while True:
-        if n == 2:
-            bad = (flat[:, 0] == flat[:, 1]).nonzero().squeeze(1)
-        else:
-            srt = flat.sort(dim=1).values
-            bad = (srt[:, 1:] == srt[:, :-1]).any(dim=1).nonzero().squeeze(1)
+        srt = flat.sort(dim=1).values
+        bad = (srt[:, 1:] == srt[:, :-1]).any(dim=1).nonzero().squeeze(1)
         if bad.numel() == 0:
             return idx
         flat[bad] = torch.randint(0, pool, (bad.numel(), n), device=device, generator=g)

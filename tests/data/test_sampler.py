@@ -195,7 +195,7 @@ def test_sinusoid_sampler():
         SinusoidSampler(1, 1, amplitude=(5.0, 0.1))
 
 
-@pytest.mark.parametrize("n_way,k,q", [(4, 1, 1), (2, 2, 1)])
+@pytest.mark.parametrize("n_way,k,q", [(4, 1, 1), (2, 2, 1), (2, 1, 2)])
 def test_sparse_draws_distinct_and_uniform(n_way, k, q):
     """Many classes or examples (the redraw-on-repeat path): still distinct and uniform."""
     Cs, Ms = 400, 60
