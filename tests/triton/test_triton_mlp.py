@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
 from torch.func import grad, jvp
 
 from fastmaml.reference import mlp as ref
 from fastmaml.triton import mlp as tmlp
+
+from tests.helpers import assert_close
 
 pytestmark = pytest.mark.triton
 
