@@ -11,7 +11,7 @@ repository.
 - no tracked text file names a design or style document other than ``docs/DESIGN.md`` and
   ``docs/ARCHITECTURE.md``, nor a relative path that climbs out of the repository; every ``docs/DESIGN.md §N``
   names a section of docs/DESIGN.md, and a quoted name after it one of its paragraphs or
-  headings.
+  headings; every repository path the README and docs/ name in backticks exists.
 """
 
 from __future__ import annotations
@@ -324,3 +324,28 @@ def test_every_design_section_reference_exists():
 def _section_text(design: str, n: int) -> str:
     m = re.search(rf"^## {n}\. .*?(?=^## \d+\. |\Z)", design, flags=re.M | re.S)
     return m.group(0) if m else ""
+
+
+# `csrc/...`, `fastmaml/...`, `tests/...`, `benchmarks/...`, `docs/...`, `examples/...` in
+# backticks: a path of the repository (patterns with *, {}, <> and "..." are not paths).
+DOC_PATH = re.compile(r"`((?:csrc|fastmaml|tests|benchmarks|docs|examples)/[^`\s]*)`")
+
+
+def test_paths_named_in_the_docs_exist():
+    bad, seen = [], 0
+    for doc in ("README.md", "docs/DESIGN.md", "docs/ARCHITECTURE.md"):
+        planned = False
+        for i, line in enumerate((ROOT / doc).read_text().splitlines(), 1):
+            if line.startswith("## "):
+                # a planned section names what is not built yet, "Where the former files
+                # went" what is gone
+                planned = "(planned)" in line or "former files" in line
+            for m in DOC_PATH.finditer(line):
+                path = m.group(1).rstrip(".,;:")
+                if planned or any(c in path for c in "*{}<>") or "..." in path:
+                    continue
+                seen += 1
+                if not (ROOT / path).exists():
+                    bad.append(f"{doc}:{i}: {path}")
+    assert seen >= 20, f"only {seen} paths found in the docs: the pattern is broken"
+    assert not bad, "paths named in the docs that do not exist:\n" + "\n".join(bad)
