@@ -1,12 +1,11 @@
-"""Helpers shared by the tests (importable from every test folder: tests/conftest.py's
-folder is on sys.path).
+"""Helpers shared by the tests (``from tests.helpers import assert_close``).
 
 :func:`assert_close` is the one comparison of the suite: elementwise
 ``|got − want| <= atol + rtol · scale``, with ``scale`` either ``|want|`` per element
 (``scale="element"``) or ``max |want|`` over the tensor (``scale="max"``: gradients and
 HVPs whose small entries carry only absolute error). ``atol`` may be a tensor (a bound
-per element). On failure it names the worst element (index, got, want, error, bound) and
-how many are off.
+per element). A NaN is off unless NaN is wanted at that element. On failure it names the
+worst element (index, got, want, error, bound) and how many are off.
 """
 
 from __future__ import annotations
@@ -38,10 +37,13 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, *, atol: floa
         raise ValueError(f"scale must be 'element' or 'max', got {scale!r}")
     a = torch.as_tensor(atol, dtype=torch.float64).cpu()
     bound = (a + rtol * ref).expand_as(err) if err.dim() else a + rtol * ref
-    bad = err > bound
+    # NaN never passes a bound (an error of NaN is off), except NaN where NaN is wanted;
+    # equal infinities agree (their difference is NaN)
+    same = (g64 == w64) | (g64.isnan() & w64.isnan())
+    bad = ~((err <= bound) | same)
     if not bool(bad.any()):
         return
-    k = int(torch.argmax(err - bound).item()) if err.dim() else 0
+    k = int(torch.argmax(torch.where(bad, err - bound, -torch.inf)).item()) if err.dim() else 0
     idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(k), err.shape)) if err.dim() else ()
     raise AssertionError(
         f"{name}: {int(bad.sum())} of {err.numel()} elements off; worst at {idx}: "

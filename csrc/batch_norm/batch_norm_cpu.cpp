@@ -1,5 +1,6 @@
 // BatchNorm in batch-statistics mode on CPU tensors: forward, backward and the closed-
-// form double backward (the math is in fastmaml/batch_norm.py). C++17 + OpenMP.
+// form double backward (the math: docs/DESIGN.md §1; its torch-ops twin:
+// fastmaml/reference/batch_norm.py). C++17 + OpenMP.
 //
 // Layout: x is a contiguous [N, C, L] (L = the product of the spatial sizes); channel c
 // is N runs of L contiguous values. A channel is one work item: its sums are taken in
@@ -118,7 +119,8 @@ void bn_bwd(const BnTensors<S>& t, const S* gy, S* dx, S* dw, S* db, int threads
 }
 
 // The double backward: cotangents a (for dx; may be null = 0), bw (for dw), bb (for db;
-// null = 0) -> g_gy, g_x, g_w (see fastmaml/batch_norm.py). g_gy / g_x may be null.
+// null = 0) -> g_gy, g_x, g_w (see fastmaml/reference/batch_norm.py,
+// batch_norm_double_backward). g_gy / g_x may be null.
 template <class S>
 void bn_bwd_bwd(const BnTensors<S>& t, const S* gy, const S* a, const S* bw, const S* bb, S* g_gy, S* g_x, S* g_w,
                 int threads) {

@@ -1,7 +1,8 @@
-// The per-task MLP algorithms shared by the CPU (mlp_cpu.cpp) and CUDA (mlp_cuda.cu)
-// builds: forward with stored activations, backward, the Hessian-vector product by
-// Pearlmutter's R-operator, and the whole MAML meta-step of one task (K inner steps,
-// the multi-step query loss and the adjoint recursion of docs/DESIGN.md §1).
+// The per-task MLP algorithms shared by the CPU (mlp/mlp_cpu.cpp) and CUDA
+// (mlp/mlp_cuda.cu) builds: forward with stored activations, backward, the
+// Hessian-vector product by Pearlmutter's R-operator, and the whole MAML meta-step of
+// one task (K inner steps, the multi-step query loss and the adjoint recursion of
+// docs/DESIGN.md §1).
 //
 // Everything is written once against a thread-group policy G (common/common.h): SerialGroup on
 // the CPU (one OpenMP thread = one task, barriers are no-ops), CtaGroup on the GPU (one

@@ -1,5 +1,5 @@
 // CPU launchers of the MLP ops: OpenMP over tasks, one task per thread at a time, the
-// per-task algorithm of mlp.h run with the SerialGroup policy. The meta-gradient of
+// per-task algorithm of mlp/mlp.h run with the SerialGroup policy. The meta-gradient of
 // maml_mlp is summed over tasks in a fixed order (fixed chunks of tasks, each summed in
 // task order, then the chunk partials in chunk order; the chunking depends on T only),
 // so results are bitwise reproducible from run to run and for any thread count.

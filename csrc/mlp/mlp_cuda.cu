@@ -1,5 +1,5 @@
 // CUDA launchers of the MLP ops: one CTA per task running the per-task algorithm of
-// mlp.h with the CtaGroup policy (the same source the CPU build runs with SerialGroup).
+// mlp/mlp.h with the CtaGroup policy (the same source the CPU build runs with SerialGroup).
 // The task's workspace (activations, parameter copies θ_1..θ_K with transposed weights,
 // gradients, the HVP scratch) lives in dynamic shared memory when it fits, else in a
 // global-memory buffer (L2-cached) for the per-task ops. The meta-gradient of maml_mlp

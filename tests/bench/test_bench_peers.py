@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_cases import TINY_MLP, _problem, _unrolled_meta_grad, _worst
 
 from fastmaml.bench import configs, peers, peers_jax, runner
 from fastmaml.bench.configs import Config
+
+from tests.bench.bench_cases import TINY_MLP, _problem, _unrolled_meta_grad, _worst
 
 
 @pytest.mark.parametrize("cfg", TINY_MLP + [Config("wide_mlp", 2, 1, 0.4, False)], ids=lambda c: c.name)

@@ -1,5 +1,5 @@
 """Shared test fixtures for the MAML tests: tiny models as pure functions, meta-batches,
-learning rates of every granularity, and a comparison that reports the worst element."""
+learning rates of every granularity (the comparison is tests.helpers.assert_close)."""
 
 from __future__ import annotations
 
@@ -7,34 +7,6 @@ import torch
 from torch import nn
 
 F64 = torch.float64
-
-
-def assert_close(name: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
-    """|a − b| ≤ tol·(1 + |b|) elementwise; the message names the worst element."""
-    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    err = (a - b).abs() / (1 + b.abs())
-    worst = int(err.argmax()) if err.numel() else 0
-    if err.numel() and float(err.max()) > tol:
-        raise AssertionError(
-            f"{name}: {int((err > tol).sum())}/{err.numel()} elements off; worst at flat index {worst}: "
-            f"{float(a.flatten()[worst])!r} vs {float(b.flatten()[worst])!r} (rel err {float(err.max()):.3e} > {tol:.1e})"
-        )
-
-
-def assert_close_to_max(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> None:
-    """|got − want| ≤ rtol·max|want| + atol everywhere (a tolerance relative to the largest
-    magnitude, for gradients and HVPs whose small entries carry only absolute error); the
-    message names the worst element and how many are off."""
-    got, want = got.double(), want.double()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got - want).abs()
-    scale = want.abs().max().item() + 1e-30 if want.numel() else 1e-30
-    worst = int(err.reshape(-1).argmax()) if err.numel() else 0
-    bad = err.max().item() if err.numel() else 0.0
-    assert bad <= rtol * scale + atol, (
-        f"{name}: max abs error {bad:.3e} (scale {scale:.3e}) at flat index {worst}: "
-        f"got {got.reshape(-1)[worst].item():.12g}, want {want.reshape(-1)[worst].item():.12g}; "
-        f"{int((err > rtol * scale + atol).sum())} of {err.numel()} elements off")
 
 
 def mlp_params(sizes=(3, 7, 5, 2), dtype=F64, seed=0) -> dict[str, torch.Tensor]:

@@ -8,11 +8,15 @@ import itertools
 
 import pytest
 import torch
+
+from fastmaml import reference as ref
+from fastmaml.maml import adjoint, dispatch, functional, plan, tasks
+
+from tests.helpers import assert_close
 from tests.maml.cases import (
     one_thread,
     F64,
     LR_KINDS,
-    assert_close,
     conv_bn_net,
     lr_tensors,
     make_lrs,
@@ -23,9 +27,6 @@ from tests.maml.cases import (
     module_params,
 )
 from tests.maml.cases import conv_case as _conv_case
-
-from fastmaml.maml import adjoint, dispatch, functional, plan, tasks
-from fastmaml import reference as ref
 
 TOL = 1e-10
 
@@ -50,10 +51,10 @@ def _both(fn, params, lrs, data, *, K, first_order=False, msl=None, adapt=None, 
 
 def _check(res, names, tol=TOL):
     (lr_, gr), (lg, gg) = res
-    assert_close("meta-loss", lg, lr_, tol)
+    assert_close("meta-loss", lg, lr_, atol=tol, rtol=tol)
     labels = list(names) + [f"lr[{i}]" for i in range(len(gr) - len(names))]
     for lab, a, b in zip(labels, gg, gr):
-        assert_close(f"d/d{lab}", a, b, tol)
+        assert_close(f"d/d{lab}", a, b, atol=tol, rtol=tol)
 
 
 MLP_CASES = list(itertools.product(LR_KINDS, [False, True], [None, "msl"], ["vmap", "loop"]))
@@ -219,9 +220,9 @@ def test_float32_at_k1_matches_float64_reference():
     lr32 = lr64.detach().float().requires_grad_(True)
     L = functional.maml_loss(mlp_fn, p32, lr32, *(d.float() if d.is_floating_point() else d for d in data64), steps=K)
     g32 = torch.autograd.grad(L, list(p32.values()) + [lr32])
-    assert_close("meta-loss f32", L.detach().double(), l64, 1e-5)
+    assert_close("meta-loss f32", L.detach().double(), l64, atol=1e-5, rtol=1e-5)
     for i, (a, b) in enumerate(zip(g32, g64)):
-        assert_close(f"grad f32 [{i}]", a.double(), b, 1e-5)
+        assert_close(f"grad f32 [{i}]", a.double(), b, atol=1e-5, rtol=1e-5)
 
 
 def test_double_backward_raises_clearly():
@@ -259,10 +260,10 @@ def test_adapt_and_predict_match_reference():
     for tm in ("vmap", "loop"):
         got = functional.adapt(mlp_fn, params, lr_head, xs, ys, steps=3, adapt=["w2", "b2"], task_map=tm)
         for n in params:
-            assert_close(f"fast[{n}] ({tm})", got[n], want[n], 1e-12)
+            assert_close(f"fast[{n}] ({tm})", got[n], want[n], atol=1e-12, rtol=1e-12)
         pred = functional.predict(mlp_fn, got, xq, task_map=tm)
         for t in range(3):
-            assert_close(f"pred[{t}]", pred[t], mlp_fn({n: v[t] for n, v in want.items()}, xq[t]), 1e-12)
+            assert_close(f"pred[{t}]", pred[t], mlp_fn({n: v[t] for n, v in want.items()}, xq[t]), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("task_map", ["vmap", "loop"])
@@ -350,6 +351,6 @@ def test_one_task_at_a_time_matches_all_tasks_at_once(monkeypatch, kind, first_o
         assert seen == ([1, 1, 1] if threads == 1 else [3])
         out.append((M.detach(), [g / factor for g in grads]))
     for M, grads in out[1:]:
-        assert_close("meta-loss", M, out[0][0], 1e-12)
+        assert_close("meta-loss", M, out[0][0], atol=1e-12, rtol=1e-12)
         for i, (a, b) in enumerate(zip(grads, out[0][1])):
-            assert_close(f"grad {i}", a, b, 1e-11)
+            assert_close(f"grad {i}", a, b, atol=1e-11, rtol=1e-11)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.maml.cases import F64, conv_bn_net, module_fn, module_params
 
 from fastmaml import _ext
 from fastmaml.maml import functional as generic
 from fastmaml.maml import batch_norm_mode as bn
 from fastmaml.ops import _batch_norm as bn_op
+
+from tests.maml.cases import F64, conv_bn_net, module_fn, module_params
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason=_ext.IMPORT_ERROR or "extension not built")
 

@@ -12,7 +12,9 @@ from torch import nn
 
 import fastmaml
 from fastmaml.maml import mlp_path
-from tests.maml.cases import assert_close, meta_batch
+
+from tests.helpers import assert_close
+from tests.maml.cases import meta_batch
 
 F64 = torch.float64
 
@@ -66,10 +68,10 @@ def test_module_takes_fused_path_and_matches_reference(lr_mode, learn_lr, first_
     assert "fused MLP kernel" in fast.path_reason
     lr_, gr = grads_of(ref, data)
     assert ref.path == "reference"
-    assert_close("meta-loss", lf, lr_, 1e-10)
+    assert_close("meta-loss", lf, lr_, atol=1e-10, rtol=1e-10)
     assert len(gf) == len(gr)
     for i, (a, b) in enumerate(zip(gf, gr)):
-        assert_close(f"grad[{i}]", a, b, 1e-10)
+        assert_close(f"grad[{i}]", a, b, atol=1e-10, rtol=1e-10)
 
 
 def test_inputs_and_parameters_unchanged_by_the_fused_meta_step():
@@ -96,9 +98,9 @@ def test_functional_maml_loss_with_a_module_takes_fused_path():
 
     ref = fastmaml.maml_loss(fn, params, 0.2, *data, steps=2, backend="reference")
     gr = torch.autograd.grad(ref, list(params.values()))
-    assert_close("meta-loss", out.detach(), ref.detach(), 1e-10)
+    assert_close("meta-loss", out.detach(), ref.detach(), atol=1e-10, rtol=1e-10)
     for a, b in zip(g, gr):
-        assert_close("grad", a, b, 1e-10)
+        assert_close("grad", a, b, atol=1e-10, rtol=1e-10)
     with pytest.raises(RuntimeError, match="once-differentiable|double backward|create_graph"):
         g2 = torch.autograd.grad(fastmaml.maml_loss(model, params, 0.2, *data, steps=2), list(params.values()),
                                  create_graph=True)
@@ -120,9 +122,9 @@ def test_past_the_fused_limit_takes_the_layerwise_mlp_path(monkeypatch):
     assert maml.path == "mlp_layerwise", maml.path_reason
     assert "past the fused limits" in maml.path_reason
     lr_, gr = grads_of(ref, data)
-    assert_close("meta-loss", lf, lr_, 1e-10)
+    assert_close("meta-loss", lf, lr_, atol=1e-10, rtol=1e-10)
     for a, b in zip(gf, gr):
-        assert_close("grad", a, b, 1e-10)
+        assert_close("grad", a, b, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ import torch
 
 from fastmaml.maml import hvp
 from fastmaml.maml.problem import check_problem
-from tests.maml.cases import F64, assert_close, meta_batch, mlp_fn, mlp_params
+
+from tests.helpers import assert_close
+from tests.maml.cases import F64, meta_batch, mlp_fn, mlp_params
 
 
 def _problem(adapt):
@@ -52,12 +54,12 @@ def test_every_flavour_gives_the_per_task_gradient_and_hvp(flavour, task_map, an
         grad = torch.autograd.functional.jacobian(loss_of, flat)
         ut = torch.cat([ui[t].reshape(-1) for ui in u])
         want_hv = H[:, :na] @ ut  # the tangent lives on the adapted tensors only
-        assert_close(f"g task {t}", torch.cat([gi[t].reshape(-1) for gi in g]), grad[:na], 1e-10)
-        assert_close(f"H_aa u task {t}", torch.cat([h[t].reshape(-1) for h in hv_a]), want_hv[:na], 1e-10)
+        assert_close(f"g task {t}", torch.cat([gi[t].reshape(-1) for gi in g]), grad[:na], atol=1e-10, rtol=1e-10)
+        assert_close(f"H_aa u task {t}", torch.cat([h[t].reshape(-1) for h in hv_a]), want_hv[:na], atol=1e-10, rtol=1e-10)
         want_f = want_f + want_hv[na:]
     if anil:  # the fixed tensors' mixed term, summed over the tasks (vmapped autograd returns the sum)
         got_f = torch.cat([h.sum(0).reshape(-1) for h in hv_f])
-        assert_close("sum_t H_fa u", got_f, want_f, 1e-10)
+        assert_close("sum_t H_fa u", got_f, want_f, atol=1e-10, rtol=1e-10)
 
 
 def test_bad_flavour_is_named():

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.maml.cases import F64, assert_close, conv_bn_net, meta_batch, one_thread
 from torch import nn
 
 import fastmaml
+
+from tests.helpers import assert_close
+from tests.maml.cases import F64, conv_bn_net, meta_batch, one_thread
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -35,11 +37,11 @@ def test_module_matches_reference_backend_and_trains_lrs(lr_mode, first_order):
         out.append((L.detach(), _grads(m), m))
     (l0, g0, m0), (l1, g1, m1) = out
     assert m0.path == "reference" and m1.path == "generic" and "vmap" in m1.path_reason
-    assert_close("meta-loss", l1, l0, 1e-10)
+    assert_close("meta-loss", l1, l0, atol=1e-10, rtol=1e-10)
     assert set(g0) == set(g1)
     for n in g0:
         assert g1[n] is not None, f"{n} got no gradient"
-        assert_close(f"d/d{n}", g1[n], g0[n], 1e-10)
+        assert_close(f"d/d{n}", g1[n], g0[n], atol=1e-10, rtol=1e-10)
     assert any(n.startswith("lrs.") for n in g1)
     # any optimizer trains the learned rates
     lr_before = [p.detach().clone() for p in m1.lrs]
@@ -63,9 +65,9 @@ def test_module_anil_cross_entropy_conv_bn_loop_path():
         L.backward()
         res.append((L.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, m))
     assert "loop" in res[1][2].path_reason
-    assert_close("meta-loss", res[1][0], res[0][0], 1e-10)
+    assert_close("meta-loss", res[1][0], res[0][0], atol=1e-10, rtol=1e-10)
     for n in names:
-        assert_close(f"d/d{n}", res[1][1][n], res[0][1][n], 1e-10)
+        assert_close(f"d/d{n}", res[1][1][n], res[0][1][n], atol=1e-10, rtol=1e-10)
 
 
 def test_adapt_and_predict():
@@ -75,12 +77,12 @@ def test_adapt_and_predict():
     want = fastmaml.reference.maml_adapt(lambda p, x: torch.func.functional_call(m.model, p, (x,)),
                                          dict(m.model.named_parameters()), 0.1, xs, ys, steps=4)
     for n in want:
-        assert_close(f"fast[{n}]", fast[n], want[n], 1e-12)
+        assert_close(f"fast[{n}]", fast[n], want[n], atol=1e-12, rtol=1e-12)
     pred = m.predict(fast, xq)
     assert pred.shape == (2, 4, 2)
     for t in range(2):
         p_t = {n: v[t] for n, v in want.items()}
-        assert_close("pred", pred[t], torch.func.functional_call(m.model, p_t, (xq[t],)), 1e-12)
+        assert_close("pred", pred[t], torch.func.functional_call(m.model, p_t, (xq[t],)), atol=1e-12, rtol=1e-12)
     # adaptation lowers the support loss
     loss0 = ((torch.func.vmap(lambda x: m.model(x))(xs) - ys) ** 2).mean()
     loss1 = ((m.predict(fast, xs) - ys) ** 2).mean()
@@ -100,9 +102,9 @@ def test_functional_maml_loss_reference_and_fast_agree():
     for backend in ("reference", "auto"):
         L = fastmaml.maml_loss(fn, params, lr, *data, steps=2, backend=backend)
         res.append((L.detach(), torch.autograd.grad(L, list(params.values()) + [lr])))
-    assert_close("meta-loss", res[1][0], res[0][0], 1e-10)
+    assert_close("meta-loss", res[1][0], res[0][0], atol=1e-10, rtol=1e-10)
     for a, b in zip(res[1][1], res[0][1]):
-        assert_close("grad", a, b, 1e-10)
+        assert_close("grad", a, b, atol=1e-10, rtol=1e-10)
 
 
 def test_meta_step_leaves_user_tensors_and_params_unchanged():
@@ -242,7 +244,7 @@ def test_meta_loss_under_no_grad_is_the_same_number():
         a = m(*data)
     b = m(*data)
     assert not a.requires_grad and b.requires_grad
-    assert_close("meta-loss", a, b.detach(), 1e-14)
+    assert_close("meta-loss", a, b.detach(), atol=1e-14, rtol=1e-14)
 
 
 def test_every_knob_is_a_keyword_argument_and_a_settable_attribute():
@@ -258,10 +260,10 @@ def test_every_knob_is_a_keyword_argument_and_a_settable_attribute():
     m = fastmaml.MAML(model, inner_lr=0.05, inner_steps=2, loss="cross_entropy", **knobs)
     assert {k: getattr(m, k) for k in knobs} == knobs
     ref = fastmaml.MAML(model, inner_lr=0.05, inner_steps=2, loss="cross_entropy", backend="reference")
-    assert_close("meta-loss", m(xs, ys, xq, yq).detach(), ref(xs, ys, xq, yq).detach(), 1e-10)
+    assert_close("meta-loss", m(xs, ys, xq, yq).detach(), ref(xs, ys, xq, yq).detach(), atol=1e-10, rtol=1e-10)
     assert "loop" in m.path_reason and "rev_rev" in m.path_reason
     m.task_map, m.hvp = "vmap", "fwd_rev"  # settable: the next call takes them
-    assert_close("meta-loss", m(xs, ys, xq, yq).detach(), ref(xs, ys, xq, yq).detach(), 1e-10)
+    assert_close("meta-loss", m(xs, ys, xq, yq).detach(), ref(xs, ys, xq, yq).detach(), atol=1e-10, rtol=1e-10)
     assert "vmap" in m.path_reason and "fwd_rev" in m.path_reason
     for bad, err, msg in [(dict(task_map="grid"), ValueError, "task_map must be one of"),
                           (dict(hvp="newton"), ValueError, "hvp must be one of"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastmaml.maml import functional, tasks
+
 from tests.maml.cases import F64, conv_case, module_fn, module_params, one_thread
 
 _conv_case = conv_case

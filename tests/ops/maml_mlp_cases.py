@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import torch
-from helpers import assert_close
 
 from fastmaml import reference as ref
 from fastmaml.ops import maml_mlp, maml_mlp_fit
+
+from tests.helpers import assert_close
 
 TOL = {torch.float64: (1e-10, 1e-13), torch.float32: (2e-4, 1e-6)}
 PATHS = ["fused", "layerwise_cpu", "layerwise_reference"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from helpers import assert_close
+
+from tests.helpers import assert_close
 
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-4, 1e-5)}  # (rtol, atol) relative to the max
 

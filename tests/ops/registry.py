@@ -16,15 +16,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from batch_norm_cases import SHAPES, _first_and_second, _inputs, _native
-from helpers import CUDA
-from maml_mlp_cases import PATHS, use_path
-from maml_mlp_cases import check as check_maml_mlp
-from mlp_cases import DIMS, close, make_mlp
-from sgd_step_cases import CPU_BACKENDS, LR_KINDS, THETA_MODES, check_backend
 
 from fastmaml import _ext, ops
 from fastmaml import reference as ref
+
+from tests.helpers import CUDA
+from tests.ops.batch_norm_cases import SHAPES, _first_and_second, _inputs, _native
+from tests.ops.maml_mlp_cases import PATHS, use_path
+from tests.ops.maml_mlp_cases import check as check_maml_mlp
+from tests.ops.mlp_cases import DIMS, close, make_mlp
+from tests.ops.sgd_step_cases import CPU_BACKENDS, LR_KINDS, THETA_MODES, check_backend
 
 F64, F32 = torch.float64, torch.float32
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import random
 
 import torch
-from helpers import TRITON, assert_close
 
 from fastmaml import reference as ref
 from fastmaml.ops import sgd_step
+
+from tests.helpers import TRITON, assert_close
 
 LR_KINDS = ("float", "scalar", "per_tensor", "per_element")
 THETA_MODES = ("shared", "per_task", "mixed")

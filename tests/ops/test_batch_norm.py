@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batch_norm_cases import SHAPES, _first_and_second, _inputs, _native
 
 from fastmaml import _ext
 from fastmaml import reference as ref
 from fastmaml.ops import batch_norm
+
+from tests.ops.batch_norm_cases import SHAPES, _first_and_second, _inputs, _native
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason=_ext.IMPORT_ERROR or "extension not built")
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from maml_mlp_cases import PATHS, check, close, lr_tensors, make_lr, problem, use_path
 
 import fastmaml
 from fastmaml import reference as ref
-from fastmaml.ops import maml_mlp
 from fastmaml.maml.mlp_path import supports
+from fastmaml.ops import maml_mlp
 from fastmaml.ops import maml_mlp_fit as FIT
 from fastmaml.ops._maml_mlp import function as FN
+
+from tests.ops.maml_mlp_cases import PATHS, check, close, lr_tensors, make_lr, problem, use_path
 
 
 @pytest.fixture(params=PATHS)
@@ -117,24 +118,6 @@ def test_double_backward_raises():
     m = maml_mlp(ws, bs, xs, ys, xq, yq, 0.1, steps=2, backend="cpu")
     with pytest.raises(RuntimeError, match="maml_mlp is once-differentiable"):
         torch.autograd.grad(m, ws, create_graph=True)
-
-
-def test_supports():
-    seq = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40), torch.nn.ReLU(),
-                              torch.nn.Linear(40, 1))
-    assert supports(seq)[0]
-    assert supports(seq, "relu", "mse")[0]
-    ok, why = supports(seq, "tanh")
-    assert not ok and "does not match" in why
-    ok, why = supports(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU(), torch.nn.Linear(4, 1)))
-    assert not ok and "GELU" in why
-    ok, why = supports(torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False)))
-    assert not ok and "without bias" in why
-    ok, why = supports(torch.nn.Conv2d(1, 1, 3))
-    assert not ok and "Conv2d" in why
-    ok, why = supports([2] * 10)
-    assert not ok and "9 layers" in why
-    assert FIT.fused_limits("cpu")["max_workspace_bytes"] == FIT.FUSED_CPU_MAX_WORKSPACE_BYTES
 
 
 @pytest.mark.cuda

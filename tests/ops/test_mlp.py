@@ -8,13 +8,14 @@ import importlib.util
 
 import pytest
 import torch
-from mlp_cases import close, make_mlp
 
 import fastmaml
 from fastmaml import backends
 from fastmaml import reference as ref
 from fastmaml.ops import mlp_hvp, mlp_loss_and_grad
 from fastmaml.reference.mlp import mlp_loss
+
+from tests.ops.mlp_cases import close, make_mlp
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])

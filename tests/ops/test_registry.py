@@ -4,7 +4,8 @@ each entry × backend × case."""
 from __future__ import annotations
 
 import pytest
-from registry import REGISTRY, params
+
+from tests.ops.registry import REGISTRY, params
 
 
 @pytest.mark.parametrize("entry,backend,case", params())

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TRITON, assert_close
-from sgd_step_cases import CPU_BACKEND_NAMES, EPS, LR_KINDS, THETA_MODES, check_backend, elem_tol, make_case
 
 from fastmaml import reference as ref
 from fastmaml.ops import sgd_step
 from fastmaml.ops._sgd_step import launch
+
+from tests.helpers import TRITON, assert_close
+from tests.ops.sgd_step_cases import CPU_BACKEND_NAMES, EPS, LR_KINDS, THETA_MODES, check_backend, elem_tol, make_case
+
 
 def test_cpu_parallel_path_and_determinism():
     """Big enough for the OpenMP region (T·N >= 2^16); dα is bitwise reproducible."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
-from sgd_step_cases import CPU_BACKENDS, _good, lr_tensors
 
 from fastmaml import _ext
 from fastmaml.ops import sgd_step
+
+from tests.helpers import assert_close
+from tests.ops.sgd_step_cases import CPU_BACKENDS, _good, lr_tensors
 
 
 def _bad_cases():

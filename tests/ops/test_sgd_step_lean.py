@@ -7,13 +7,14 @@ import zlib
 
 import pytest
 import torch
-from helpers import assert_close
-from sgd_step_cases import CPU_BACKENDS, LR_KINDS, THETA_MODES, alpha_of, elem_tol, lr_tensors, make_case
 
 from fastmaml import _ext, backends
 from fastmaml import reference as ref
 from fastmaml.ops import sgd_step
 from fastmaml.ops._sgd_step import launch
+
+from tests.helpers import assert_close
+from tests.ops.sgd_step_cases import CPU_BACKENDS, LR_KINDS, THETA_MODES, alpha_of, elem_tol, lr_tensors, make_case
 
 # ---- out= (caller-provided outputs) -----------------------------------------------------
 

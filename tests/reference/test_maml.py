@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.maml.cases import one_thread, F64, assert_close, make_lrs, meta_batch, mlp_fn, mlp_params
 from torch import nn
 
 from fastmaml import reference as ref
+
+from tests.helpers import assert_close
+from tests.maml.cases import one_thread, F64, make_lrs, meta_batch, mlp_fn, mlp_params
 
 higher = pytest.importorskip("higher")
 
@@ -57,9 +59,9 @@ def test_reference_matches_hand_written_unroll(first_order, kind, anil):
     wrt = list(params.values()) + ([lrs] if isinstance(lrs, torch.Tensor) else list(lrs) if isinstance(lrs, list) else [])
     gw = torch.autograd.grad(want, wrt)
     gg = torch.autograd.grad(got, wrt)
-    assert_close("meta-loss", got.detach(), want.detach(), 1e-12)
+    assert_close("meta-loss", got.detach(), want.detach(), atol=1e-12, rtol=1e-12)
     for i, (a, b) in enumerate(zip(gg, gw)):
-        assert_close(f"grad[{i}]", a, b, 1e-12)
+        assert_close(f"grad[{i}]", a, b, atol=1e-12, rtol=1e-12)
 
 
 class _MLP(nn.Module):
@@ -90,9 +92,9 @@ def test_reference_matches_higher(K, T):
     params = dict(model.named_parameters())
     got = ref.maml_loss(lambda p, x: torch.func.functional_call(model, p, (x,)), params, lr, xs, ys, xq, yq, steps=K)
     gg = torch.autograd.grad(got, list(params.values()))
-    assert_close("meta-loss", got.detach(), want.detach(), 1e-12)
+    assert_close("meta-loss", got.detach(), want.detach(), atol=1e-12, rtol=1e-12)
     for n, a, b in zip(params, gg, gw):
-        assert_close(f"d/d{n}", a, b, 1e-12)
+        assert_close(f"d/d{n}", a, b, atol=1e-12, rtol=1e-12)
 
 
 def test_reference_cross_entropy_and_callable_loss_agree():
@@ -102,7 +104,7 @@ def test_reference_cross_entropy_and_callable_loss_agree():
     a = ref.maml_loss(mlp_fn, params, 0.2, xs, ys, xq, yq, steps=K, loss="cross_entropy")
     b = ref.maml_loss(mlp_fn, params, 0.2, xs, ys, xq, yq, steps=K,
                       loss=lambda p, y: torch.nn.functional.cross_entropy(p, y))
-    assert_close("ce", a.detach(), b.detach(), 1e-14)
+    assert_close("ce", a.detach(), b.detach(), atol=1e-14, rtol=1e-14)
 
 
 def test_reference_adapt_equals_unrolled_steps():
@@ -115,7 +117,7 @@ def test_reference_adapt_equals_unrolled_steps():
             g = torch.autograd.grad(((mlp_fn(p, xs[t]) - ys[t]) ** 2).mean(), list(p.values()))
             p = {n: (v - 0.1 * gi).detach().requires_grad_(True) for (n, v), gi in zip(p.items(), g)}
         for n in params:
-            assert_close(f"fast[{n}][{t}]", fast[n][t], p[n].detach(), 1e-13)
+            assert_close(f"fast[{n}][{t}]", fast[n][t], p[n].detach(), atol=1e-13, rtol=1e-13)
 
 
 def test_reference_gradcheck_learned_lr():

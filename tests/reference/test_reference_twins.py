@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batch_norm_cases import SHAPES, _first_and_second, _inputs, _native
-from helpers import assert_close
-from sgd_step_cases import LR_KINDS, THETA_MODES, lr_tensors, make_case
 
 from fastmaml import reference as ref
+
+from tests.helpers import assert_close
+from tests.ops.batch_norm_cases import SHAPES, _first_and_second, _inputs, _native
+from tests.ops.sgd_step_cases import LR_KINDS, THETA_MODES, lr_tensors, make_case
 
 @pytest.mark.parametrize("lr_kind", LR_KINDS)
 @pytest.mark.parametrize("theta_mode", THETA_MODES)

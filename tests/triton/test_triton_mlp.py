@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
 from torch.func import grad, jvp
 
 from fastmaml.reference import mlp as ref
 from fastmaml.triton import mlp as tmlp
+
+from tests.helpers import assert_close
 
 pytestmark = pytest.mark.triton
 
@@ -249,7 +250,8 @@ def test_mlp_triton_kernels_compile_for_gpu():
 
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the repository root (not tests/, whose triton/ folder would shadow the triton package)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600

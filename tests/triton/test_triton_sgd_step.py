@@ -3,16 +3,15 @@ TRITON_INTERPRET=1 without a GPU, on the GPU otherwise."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from fastmaml import backends
 from fastmaml.ops import sgd_step
+from fastmaml.triton import sgd_step as triton_module
 
-triton_module = importlib.import_module("fastmaml.triton.sgd_step")
 pytestmark = pytest.mark.triton
+
 
 def test_triton_kernels_really_run(monkeypatch):
     """Under TRITON_INTERPRET=1 (set by conftest without a GPU) the triton backend is

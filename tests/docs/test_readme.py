@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_python_blocks_run():
@@ -28,6 +29,8 @@ def test_sinusoid_example_runs_end_to_end(tmp_path):
         [sys.executable, str(ROOT / "examples" / "sinusoid.py"), "--iterations", "30", "--eval-tasks", "20",
          "--plot", str(plot)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
+        # the example imports this checkout's fastmaml, installed or built in place
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fastmaml path: fused_mlp" in out.stdout, out.stdout[-2000:]

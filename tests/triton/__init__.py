@@ -1,0 +1,1 @@
+"""Tests of fastmaml.triton: the Triton kernels really run."""
