@@ -126,7 +126,7 @@ def _bn_double_backward(ctx: Any, a: torch.Tensor | None, bw: torch.Tensor | Non
     return g_gy, g_x, g_w, None, None, None
 
 
-_THIRD = ("fastmaml.batch_norm: the double backward of batch_norm is not differentiable again (third "
+_THIRD = ("fastmaml.ops.batch_norm: the double backward of batch_norm is not differentiable again (third "
           "derivatives through it are not implemented); use torch.nn.functional.batch_norm for those")
 _double_backward = once_differentiable(_bn_double_backward, _THIRD)
 

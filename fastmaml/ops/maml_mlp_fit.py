@@ -1,6 +1,6 @@
 """Whether an MLP fits the fused ``maml_mlp`` kernel: the op-level fit checks
-(:func:`fused_workspace_bytes`, :func:`fused_limits`, :func:`fits_fused`) and the
-model-level routing helpers the MAML layer asks (:func:`mlp_structure`, :func:`supports`).
+(:func:`fused_workspace_bytes`, :func:`fused_limits`, :func:`fits_fused`). Which models
+take the fused route is the MAML layer's question (:mod:`fastmaml.maml.mlp_path`).
 
 The fused kernel runs one task's K inner steps, query losses and adjoint inside one
 workspace: per thread on the CPU (at most ``FUSED_CPU_MAX_WORKSPACE_BYTES``, a few times
