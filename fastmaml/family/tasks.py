@@ -70,7 +70,7 @@ class MlpTasks:
 
     def predict(self, phi: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         ws, bs = self._wb(phi)
-        return mlp_forward(ws, bs, x, self.activation)
+        return mlp_forward(ws, bs, x, activation=self.activation)
 
     def hvp_at(self, phi: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Callable[[Vec], Vec]:
         """u -> H u at φ (H the per-task Hessian of the loss on (x, y)), fused kernel."""
