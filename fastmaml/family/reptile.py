@@ -55,7 +55,8 @@ def reptile_direction(fn: Any, params: Mapping[str, torch.Tensor], xs: torch.Ten
         return ref.reptile_direction(pure, params, xs, ys, inner_lr=lr, inner_steps=K, loss=loss)
     tasks = select_tasks(fn, params, xs, ys, None, None, loss=loss, backend=backend, task_map=task_map, hvp="auto")
     if info is not None:
-        info.update(path=tasks.path, path_reason=tasks.path_reason)
+        # Reptile takes no HVP: on an MLP, the fused gradients only
+        info.update(path="fused_mlp" if tasks.path == "fused_mlp_hvp" else tasks.path, path_reason=tasks.grad_reason)
     theta = list(params.values())
     phi = inner_loop(tasks, theta, xs, ys, lr=lr, steps=K, lam=0.0, sgd_backend=None if backend == "auto" else backend)
     with torch.no_grad():

@@ -51,8 +51,9 @@ class MlpTasks:
 
     def __init__(self, dims: Sequence[int], activation: str, loss: str, backend: str | None) -> None:
         self.dims, self.activation, self.loss, self.backend = list(dims), activation, loss, backend
-        self.path_reason = (f"MLP {'-'.join(map(str, dims))} ({activation}, {loss}): gradients by "
-                            "ops.mlp_loss_and_grad, HVPs by the fused ops.mlp_hvp kernel, all tasks per call")
+        self.grad_reason = (f"MLP {'-'.join(map(str, dims))} ({activation}, {loss}): gradients by "
+                            "ops.mlp_loss_and_grad for all tasks per call")
+        self.path_reason = self.grad_reason + ", HVPs by the fused ops.mlp_hvp kernel"
 
     def _wb(self, phi: Sequence[torch.Tensor]) -> tuple[Vec, Vec]:
         return [p.contiguous() for p in phi[0::2]], [p.contiguous() for p in phi[1::2]]
@@ -122,7 +123,9 @@ class GenericTasks:
         how = "vmap over tasks" if task_map == "vmap" else "loop over tasks"
         kind = ("autograd HVPs through one kept support-gradient graph" if hvp == "autograd"
                 else "torch.func forward-over-reverse jvp(grad) HVPs")
-        self.path_reason = f"generic path: {how}, {kind}" + (", fused BatchNorm" if self.fused_bn else "")
+        bn = ", fused BatchNorm" if self.fused_bn else ""
+        self.grad_reason = f"generic path: {how}, autograd gradients{bn}"
+        self.path_reason = f"generic path: {how}, {kind}{bn}"
 
     # --- one task -------------------------------------------------------------------
     def _loss(self, phi: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
