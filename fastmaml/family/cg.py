@@ -22,8 +22,11 @@ The recursion (Hestenes–Stiefel), per task:
 In exact arithmetic x_i minimises the A-norm error ‖x_i − x*‖_A over the Krylov space
 of dimension i, so that error decreases monotonically and x_n = x* after n = the
 number of unknowns steps. A non-positive curvature ⟨p, A p⟩ ≤ 0 means A is not
-positive definite (for iMAML: H has an eigenvalue ≤ −λ); CG's answer would then be
-meaningless, so it raises instead of returning it.
+positive definite (for iMAML: H has an eigenvalue ≤ −λ, so φ_K is not near a minimum of
+the proximal objective and the implicit gradient's premise fails). CG's next iterate
+would then be meaningless: by default the solve raises; with ``indefinite="truncate"``
+that task's CG stops at its last iterate before the breakdown (truncated CG, as in
+Steihaug's trust-region CG) and is reported in ``CGInfo.indefinite``.
 """
 
 from __future__ import annotations
@@ -53,22 +56,31 @@ def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @dataclass
 class CGInfo:
     """What one batched solve did: iterations run (the same for all tasks, lockstep),
-    per-task relative residuals ‖r_t‖/‖b_t‖ at the end, and which tasks converged."""
+    per-task relative residuals ‖r_t‖/‖b_t‖ at the end, which tasks converged, and
+    which were truncated at a non-positive curvature (``indefinite="truncate"``)."""
 
     iterations: int
     residuals: torch.Tensor
     converged: torch.Tensor
+    indefinite: torch.Tensor
+
+
+INDEFINITE = ("raise", "truncate")
 
 
 def batched_cg(matvec: Callable[[Vec], Vec], b: Sequence[torch.Tensor], *, steps: int, tol: float,
-               callback: Callable[[int, Vec], None] | None = None) -> tuple[Vec, CGInfo]:
+               callback: Callable[[int, Vec], None] | None = None,
+               indefinite: str = "raise") -> tuple[Vec, CGInfo]:
     """Solve A_t x_t = b_t for all tasks t by at most ``steps`` lockstep CG iterations.
 
     matvec(p) -> A p for a whole batch (lists of [T, *shape_i]); b: the right-hand
     sides, same layout. A task stops (is masked) when ‖r_t‖ ≤ tol·‖b_t‖ (b_t = 0: x_t = 0
     at once); the loop ends when every task has stopped or after ``steps`` iterations.
     ``callback(i, x)`` sees the iterate after iteration i (tests use it for the
-    A-norm error). Raises RuntimeError if some unconverged task meets ⟨p, A p⟩ ≤ 0."""
+    A-norm error). An unconverged task meeting ⟨p, A p⟩ ≤ 0 raises RuntimeError
+    (``indefinite="raise"``) or stops at its current iterate (``"truncate"``)."""
+    if indefinite not in INDEFINITE:
+        raise ValueError(f"indefinite must be one of {INDEFINITE}, got {indefinite!r}")
     x = [torch.zeros_like(bi) for bi in b]
     r = [bi.clone() for bi in b]
     p = [bi.clone() for bi in b]
@@ -76,6 +88,7 @@ def batched_cg(matvec: Callable[[Vec], Vec], b: Sequence[torch.Tensor], *, steps
     rr = bb.clone()
     thresh = (tol * tol) * bb
     active = rr > thresh
+    truncated = torch.zeros_like(active)
     it = 0
     for it in range(1, steps + 1):
         if not bool(active.any()):
@@ -84,7 +97,10 @@ def batched_cg(matvec: Callable[[Vec], Vec], b: Sequence[torch.Tensor], *, steps
         ap = matvec(p)
         pap = task_dot(p, ap)
         bad = active & ~(pap > 0)
-        if bool(bad.any()):
+        if indefinite == "truncate":
+            truncated |= bad
+            active = active & ~bad
+        elif bool(bad.any()):
             t = int(bad.nonzero()[0, 0])
             raise RuntimeError(
                 f"conjugate gradient: the system matrix of task {t} is not positive definite "
@@ -105,4 +121,4 @@ def batched_cg(matvec: Callable[[Vec], Vec], b: Sequence[torch.Tensor], *, steps
         if callback is not None:
             callback(it, x)
     res = torch.sqrt(rr / torch.where(bb > 0, bb, torch.ones_like(bb)))
-    return x, CGInfo(it, res, ~active)
+    return x, CGInfo(it, res, ~active & ~truncated, truncated)

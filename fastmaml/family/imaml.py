@@ -38,7 +38,7 @@ from torch import nn
 from fastmaml import _checks
 from fastmaml.reference import imaml as ref
 from fastmaml._autograd import once_differentiable
-from fastmaml.family.cg import batched_cg
+from fastmaml.family.cg import INDEFINITE, batched_cg
 from fastmaml.family.problem import check_choice, nonneg_float, positive_float, select_tasks
 from fastmaml.family.tasks import GenericTasks, MlpTasks, inner_loop
 
@@ -55,10 +55,10 @@ class _Run:
 
     def __init__(self, tasks: MlpTasks | GenericTasks, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                  yq: torch.Tensor, lr: float, steps: int, lam: float, cg_steps: int, cg_tol: float,
-                 sgd_backend: str | None, info: dict | None) -> None:
+                 indefinite: str, sgd_backend: str | None, info: dict | None) -> None:
         self.tasks, self.xs, self.ys, self.xq, self.yq = tasks, xs, ys, xq, yq
         self.lr, self.steps, self.lam, self.cg_steps, self.cg_tol = lr, steps, lam, cg_steps, cg_tol
-        self.sgd_backend, self.info = sgd_backend, info
+        self.indefinite, self.sgd_backend, self.info = indefinite, sgd_backend, info
 
     def forward(self, theta: tuple) -> tuple[torch.Tensor, list, list]:
         phi = inner_loop(self.tasks, theta, self.xs, self.ys, lr=self.lr, steps=self.steps, lam=self.lam,
@@ -75,10 +75,10 @@ class _Run:
         def matvec(p: list) -> list:
             return [pi + inv * hi for pi, hi in zip(p, hvp(p))]
 
-        x, info = batched_cg(matvec, gq, steps=self.cg_steps, tol=self.cg_tol)
+        x, info = batched_cg(matvec, gq, steps=self.cg_steps, tol=self.cg_tol, indefinite=self.indefinite)
         if self.info is not None:
             self.info.update(cg_iterations=info.iterations, cg_residuals=info.residuals,
-                             cg_converged=info.converged)
+                             cg_converged=info.converged, cg_indefinite=info.indefinite)
         T = self.xs.shape[0]
         return [xi.sum(0) / T for xi in x]
 
@@ -119,6 +119,7 @@ def imaml_loss(
     lam: float,
     cg_steps: int,
     cg_tol: float = 1e-10,
+    cg_indefinite: str = "raise",
     loss: object = "mse",
     backend: str = "auto",
     task_map: str = "auto",
@@ -138,13 +139,17 @@ def imaml_loss(
     cg_steps: at most this many CG iterations; cg_tol: stop a task's CG at relative
         residual ‖r‖/‖b‖ ≤ cg_tol (default 1e-10: with cg_steps ≥ the parameter count
         the solve is exact to rounding).
+    cg_indefinite: 'raise' (default) | 'truncate': what a task's CG does on meeting a
+        non-positive curvature, i.e. when I + H/λ is not positive definite (H has an
+        eigenvalue ≤ −λ; a larger λ cures it): raise RuntimeError, or stop that task at
+        its last iterate (truncated CG; reported in info['cg_indefinite']).
     loss: 'mse' | 'cross_entropy' | loss(pred, y) -> scalar.
     backend: 'auto' | 'cpu' | 'cuda' | 'triton' (the ops' backend) | 'reference'
         (explicit Hessian and a dense solve per task: small nets only).
     task_map: 'auto' | 'vmap' | 'loop'; hvp: 'auto' | 'autograd' | 'fwd_rev' (the
         generic path's HVP flavour; anything but 'auto' for both skips the MLP ops).
     info: a dict that receives 'path', 'path_reason' and, after the backward, the CG's
-        'cg_iterations', 'cg_residuals' [T] and 'cg_converged' [T].
+        'cg_iterations', 'cg_residuals' [T], 'cg_converged' [T] and 'cg_indefinite' [T].
     Returns a 0-d tensor, once-differentiable.
     """
     K = _checks.positive_int("inner_steps", inner_steps)
@@ -152,6 +157,7 @@ def imaml_loss(
     lam_ = positive_float("lam", lam)
     n_cg = _checks.positive_int("cg_steps", cg_steps)
     tol = nonneg_float("cg_tol", cg_tol)
+    indef = check_choice("cg_indefinite", cg_indefinite, INDEFINITE)
     if check_choice("backend", backend, ("auto", "reference", "cpu", "cuda", "triton")) == "reference":
         if info is not None:
             info.update(path="reference", path_reason="backend='reference': explicit Hessian, dense solve per task")
@@ -160,7 +166,7 @@ def imaml_loss(
     tasks = select_tasks(fn, params, xs, ys, xq, yq, loss=loss, backend=backend, task_map=task_map, hvp=hvp)
     if info is not None:
         info.update(path=tasks.path, path_reason=tasks.path_reason)
-    run = _Run(tasks, xs, ys, xq, yq, lr, K, lam_, n_cg, tol, None if backend == "auto" else backend, info)
+    run = _Run(tasks, xs, ys, xq, yq, lr, K, lam_, n_cg, tol, indef, None if backend == "auto" else backend, info)
     return _ImplicitStep.apply(run, torch.is_grad_enabled(), *params.values())
 
 
@@ -197,6 +203,8 @@ class iMAML(nn.Module):  # noqa: N801 - the algorithm's name
         lam: λ > 0, the proximal regularisation.
         cg_steps: the most CG iterations per meta-gradient.
         cg_tol: relative residual at which a task's CG stops (default 1e-10).
+        cg_indefinite: 'raise' | 'truncate' when I + H/λ is not positive definite
+            (see :func:`imaml_loss`).
         loss: 'mse' | 'cross_entropy' | callable loss(pred, y).
         backend: 'auto' | 'reference' | 'cpu' | 'cuda' | 'triton'.
 
@@ -215,7 +223,8 @@ class iMAML(nn.Module):  # noqa: N801 - the algorithm's name
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, lam: float = 1.0,
-                 cg_steps: int = 5, cg_tol: float = 1e-10, loss: object = "mse", backend: str = "auto") -> None:
+                 cg_steps: int = 5, cg_tol: float = 1e-10, cg_indefinite: str = "raise", loss: object = "mse",
+                 backend: str = "auto") -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -225,6 +234,7 @@ class iMAML(nn.Module):  # noqa: N801 - the algorithm's name
         self.lam = positive_float("lam", lam)
         self.cg_steps = _checks.positive_int("cg_steps", cg_steps)
         self.cg_tol = nonneg_float("cg_tol", cg_tol)
+        self.cg_indefinite = check_choice("cg_indefinite", cg_indefinite, INDEFINITE)
         self.loss = loss
         self.backend = check_choice("backend", backend, ("auto", "reference", "cpu", "cuda", "triton"))
         self.task_map = "auto"
@@ -243,7 +253,8 @@ class iMAML(nn.Module):  # noqa: N801 - the algorithm's name
         self.last_cg = info
         out = imaml_loss(self.model, self._params(), xs, ys, xq, yq, inner_lr=self.inner_lr,
                          inner_steps=self.inner_steps, lam=self.lam, cg_steps=self.cg_steps, cg_tol=self.cg_tol,
-                         loss=self.loss, backend=self.backend, task_map=self.task_map, hvp=self.hvp, info=info)
+                         cg_indefinite=self.cg_indefinite, loss=self.loss, backend=self.backend,
+                         task_map=self.task_map, hvp=self.hvp, info=info)
         self.path, self.path_reason = info["path"], info["path_reason"]
         return out
 

@@ -161,6 +161,15 @@ def test_cg_rejects_indefinite_matrix_and_zero_rhs():
         batched_cg(lambda p: [torch.tensor([[1.0, -1.0]]) * p[0]], [torch.ones(1, 2)], steps=5, tol=0.0)
     x, info = batched_cg(lambda p: p, [torch.zeros(2, 3)], steps=5, tol=1e-10)
     assert info.iterations == 0 and torch.equal(x[0], torch.zeros(2, 3))
+    # truncate: task 0 (indefinite) stops at its last iterate (0 here), task 1 is solved
+    d = torch.tensor([[1.0, -1.0], [2.0, 4.0]], dtype=torch.float64)
+    x, info = batched_cg(lambda p: [d * p[0]], [torch.ones(2, 2, dtype=torch.float64)], steps=5, tol=1e-12,
+                         indefinite="truncate")
+    assert info.indefinite.tolist() == [True, False] and info.converged.tolist() == [False, True]
+    assert torch.equal(x[0][0], torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(x[0][1], torch.tensor([0.5, 0.25], dtype=torch.float64), atol=1e-14, rtol=0)
+    with pytest.raises(ValueError, match="indefinite"):
+        batched_cg(lambda p: p, [torch.ones(1, 2)], steps=1, tol=0.0, indefinite="ignore")
 
 
 def test_reference_backend_functional_form_adapt_predict():
@@ -203,7 +212,7 @@ def test_double_backward_raises_and_inplace_edit_detected():
 @pytest.mark.parametrize("kw,match", [
     (dict(lam=0.0), "lam"), (dict(lam=float("nan")), "lam"), (dict(inner_lr=-1.0), "inner_lr"),
     (dict(cg_steps=0), "cg_steps"), (dict(inner_steps=0), "inner_steps"), (dict(cg_tol=-1.0), "cg_tol"),
-    (dict(backend="gpu"), "backend"),
+    (dict(backend="gpu"), "backend"), (dict(cg_indefinite="ignore"), "cg_indefinite"),
 ])
 def test_bad_arguments(kw, match):
     args = dict(inner_lr=LR, inner_steps=K, lam=LAM, cg_steps=3)
