@@ -5,8 +5,11 @@ Hessian-vector products. See README.md and DESIGN.md.
 """
 
 from fastmaml import backends, mlp_route, ops, reference
+from fastmaml import nn
+from fastmaml.family import Reptile, iMAML
 from fastmaml.maml import MAML, maml_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "mlp_route", "ops", "reference", "MAML", "maml_loss", "__version__"]
+__all__ = ["backends", "mlp_route", "ops", "reference", "nn", "MAML", "maml_loss", "iMAML", "Reptile",
+           "__version__"]

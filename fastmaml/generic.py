@@ -340,6 +340,11 @@ class _Plan:
     graph_budget: int = 0  # bytes of support graphs kept beyond the last step's (see _MetaStep)
     fused_bn: bool = False  # route the model's batch-statistics F.batch_norm to fastmaml.batch_norm
     per_task: bool = False  # one task at a time: forward and adjoint per task (see _MetaStep)
+    # step_hook(k, support): called before every evaluation at inner step k (the support
+    # forward at θ_k with support=True in the forward pass, the query forward after step k
+    # and the backward's recomputation at θ_k with support=False): per-step layers
+    # (fastmaml.nn.PerStepBatchNorm2d) take their step index from it.
+    step_hook: Callable[[int, bool], None] | None = None
 
     # --- per-task pieces -----------------------------------------------------------
     def params(self, pa: Sequence[torch.Tensor], pf: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -622,7 +627,10 @@ def _forward_pass(plan: _Plan, theta_a: tuple, phi: tuple, lr_t: list, xs: torch
     keep_last = keep_states and (plan.task_map == "loop" or plan.hvp == "autograd")
     keep_more = keep_last and plan.task_map == "loop" and plan.graph_budget > 0 and prob.steps > 1
     kept: list = [None] * prob.steps  # (g_k, hvp_k) of the steps whose graph is kept
+    hook = plan.step_hook
     for k in range(prob.steps):
+        if hook is not None:
+            hook(k, True)
         if keep_last and (k == prob.steps - 1 or keep_more):
             g, hvp_k, size = plan.support_grads_kept(pa, phi, xs, ys, k == 0, need_f, measure=(k == 0))
             kept[k] = (g, hvp_k)
@@ -637,6 +645,8 @@ def _forward_pass(plan: _Plan, theta_a: tuple, phi: tuple, lr_t: list, xs: torch
         del g
         if keep_states and k + 1 < prob.steps:
             states.append(pa)
+        if hook is not None:
+            hook(k, False)
         w = prob.msl[k]
         if w == 0.0:
             continue
@@ -680,6 +690,8 @@ def _adjoint(plan: _Plan, st: _Pass, scale: torch.Tensor | float, flags: tuple[b
                 g_a, (hv_a, hv_f) = st.kept[k][0], st.kept[k][1](u)
                 st.kept[k] = None  # used once
             else:
+                if plan.step_hook is not None:
+                    plan.step_hook(k, False)
                 g_a, hv_a, hv_f = plan.grad_hvp(st.states[k], phi, xs, ys, u, k == 0, need_f)
             st.states[k] = None  # used once
             if need_f:
@@ -824,6 +836,7 @@ def maml_loss(
     task_threads: int | str = "auto",
     graph_memory_mb: float = GRAPH_MEMORY_MB,
     fused_batch_norm: bool = True,
+    step_hook: Callable[[int, bool], None] | None = None,
 ) -> torch.Tensor:
     """The meta-loss M by the generic fast path; arguments as
     :func:`fastmaml.reference.maml_loss`. ``backend`` selects ``ops.sgd_step``'s
@@ -848,6 +861,7 @@ def maml_loss(
                  len(prob.lr.tensors), torch.is_grad_enabled(), _choose_hvp_map(hvp_map, tm, xs),
                  _choose_workers(task_threads, tm, fn, xs, xq), _graph_budget(graph_memory_mb),
                  _choose_fused_bn(fused_batch_norm, tm, xs))
+    plan.step_hook = step_hook
     # One task at a time where the tasks already run one after another, HVPs included.
     plan.per_task = tm == "loop" and plan.workers == 1 and (plan.hvp_map or tm) == "loop"
     flat = [params[n] for n in prob.adapted] + [params[n] for n in prob.fixed] + list(prob.lr.tensors)
@@ -868,6 +882,7 @@ def adapt(
     task_map: str = "auto",
     task_threads: int | str = "auto",
     fused_batch_norm: bool = True,
+    step_hook: Callable[[int, bool], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-task adapted parameters θ_{t,steps} (no graph), dict name -> [T, *shape];
     tensors not adapted are expanded views of θ."""
@@ -883,6 +898,8 @@ def adapt(
         phi = tuple(params[n].detach() for n in prob.fixed)
         lr_t = [t.detach() for t in prob.lr.tensors]
         for k in range(prob.steps):
+            if step_hook is not None:
+                step_hook(k, False)
             g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
             pa = _inner_update(pa, g, prob.lr.sgd_lr(k, lr_t), plan.sgd_backend)
     out = dict(zip(prob.adapted, pa))

@@ -19,6 +19,9 @@ from torch import nn
 from fastmaml import _checks, generic, mlp_route
 from fastmaml import reference as ref
 from fastmaml._maml_common import PureFn, resolve_loss, resolve_msl
+from fastmaml.annealing import OrderSchedule
+from fastmaml.nn import StepSchedule
+from fastmaml.reference import per_step_bn as ref_per_step
 
 LR_MODES = ("scalar", "per_step_layer", "per_element", "per_step_element")
 MAML_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -139,6 +142,14 @@ class MAML(nn.Module):
             None = all trainable parameters (ANIL: the head only).
         msl_weights: MAML++ multi-step-loss weights [K], None = plain MAML.
         backend: 'auto' | 'reference' | 'cpu' | 'cuda' | 'triton' (see ``maml_loss``).
+        first_order_until: MAML++ derivative-order annealing: an int E (first order for
+            the first E outer steps, then second) or a callable schedule(outer_step) ->
+            bool (True: first order); see :mod:`fastmaml.annealing`. Needs
+            first_order=False.
+
+    ``fastmaml.nn.PerStepBatchNorm2d`` layers get the step index (support forward at
+    step k and query after step k: entry k; ``predict``: entry K−1); their per-step
+    running statistics are updated once per outer step, after the inner loop.
 
     ``self(xs, ys, xq, yq)`` returns the meta-loss (0-d); ``.backward()`` on it fills
     ``.grad`` of θ and of learned rates. It is once-differentiable on the fast path.
@@ -157,15 +168,16 @@ class MAML(nn.Module):
         adapt: Sequence[str] | None = None,
         msl_weights: object = None,
         backend: str = "auto",
+        first_order_until: object = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.inner_steps = _checks.positive_int("inner_steps", inner_steps)
-        if not isinstance(first_order, bool):
-            raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+        self._order = OrderSchedule(first_order, first_order_until)  # type: ignore[arg-type]
         self.first_order = first_order
+        self._steps = StepSchedule(model, self.inner_steps)  # per-step layers (MAML++ BNWB/BNRS)
         if lr_mode not in LR_MODES:
             raise ValueError(f"lr_mode must be one of {LR_MODES}, got {lr_mode!r}")
         self.lr_mode = lr_mode
@@ -325,35 +337,58 @@ class MAML(nn.Module):
         return st, ws, bs
 
     def _buffer_versions(self) -> list[int]:
-        return [b._version for b in self.model.buffers()]
+        exempt = self._steps.running_buffers()  # per-step running statistics: updated after the inner loop
+        return [b._version for b in self.model.buffers() if id(b) not in exempt]
+
+    @property
+    def outer_steps(self) -> int:
+        """Outer steps so far (training-mode calls with grad enabled; see annealing)."""
+        return self._order.outer_steps
+
+    @outer_steps.setter
+    def outer_steps(self, n: int) -> None:
+        self._order.outer_steps = _checks.positive_int("outer_steps", n, minimum=0)
 
     # --- public -------------------------------------------------------------------------
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
         """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d)."""
-        mlp = self._mlp_plan(xs, ys, xq)
+        record = bool(self._steps) and self._order.counts(self.training) and self._steps.recording
+        self._order.first_order = self.first_order  # the attribute may be changed after construction
+        first_order = self._order.next(self.training)
+        mlp = None if self._steps else self._mlp_plan(xs, ys, xq)
         if mlp is not None:
             st, ws, bs = mlp
             msl = self._msl_tensor
             if msl is not None and (msl.dtype != ws[0].dtype or msl.device != ws[0].device):
                 msl = self._msl_tensor = mlp_route.msl_tensor(self.msl_weights, ws[0])
             return mlp_route.run(st, ws, bs, self._lrs_arg(), xs, ys, xq, yq, steps=self.inner_steps,
-                                 first_order=self.first_order, loss=self.loss, msl_weights=msl,
+                                 first_order=first_order, loss=self.loss, msl_weights=msl,
                                  backend=self.backend)  # type: ignore[arg-type]
         self.check_model()
         params = self._params()
         device = next(iter(params.values())).device
         self.path, self.path_reason = self._select_path(device)
         versions = self._buffer_versions()
-        kw = dict(steps=self.inner_steps, first_order=self.first_order, loss=self.loss,
+        kw = dict(steps=self.inner_steps, first_order=first_order, loss=self.loss,
                   msl_weights=self.msl_weights, adapt=self.adapt_names)
-        if self.path == "reference":
+        if record:
+            self._steps.begin()
+        if self.path == "reference" and self._steps:
+            out = ref_per_step.maml_loss(self.model, self._params(), self._lrs_arg(), xs, ys, xq, yq,
+                                         update_running_stats=record, **kw)  # type: ignore[arg-type]
+        elif self.path == "reference":
             out = ref.maml_loss(self._fn, self._params(), self._lrs_arg(), xs, ys, xq, yq, **kw)  # type: ignore[arg-type]
         else:
             fn = generic.module_fn(self.model)  # safe to call from the task workers
+            # recording per-task batch statistics needs plain per-task tensors: the task loop
             out = generic.maml_loss(fn, self._params(), self._lrs_arg(), xs, ys, xq, yq,
-                                    backend=self.backend, task_map=self._task_map(device), hvp=self.hvp,
-                                    task_threads=self.task_threads, graph_memory_mb=self.graph_memory_mb,
-                                    fused_batch_norm=self.fused_batch_norm, **kw)  # type: ignore[arg-type]
+                                    backend=self.backend, task_map="loop" if record else self._task_map(device),
+                                    hvp=self.hvp, task_threads=self.task_threads,
+                                    graph_memory_mb=self.graph_memory_mb, fused_batch_norm=self.fused_batch_norm,
+                                    step_hook=self._steps.hook(record) if self._steps else None,
+                                    **kw)  # type: ignore[arg-type]
+        if record:
+            self._steps.end()
         if self._buffer_versions() != versions:
             raise RuntimeError("the model modified one of its buffers in place during forward; MAML needs a model "
                                "whose forward is a pure function of its parameters and inputs")
@@ -369,11 +404,12 @@ class MAML(nn.Module):
         if self.lr_mode in ("per_step_layer", "per_step_element") and steps != self.inner_steps:
             raise ValueError(f"lr_mode={self.lr_mode!r} defines rates for {self.inner_steps} steps only; got steps={steps}")
         kw = dict(steps=steps, loss=self.loss, adapt=self.adapt_names)
-        if self._select_path(device)[0] == "reference":
+        if self._select_path(device)[0] == "reference" and not self._steps:
             return ref.maml_adapt(self._fn, self._params(), self._lrs_arg(), xs, ys, **kw)  # type: ignore[arg-type]
         return generic.adapt(generic.module_fn(self.model), self._params(), self._lrs_arg(), xs, ys,
                              backend=self.backend, task_map=self._task_map(device), task_threads=self.task_threads,
-                             fused_batch_norm=self.fused_batch_norm, **kw)  # type: ignore[arg-type]
+                             fused_batch_norm=self.fused_batch_norm,
+                             step_hook=self._steps.hook(False) if self._steps else None, **kw)  # type: ignore[arg-type]
 
     def predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
         """Predictions of each task's adapted parameters ``fast`` (from ``adapt``) on
@@ -387,5 +423,6 @@ class MAML(nn.Module):
             if p.dim() == 0 or p.shape[0] != xq.shape[0]:
                 raise ValueError(f"fast[{n!r}] must be [T={xq.shape[0]}, ...] like xq, got shape {tuple(p.shape)}")
         device = xq.device
+        self._steps.set_step(self.inner_steps - 1)  # per-step layers: the last step's entry
         return generic.predict(generic.module_fn(self.model), fast, xq, task_map=self._task_map(device),
                                task_threads=self.task_threads)

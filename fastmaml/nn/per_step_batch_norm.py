@@ -202,6 +202,17 @@ class StepSchedule:
         for m in self.layers:
             m.set_step(k, record)
 
+    def hook(self, record: bool):
+        """``hook(k, support)`` for the MAML layer's inner loop: step index k, recording
+        at the support forwards when ``record``."""
+        def step_hook(k: int, support: bool) -> None:
+            self.set_step(k, record and support)
+        return step_hook
+
+    def running_buffers(self) -> set[int]:
+        """ids of the per-step running statistics (the buffers a meta-step may update)."""
+        return {id(b) for m in self.layers for b in (m.running_mean, m.running_var) if b is not None}
+
     def at(self, k: int, record: bool = False) -> _AtStep:
         """Context: step index k (recording as asked) inside, recording off after."""
         return _AtStep(self, k, record)
