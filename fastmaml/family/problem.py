@@ -4,13 +4,13 @@ path) shared by iMAML and Reptile."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fastmaml import _checks
-from fastmaml._maml_common import check_meta_batch, resolve_loss
+from fastmaml.maml.problem import check_meta_batch, resolve_loss
 from fastmaml.family.tasks import GenericTasks, MlpTasks, mlp_tasks
 from fastmaml.nn import PerStepBatchNorm2d
 
@@ -101,5 +101,3 @@ def select_tasks(fn: object, params: Mapping[str, torch.Tensor], xs: torch.Tenso
     return GenericTasks(fn, names, loss_fn, tm, "autograd" if hvp == "auto" else hvp,  # type: ignore[arg-type]
                         fused_bn=device.type == "cpu")
 
-
-PureFn = Callable[[dict, torch.Tensor], torch.Tensor]

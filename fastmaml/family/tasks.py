@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fastmaml import ops
-from fastmaml.batch_norm import FusedBatchNorm
+from fastmaml.maml.batch_norm_mode import FusedBatchNorm
 from fastmaml.batch_norm import available as fused_bn_available
 from fastmaml.ops.maml_mlp import mlp_structure
 from fastmaml.reference.mlp import mlp_forward, task_losses

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from fastmaml._maml_common import check_meta_batch, resolve_loss
+from fastmaml.maml.problem import check_meta_batch, resolve_loss
 
 PureFn = Callable[[dict, torch.Tensor], torch.Tensor]
 

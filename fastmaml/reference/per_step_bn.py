@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fastmaml._maml_common import check_problem
+from fastmaml.maml.problem import check_problem
 from fastmaml.nn import StepSchedule
 
 
