@@ -11,6 +11,7 @@ from torch import nn
 
 from fastmaml import _checks
 from fastmaml.maml.problem import check_meta_batch, resolve_loss
+from fastmaml.maml.tasks import choose_workers, module_fn
 from fastmaml.family.tasks import GenericTasks, MlpTasks, mlp_tasks
 from fastmaml.nn import PerStepBatchNorm2d
 
@@ -92,12 +93,11 @@ def select_tasks(fn: object, params: Mapping[str, torch.Tensor], xs: torch.Tenso
             st, _ = mlp_tasks(module, names, loss, xs, ys, op_backend)
             if st is not None:
                 return st
-
-        def fn(p: dict, x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(module, p, (x,))
+        fn = module_fn(module)  # safe to call from the task workers
     elif not callable(fn):
         raise TypeError(f"fn must be an nn.Module or a callable fn(params, x), got {type(fn).__name__}")
     tm = task_map if task_map != "auto" else ("loop" if device.type == "cpu" and xs.dim() >= 5 else "vmap")
+    workers = choose_workers("auto", tm, fn, xs, xs if xq is None else xq)  # type: ignore[arg-type]
     return GenericTasks(fn, names, loss_fn, tm, "autograd" if hvp == "auto" else hvp,  # type: ignore[arg-type]
-                        fused_bn=device.type == "cpu")
+                        fused_bn=device.type == "cpu", workers=workers)
 

@@ -10,7 +10,8 @@ A *task model* evaluates a network with per-task parameters φ (a list of tensor
 * :class:`GenericTasks` — any module that is a function of its parameters. Gradients
   by plain autograd over a vmapped forward (``task_map="vmap"``) or per task in a Python
   loop (``"loop"``, the CPU default for images, with BatchNorm by fastmaml's fused
-  kernels). HVPs (``hvp``):
+  kernels; ``workers`` tasks at a time on the MAML layer's task threads, see
+  :func:`fastmaml.maml.tasks.run_tasks`). HVPs (``hvp``):
   ``"autograd"``: the support gradient is built once with ``create_graph=True`` at the
   point where CG needs the Hessian, and every product H u is one more backward through
   that kept graph (``retain_graph``): CG's many products at one point cost one forward
@@ -34,6 +35,7 @@ from torch import nn
 
 from fastmaml import ops
 from fastmaml.maml.batch_norm_mode import FusedBatchNorm
+from fastmaml.maml.tasks import run_tasks
 from fastmaml.batch_norm import available as fused_bn_available
 from fastmaml.ops.maml_mlp import mlp_structure
 from fastmaml.reference.mlp import mlp_forward, task_losses
@@ -112,13 +114,14 @@ class GenericTasks:
     path = "generic"
 
     def __init__(self, fn: Callable, names: Sequence[str], loss_fn: Callable, task_map: str, hvp: str,
-                 fused_bn: bool) -> None:
+                 fused_bn: bool, workers: int = 1) -> None:
         if task_map not in TASK_MAPS:
             raise ValueError(f"task_map must be one of {TASK_MAPS}, got {task_map!r}")
         if hvp not in HVP_FLAVOURS:
             raise ValueError(f"hvp must be one of {HVP_FLAVOURS}, got {hvp!r}")
         self.fn, self.names, self.loss_fn = fn, list(names), loss_fn
         self.task_map, self.hvp = task_map, hvp
+        self.workers = workers if task_map == "loop" else 1
         self.fused_bn = fused_bn and task_map == "loop" and fused_bn_available()
         how = "vmap over tasks" if task_map == "vmap" else "loop over tasks"
         kind = ("autograd HVPs through one kept support-gradient graph" if hvp == "autograd"
@@ -148,12 +151,12 @@ class GenericTasks:
                 a = [p.detach().requires_grad_(True) for p in phi]
                 val = self._vloss(a, x, y)
                 return [(a, val, _grads(val.sum(), a, create_graph))]
-            out = []
-            for t in range(x.shape[0]):
+            def one(t: int) -> tuple[Vec, torch.Tensor, Vec]:
                 a = [p[t].detach().requires_grad_(True) for p in phi]
                 val = self._loss(a, x[t], y[t])
-                out.append((a, val, _grads(val, a, create_graph)))
-            return out
+                return a, val, _grads(val, a, create_graph)
+
+            return run_tasks(one, x.shape[0], self.workers)
 
     def grads(self, phi: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Vec]:
         gr = self._graph(phi, x, y, False)
@@ -165,12 +168,12 @@ class GenericTasks:
     def losses(self, phi: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.task_map == "vmap":
             return self._vloss(phi, x, y)
-        return torch.stack([self._loss([p[t] for p in phi], x[t], y[t]) for t in range(x.shape[0])])
+        return torch.stack(run_tasks(lambda t: self._loss([p[t] for p in phi], x[t], y[t]), x.shape[0], self.workers))
 
     def predict(self, phi: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.task_map == "vmap":
             return torch.func.vmap(self._pred, in_dims=(0, 0))(tuple(phi), x)
-        return torch.stack([self._pred([p[t] for p in phi], x[t]) for t in range(x.shape[0])])
+        return torch.stack(run_tasks(lambda t: self._pred([p[t] for p in phi], x[t]), x.shape[0], self.workers))
 
     def hvp_at(self, phi: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Callable[[Vec], Vec]:
         """u -> H u at φ for every task (H: per-task Hessian of the loss on (x, y))."""
@@ -182,7 +185,8 @@ class GenericTasks:
             if self.task_map == "vmap":
                 a, _, g = graphs[0]
                 return _hv(g, a, u)
-            outs = [_hv(g, a, [ui[t] for ui in u]) for t, (a, _, g) in enumerate(graphs)]
+            outs = run_tasks(lambda t: _hv(graphs[t][2], graphs[t][0], [ui[t] for ui in u]), len(graphs),
+                             self.workers)
             return [torch.stack([o[i] for o in outs]) for i in range(len(u))]
 
         return hvp
