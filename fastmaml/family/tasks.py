@@ -35,9 +35,9 @@ from torch import nn
 
 from fastmaml import ops
 from fastmaml.maml.batch_norm_mode import FusedBatchNorm
+from fastmaml.maml.mlp_path import mlp_structure
 from fastmaml.maml.tasks import run_tasks
-from fastmaml.batch_norm import available as fused_bn_available
-from fastmaml.ops.maml_mlp import mlp_structure
+from fastmaml.ops._batch_norm import available as fused_bn_available
 from fastmaml.reference.mlp import mlp_forward, task_losses
 
 Vec = list[torch.Tensor]
@@ -92,12 +92,11 @@ def mlp_tasks(model: nn.Module, names: Sequence[str], loss: object, x: torch.Ten
               backend: str | None) -> tuple[MlpTasks | None, str]:
     """An :class:`MlpTasks` when the fused MLP ops cover this model and data, else
     (None, why not)."""
-    parsed = mlp_structure(model) if isinstance(model, nn.Sequential) else "the model is not an nn.Sequential"
-    if isinstance(parsed, str):
-        return None, parsed
-    dims, act = parsed
-    lin = [n for n, m in model.named_children() if isinstance(m, nn.Linear)]
-    want = [f"{n}.{s}" for n in lin for s in ("weight", "bias")]
+    st, why = mlp_structure(model)
+    if st is None:
+        return None, why
+    dims, act = st.dims, st.activation
+    want = [n for pair in zip(st.weight_names, st.bias_names) for n in pair]
     if list(names) != want:
         return None, "some MLP parameters are frozen (requires_grad=False); the fused ops adapt every tensor"
     if not isinstance(loss, str) or loss not in ("mse", "cross_entropy"):
