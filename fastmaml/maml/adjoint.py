@@ -112,7 +112,10 @@ def _forward_pass(plan: Plan, theta_a: tuple, phi: tuple, lr_t: list, xs: torch.
     keep_last = keep_states and (plan.task_map == "loop" or plan.hvp == "autograd")
     keep_more = keep_last and plan.task_map == "loop" and plan.graph_budget > 0 and prob.steps > 1
     kept: list = [None] * prob.steps  # (g_k, hvp_k) of the steps whose graph is kept
+    hook = plan.step_hook
     for k in range(prob.steps):
+        if hook is not None:
+            hook(k, True)
         if keep_last and (k == prob.steps - 1 or keep_more):
             g, hvp_k, size = plan.support_grads_kept(pa, phi, xs, ys, k == 0, need_f, measure=(k == 0))
             kept[k] = (g, hvp_k)
@@ -127,6 +130,8 @@ def _forward_pass(plan: Plan, theta_a: tuple, phi: tuple, lr_t: list, xs: torch.
         del g
         if keep_states and k + 1 < prob.steps:
             states.append(pa)
+        if hook is not None:
+            hook(k, False)
         w = prob.msl[k]
         if w == 0.0:
             continue
@@ -170,6 +175,8 @@ def _adjoint(plan: Plan, st: _Pass, scale: torch.Tensor | float, flags: tuple[bo
                 g_a, (hv_a, hv_f) = st.kept[k][0], st.kept[k][1](u)
                 st.kept[k] = None  # used once
             else:
+                if plan.step_hook is not None:
+                    plan.step_hook(k, False)
                 g_a, hv_a, hv_f = plan.grad_hvp(st.states[k], phi, xs, ys, u, k == 0, need_f)
             st.states[k] = None  # used once
             if need_f:

@@ -11,7 +11,7 @@ differentiating the meta-gradient again raises a RuntimeError. Use
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -122,8 +122,10 @@ def maml_loss(
 def run_generic(r: dispatch.Route, fn: PureFn, params: Mapping[str, torch.Tensor], lrs: object, xs: torch.Tensor,
                 ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor, *, steps: int, first_order: bool, loss: object,
                 msl_weights: object, adapt: Sequence[str] | None, backend: str, hvp: str, hvp_map: str,
-                task_threads: int | str, graph_memory_mb: float, fused_batch_norm: bool) -> torch.Tensor:
-    """The meta-loss on route ``r``'s reference or generic path (``fn`` a pure function)."""
+                task_threads: int | str, graph_memory_mb: float, fused_batch_norm: bool,
+                step_hook: Callable[[int, bool], None] | None = None) -> torch.Tensor:
+    """The meta-loss on route ``r``'s reference or generic path (``fn`` a pure function;
+    ``step_hook``: see :class:`fastmaml.maml.plan.Plan`)."""
     kw = dict(steps=steps, first_order=first_order, loss=loss, msl_weights=msl_weights, adapt=adapt)
     if r.path == "reference":
         return ref.maml_loss(fn, params, lrs, xs, ys, xq, yq, **kw)  # type: ignore[arg-type]
@@ -133,7 +135,7 @@ def run_generic(r: dispatch.Route, fn: PureFn, params: Mapping[str, torch.Tensor
                 grad_enabled=torch.is_grad_enabled(), hvp_map=dispatch.choose_hvp_map(hvp_map, tm, xs),
                 workers=choose_workers(task_threads, tm, fn, xs, xq),
                 graph_budget=dispatch.graph_budget(graph_memory_mb),
-                fused_bn=dispatch.choose_fused_bn(fused_batch_norm, tm, xs))
+                fused_bn=dispatch.choose_fused_bn(fused_batch_norm, tm, xs), step_hook=step_hook)
     flat = [params[n] for n in prob.adapted] + [params[n] for n in prob.fixed] + list(prob.lr.tensors)
     return MetaStep.apply(plan, *flat, xs, ys, xq, yq)
 
@@ -169,12 +171,14 @@ def adapt(
     task_map: str = "auto",
     task_threads: int | str = "auto",
     fused_batch_norm: bool = True,
+    step_hook: Callable[[int, bool], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-task adapted parameters θ_{t,steps} (no graph), dict name -> [T, *shape];
-    tensors not adapted are expanded views of θ."""
+    tensors not adapted are expanded views of θ. ``step_hook(k, False)`` is called
+    before step k's support gradients (per-step layers)."""
     module = fn if isinstance(fn, nn.Module) else None
     call = as_fn(module) if module is not None else fn
-    if check_backend(backend) == "reference":
+    if check_backend(backend) == "reference" and step_hook is None:
         return ref.adapt(call, params, lrs, xs, ys, steps=steps, loss=loss, adapt=adapt)  # type: ignore[arg-type]
     prob = check_problem(call, params, lrs, xs, ys, xs, ys, steps=steps, first_order=True, loss=loss,
                          msl_weights=None, adapt=adapt)
@@ -187,6 +191,8 @@ def adapt(
         phi = tuple(params[n].detach() for n in prob.fixed)
         lr_t = [t.detach() for t in prob.lr.tensors]
         for k in range(prob.steps):
+            if step_hook is not None:
+                step_hook(k, False)
             g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
             pa = inner_update(pa, g, prob.lr.sgd_lr(k, lr_t), plan.sgd_backend)
     out = dict(zip(prob.adapted, pa))

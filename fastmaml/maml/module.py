@@ -14,9 +14,11 @@ from torch import nn
 
 from fastmaml import _checks
 from fastmaml.maml import dispatch, functional, mlp_path
+from fastmaml.maml.annealing import MetaState
 from fastmaml.maml.hvp import HVPS
 from fastmaml.maml.problem import resolve_loss, resolve_msl
 from fastmaml.maml.tasks import TASK_MAPS, module_fn
+from fastmaml.reference import per_step_bn
 
 LR_MODES = ("scalar", "per_step_layer", "per_element", "per_step_element")
 
@@ -174,6 +176,12 @@ class MAML(nn.Module):
             may keep for the backward (per-task loop; 0: recompute them, least memory).
         fused_batch_norm: in the CPU per-task loop, run batch-statistics BatchNorm by
             fastmaml's fused kernels (closed-form double backward); False: PyTorch's.
+        first_order_until: MAML++ derivative-order annealing: first order for the first E
+            outer steps (an int E; or schedule(outer_step) -> bool, True: first order),
+            then second; see :mod:`fastmaml.maml.annealing` (``outer_steps`` counts them).
+
+    ``fastmaml.nn.PerStepBatchNorm2d`` layers (MAML++ BNWB/BNRS) are fed the step index;
+    their running statistics are updated once per outer step (:mod:`fastmaml.nn`).
 
     Every argument stays a settable attribute of the same name (``inner_steps``,
     ``adapt_names``, ``msl_weights``: resolved forms). ``self(xs, ys, xq, yq)`` returns the
@@ -201,7 +209,8 @@ class MAML(nn.Module):
                  lr_mode: str = "scalar", learn_lr: bool = False, loss: object = "mse",
                  adapt: Sequence[str] | None = None, msl_weights: object = None, backend: str = "auto", *,
                  task_map: str = "auto", hvp: str = "auto", hvp_map: str = "auto", task_threads: int | str = "auto",
-                 graph_memory_mb: float = dispatch.GRAPH_MEMORY_MB, fused_batch_norm: bool = True) -> None:
+                 graph_memory_mb: float = dispatch.GRAPH_MEMORY_MB, fused_batch_norm: bool = True,
+                 first_order_until: object = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -215,6 +224,7 @@ class MAML(nn.Module):
         self.lrs = make_lrs(model, self.adapt_names, lr_mode, self.inner_lr, inner_steps, learn_lr)
         self.task_map, self.hvp, self.hvp_map, self.task_threads = task_map, hvp, hvp_map, task_threads
         self.graph_memory_mb, self.fused_batch_norm = graph_memory_mb, fused_batch_norm
+        self._meta = MetaState(model, inner_steps, first_order, first_order_until)  # type: ignore[arg-type]
         self.check_model()
         self._msl_tensor: torch.Tensor | None = None
         r = self._route(None)[0]
@@ -222,6 +232,9 @@ class MAML(nn.Module):
 
     def check_model(self) -> None:
         check_model(self.model)
+
+    first_order_until = property(lambda s: s._meta.order.until, lambda s, v: s._meta.order.set_until(s.first_order, v))
+    outer_steps = property(lambda self: self._meta.order.outer_steps, lambda self, n: self._meta.set_outer_steps(n))
 
     def _params(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -241,26 +254,15 @@ class MAML(nn.Module):
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
         """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d)."""
         r, ws, bs = self._route((xs, ys, xq))
+        fo, record, r, hook = self._meta.begin(self.first_order, self.training, r)
         if self.path is not r.path or self.path_reason is not r.reason:  # nn.Module.__setattr__ is slow
             self.path, self.path_reason = r.path, r.reason
         if r.mlp is not None:
-            msl = self._msl_tensor
-            if self.msl_weights is not None and (msl is None or msl.dtype != ws[0].dtype or msl.device != ws[0].device
-                                                 or msl.numel() != len(self.msl_weights)):
-                msl = self._msl_tensor = mlp_path.msl_tensor(self.msl_weights, ws[0])
-            return mlp_path.run(r.mlp, ws, bs, self._lrs_arg(), xs, ys, xq, yq, steps=self.inner_steps,
-                                first_order=self.first_order, loss=self.loss, msl_weights=msl,  # type: ignore[arg-type]
-                                backend=self.backend)
+            return _run_mlp(self, r, ws, bs, fo, (xs, ys, xq, yq))
         self.check_model()
-        versions = [b._version for b in self.model.buffers()]
-        out = functional.run_generic(
-            r, module_fn(self.model), self._params(), self._lrs_arg(), xs, ys, xq, yq, steps=self.inner_steps,
-            first_order=self.first_order, loss=self.loss, msl_weights=self.msl_weights, adapt=self.adapt_names,
-            backend=self.backend, hvp=self.hvp, hvp_map=self.hvp_map, task_threads=self.task_threads,
-            graph_memory_mb=self.graph_memory_mb, fused_batch_norm=self.fused_batch_norm)
-        if [b._version for b in self.model.buffers()] != versions:
-            raise RuntimeError("the model modified one of its buffers in place during forward; MAML needs a model "
-                               "whose forward is a pure function of its parameters and inputs")
+        versions = self._meta.versions(self.model)
+        out = _run_generic(self, r, fo, record, hook, (xs, ys, xq, yq))
+        self._meta.end(record, self.model, versions)  # raises if the model modified a buffer
         return out
 
     def adapt(self, xs: torch.Tensor, ys: torch.Tensor, steps: int | None = None) -> dict[str, torch.Tensor]:
@@ -273,15 +275,42 @@ class MAML(nn.Module):
             raise ValueError(f"lr_mode={self.lr_mode!r} defines rates for {self.inner_steps} steps only; got steps={steps}")
         return functional.adapt(module_fn(self.model), self._params(), self._lrs_arg(), xs, ys, steps=steps, loss=self.loss,
                                 adapt=self.adapt_names, backend=self.backend, task_map=self._task_map(xs),
-                                task_threads=self.task_threads, fused_batch_norm=self.fused_batch_norm)
+                                task_threads=self.task_threads, fused_batch_norm=self.fused_batch_norm,
+                                step_hook=self._meta.layers.hook(False) if self._meta.layers else None)
 
     def predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
         """Predictions of each task's adapted parameters ``fast`` (from ``adapt``) on
         xq [T, N, ...]: [T, N, ...]."""
         check_fast(fast, xq)
+        self._meta.layers.set_step(self.inner_steps - 1)  # per-step layers: the last step's entry
         return functional.predict(module_fn(self.model), fast, xq, task_map=self._task_map(xq),
                                   task_threads=self.task_threads)
 
     def _task_map(self, x: object) -> str:
         device = next(iter(self._params().values())).device
         return dispatch.choose_task_map(self.task_map, self.model, x if isinstance(x, torch.Tensor) else None, device)
+
+
+def _run_mlp(m: MAML, r: dispatch.Route, ws: list, bs: list, first_order: bool, data: tuple) -> torch.Tensor:
+    """The meta-loss on the fused MLP route (its MSL weights as a tensor, cached)."""
+    msl = m._msl_tensor
+    if m.msl_weights is not None and (msl is None or msl.dtype != ws[0].dtype or msl.device != ws[0].device
+                                      or msl.numel() != len(m.msl_weights)):
+        msl = m._msl_tensor = mlp_path.msl_tensor(m.msl_weights, ws[0])
+    return mlp_path.run(r.mlp, ws, bs, m._lrs_arg(), *data, steps=m.inner_steps,  # type: ignore[arg-type]
+                        first_order=first_order, loss=m.loss, msl_weights=msl, backend=m.backend)  # type: ignore[arg-type]
+
+
+def _run_generic(m: MAML, r: dispatch.Route, first_order: bool, record: bool, hook: object,
+                 data: tuple) -> torch.Tensor:
+    """The meta-loss on the generic or reference path; a model with per-step layers
+    (``hook``) takes their reference on the reference path."""
+    kw = dict(steps=m.inner_steps, first_order=first_order, loss=m.loss, msl_weights=m.msl_weights,
+              adapt=m.adapt_names)
+    if r.path == "reference" and hook is not None:
+        return per_step_bn.maml_loss(m.model, m._params(), m._lrs_arg(), *data, update_running_stats=record,
+                                     **kw)  # type: ignore[arg-type]
+    return functional.run_generic(r, module_fn(m.model), m._params(), m._lrs_arg(), *data, backend=m.backend,
+                                  hvp=m.hvp, hvp_map=m.hvp_map, task_threads=m.task_threads,
+                                  graph_memory_mb=m.graph_memory_mb, fused_batch_norm=m.fused_batch_norm,
+                                  step_hook=hook, **kw)  # type: ignore[arg-type]

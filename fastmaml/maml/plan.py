@@ -34,7 +34,11 @@ class Plan:
     ``sgd_backend``: ``ops.sgd_step``'s backend (None: automatic); ``grad_enabled``: the
     caller's grad mode when the meta-loss was built; ``workers``: tasks the per-task
     loop runs at once; ``graph_budget``: bytes of support graphs kept beyond the last
-    step's; ``fused_bn``: route the model's batch-statistics ``F.batch_norm``."""
+    step's; ``fused_bn``: route the model's batch-statistics ``F.batch_norm``;
+    ``step_hook(k, support)``: called before every evaluation at inner step k (the
+    support forward at θ_k with support=True, the query after step k and the backward's
+    recomputation at θ_k with support=False), for per-step layers
+    (:class:`fastmaml.nn.PerStepBatchNorm2d`)."""
 
     fn: PureFn
     prob: MetaProblem
@@ -46,6 +50,7 @@ class Plan:
     workers: int = 1
     graph_budget: int = 0
     fused_bn: bool = False
+    step_hook: Callable[[int, bool], None] | None = None
 
     @property
     def n_lr(self) -> int:
