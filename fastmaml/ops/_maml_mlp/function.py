@@ -165,9 +165,10 @@ def maml_mlp(
     be = _resolve_cached(backend, device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*ws, *bs, *lrs))
     lr_learned = need_grad and any(t.requires_grad for t in lrs)
-    if not eager:
+    if not eager and be != "reference":
         # One opaque node for Dynamo/AOTAutograd (fastmaml::maml_mlp); the op decides
-        # fused vs layer-wise itself and checks the data's finiteness in the graph.
+        # fused vs layer-wise itself and checks the data's finiteness in the graph. The
+        # reference backend (autograd inside) is traced as plain torch code instead.
         out, _, _ = maml_mlp_op(list(ws), list(bs), xs, ys, xq, yq, list(lrs), msl, K, bool(first_order),
                                 activation, loss, lr_kind, float(lr_value), need_grad, lr_learned, be, True)
         return out

@@ -7,7 +7,8 @@ puts ONE node in the graph instead of breaking at the pybind call, and AOTAutogr
 compiles the backward through :func:`_backward` (docs/DESIGN.md §7).
 
 Schema: the data and parameters are tensors, every knob a primitive (the backend a
-string: device only picks the default, so ``backend="cuda"`` on CPU tensors in an
+string — ``cpu``, ``cuda`` or ``triton``; the reference backend differentiates with autograd
+inside, which an op's implementation cannot, so it is traced as plain torch code — device only picks the default, so ``backend="cuda"`` on CPU tensors in an
 emulated build and the Triton interpreter keep working). Outputs: the meta-loss (0-d),
 the meta-gradient (2L tensors in flat order W_1, b_1, ..., empty when ``need_grad`` is
 False) and the lr gradient (one flat tensor, empty list when no lr tensor is given or no
@@ -60,6 +61,9 @@ def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Ten
                 check_finite: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The meta-loss, meta-gradient and lr gradient of ``fastmaml.ops.maml_mlp`` for
     checked arguments (the public function checks them before calling the op)."""
+    if backend == "reference":
+        raise ValueError("fastmaml::maml_mlp runs the kernels (backend 'cpu', 'cuda' or 'triton'), got backend "
+                         "'reference': call fastmaml.reference.maml_mlp (plain torch code) instead")
     if check_finite:
         check_finite_tensors(["xs", "ys", "xq", "yq"], [xs, ys, xq, yq])
     if loss == "cross_entropy":
