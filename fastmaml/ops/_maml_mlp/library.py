@@ -21,7 +21,7 @@ compiled graph keeps the check without a data-dependent branch in Python.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,6 +31,14 @@ from fastmaml.ops import maml_mlp_fit
 from fastmaml.ops._maml_mlp.config import Cfg, unpack_dlr
 from fastmaml.ops._maml_mlp.fused import run_fused
 from fastmaml.ops._maml_mlp.layerwise import run_layerwise
+
+
+class _LrLayout(NamedTuple):
+    """What ``unpack_dlr`` reads of a configuration (traceable, unlike a full Cfg)."""
+
+    lr_kind: str
+    K: int
+    L: int
 
 
 def check_finite_tensors(names: list[str], tensors: list[Tensor]) -> None:
@@ -130,7 +138,7 @@ def _backward(ctx, gloss, _ggrads, _gdlr):
         per_step = ctx.lr_kind == "elem" and dlr.numel() != sum(s.numel() for s in ctx.shapes)
         if per_step:
             dlr = dlr.view(ctx.K, -1)
-        ns = SimpleNamespace(lr_kind=ctx.lr_kind, K=ctx.K, L=L)
+        ns = _LrLayout(ctx.lr_kind, ctx.K, L)
         dlrs = unpack_dlr(ns, dlr, ctx.lr_shapes, ctx.shapes, gloss)  # type: ignore[arg-type]
     else:
         dlrs = [None] * n_lr
