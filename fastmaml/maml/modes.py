@@ -51,6 +51,11 @@ def check_no_transform(where: str, backend: object) -> None:
 
 def call(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` under the policy above (a direct call when neither mode is on)."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the inference-mode query; autocast it can
+        if not _autocast_on():
+            return fn(*args)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args)
     inference = torch.is_inference_mode_enabled()
     if not inference and not _autocast_on():
         return fn(*args)
