@@ -246,7 +246,8 @@ class MAML(nn.Module):
 
     def _forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
         r, ws, bs = self._route((xs, ys, xq))
-        if self.path is not r.path or self.path_reason is not r.reason:  # nn.Module.__setattr__ is slow
+        # (not while Dynamo traces: the changed attribute would cost a recompile; eager calls set it)
+        if (self.path is not r.path or self.path_reason is not r.reason) and not torch.compiler.is_compiling():
             self.path, self.path_reason = r.path, r.reason
         if r.mlp is not None:
             msl = self._msl_tensor

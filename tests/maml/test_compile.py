@@ -124,3 +124,11 @@ def test_compiled_training_step_no_break_inside_fastmaml_no_recompiles(sinusoid_
         for s in range(50):
             loss = cstep(*_data(dims, 4, 5, "mse", torch.float32, seed=100 + s))
             assert torch.isfinite(loss)
+    # cold: a model never called eagerly (empty route cache) compiles once, then never again
+    cold = fastmaml.MAML(_mlp(dims), inner_lr=0.01, inner_steps=2)
+    torch._dynamo.reset()
+    cf = torch.compile(lambda xs, ys, xq, yq: cold(xs, ys, xq, yq))
+    cf(*_data(dims, 4, 5, "mse", torch.float32, seed=1)).backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for s in range(3):
+            cf(*_data(dims, 4, 5, "mse", torch.float32, seed=200 + s)).backward()

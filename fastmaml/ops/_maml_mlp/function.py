@@ -192,6 +192,8 @@ def _resolve_cached(backend, device: torch.device) -> str:
     """``backends.resolve`` for this op, remembered per (request, device, and the
     FASTMAML_BACKEND environment variable when no backend is named). Triton on CPU (which
     depends on TRITON_INTERPRET) is not remembered; a request it refuses raises every time."""
+    if torch.compiler.is_compiling():  # no cache fill while traced (it would cost a recompile)
+        return backends.resolve(backend, device, "maml_mlp")
     key = (backend, device, os.environ.get("FASTMAML_BACKEND") if backend is None else None)
     be = _RESOLVE_CACHE.get(key)
     if be is None:
