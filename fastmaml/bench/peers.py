@@ -59,7 +59,7 @@ class _Opaque(nn.Module):
         return self.inner(x)
 
 
-def make_fastmaml(p: Problem, backend: str = "auto", generic: bool = False) -> Prepared:
+def make_fastmaml(p: Problem, backend: str = "auto", generic: bool = False, compiled: bool = False) -> Prepared:
     import fastmaml
 
     MAML = getattr(fastmaml, "MAML", None)
@@ -74,14 +74,23 @@ def make_fastmaml(p: Problem, backend: str = "auto", generic: bool = False) -> P
     maml = MAML(net, inner_lr=cfg.inner_lr, inner_steps=cfg.K, first_order=cfg.first_order,
                 loss=cfg.fam.loss, backend=backend)
 
+    loss_fn = maml
+    if compiled:  # the meta-loss under torch.compile (cold: no caches), backward by AOTAutograd
+        import torch._dynamo
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_disable_caches = True
+        torch._dynamo.reset()
+        loss_fn = torch.compile(lambda xs, ys, xq, yq: maml(xs, ys, xq, yq))
+
     def step(i: int) -> list[torch.Tensor]:
         for q in params:
             q.grad = None
-        maml(*p.batches[i]).backward()
+        loss_fn(*p.batches[i]).backward()
         return [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
 
     def info() -> dict:
-        return {"path": str(getattr(maml, "path", "?")), "backend": backend}
+        return {"path": str(getattr(maml, "path", "?")), "backend": backend, "compiled": compiled}
 
     return Prepared(step, _identity, _torch_sync(p.device), info=info)
 
@@ -93,6 +102,7 @@ def make_fastmaml(p: Problem, backend: str = "auto", generic: bool = False) -> P
 METHODS: dict[str, str] = {
     "fastmaml": "fastmaml.MAML (auto path)",
     "fastmaml-generic": "fastmaml.MAML, generic path (model hidden in an opaque module)",
+    "fastmaml-compiled": "torch.compile(fastmaml.MAML meta-loss), cold compile",
     "loop": "loop over tasks, autograd.grad(create_graph=True) (learn2learn's algorithm)",
     "higher": "higher.innerloop_ctx, one backward per task",
     "vmap": "torch.func grad(vmap(task_loss)), eager",
@@ -109,6 +119,8 @@ def make(method: str, p: Problem, backend: str = "auto") -> Prepared:
         return make_fastmaml(p, backend)
     if method == "fastmaml-generic":
         return make_fastmaml(p, backend, generic=True)
+    if method == "fastmaml-compiled":
+        return make_fastmaml(p, backend, compiled=True)
     if method == "loop":
         return make_loop(p)
     if method == "higher":

@@ -133,7 +133,9 @@ def route(model: object, params: Mapping[str, torch.Tensor], adapted: Sequence[s
     if callable(params) and not isinstance(params, Mapping):
         params = params()  # a function giving them: called only on a cache miss
     out = _route(model, params, adapted, loss, lr_learned, n_msl, steps, data, backend, task_map, hvp)
-    if key is not None and isinstance(model, nn.Module):
+    # Not filled while Dynamo traces: the cache's new entry would change the guarded
+    # state and cost one recompile at the next call (docs/DESIGN.md §7).
+    if key is not None and isinstance(model, nn.Module) and not torch.compiler.is_compiling():
         per_model = _CACHE.setdefault(model, {})
         if len(per_model) >= _CACHE_SIZE:
             per_model.clear()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastmaml.reference import maml as ref
-from fastmaml.maml import dispatch, mlp_path
+from fastmaml.maml import dispatch, mlp_path, modes
 from fastmaml.maml.adjoint import MetaStep, inner_update
 from fastmaml.maml.hvp import choose_hvp
 from fastmaml.maml.plan import Plan
@@ -99,6 +99,7 @@ def maml_loss(
     task_threads, graph_memory_mb, fused_batch_norm.
     Returns a 0-d tensor; once-differentiable on the fast paths.
     """
+    modes.check_no_transform("fastmaml.maml_loss", backend)
     backend = check_backend(backend)
     module = fn if isinstance(fn, nn.Module) else None
     call = as_fn(module) if module is not None else fn

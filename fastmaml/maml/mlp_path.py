@@ -220,7 +220,8 @@ def run(
 ) -> torch.Tensor:
     """The meta-loss by ``ops.maml_mlp`` (fused kernel or its layer-wise path).
     ``weights``/``biases`` in layer order (``st.weight_names``/``st.bias_names``)."""
-    finite_inputs(xs=xs, ys=ys, xq=xq, yq=yq)
+    if not torch.compiler.is_compiling():  # compiled: fastmaml::maml_mlp checks them inside the graph
+        finite_inputs(xs=xs, ys=ys, xq=xq, yq=yq)
     if isinstance(lrs, (torch.Tensor, Mapping)):
         lrs = mlp_lr(lrs, [n for pair in zip(st.weight_names, st.bias_names) for n in pair], steps)
     return _maml_mlp_op(list(weights), list(biases), xs, ys, xq, yq, lrs, steps=steps,

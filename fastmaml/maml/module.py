@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastmaml import _checks
-from fastmaml.maml import dispatch, functional, mlp_path
+from fastmaml.maml import dispatch, functional, mlp_path, modes
 from fastmaml.maml.annealing import MetaState
 from fastmaml.maml.hvp import HVPS
 from fastmaml.maml.problem import resolve_loss, resolve_msl
@@ -252,10 +252,16 @@ class MAML(nn.Module):
         return r, ws, bs
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
-        """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d)."""
+        """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d).
+        Autocast and inference mode: :mod:`fastmaml.maml.modes`."""
+        modes.check_no_transform("fastmaml.MAML.forward", self.backend)
+        return modes.call(self._forward, xs, ys, xq, yq)
+
+    def _forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
         r, ws, bs = self._route((xs, ys, xq))
         fo, record, r, hook = self._meta.begin(self.first_order, self.training, r)
-        if self.path is not r.path or self.path_reason is not r.reason:  # nn.Module.__setattr__ is slow
+        # (not while Dynamo traces: the changed attribute would cost a recompile; eager calls set it)
+        if (self.path is not r.path or self.path_reason is not r.reason) and not torch.compiler.is_compiling():
             self.path, self.path_reason = r.path, r.reason
         if r.mlp is not None:
             return _run_mlp(self, r, ws, bs, fo, (xs, ys, xq, yq))
@@ -269,6 +275,9 @@ class MAML(nn.Module):
         """Per-task adapted parameters after ``steps`` (default K) inner steps on the
         support sets xs [T, N, ...], ys: dict name -> [T, *shape], detached (for
         evaluation). Per-step learning rates allow only steps == K."""
+        return modes.call(self._adapt, xs, ys, steps)
+
+    def _adapt(self, xs: torch.Tensor, ys: torch.Tensor, steps: int | None) -> dict[str, torch.Tensor]:
         self.check_model()
         steps = self.inner_steps if steps is None else _checks.positive_int("steps", steps)
         if self.lr_mode in ("per_step_layer", "per_step_element") and steps != self.inner_steps:
@@ -281,6 +290,9 @@ class MAML(nn.Module):
     def predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
         """Predictions of each task's adapted parameters ``fast`` (from ``adapt``) on
         xq [T, N, ...]: [T, N, ...]."""
+        return modes.call(self._predict, fast, xq)
+
+    def _predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
         check_fast(fast, xq)
         self._meta.layers.set_step(self.inner_steps - 1)  # per-step layers: the last step's entry
         return functional.predict(module_fn(self.model), fast, xq, task_map=self._task_map(xq),

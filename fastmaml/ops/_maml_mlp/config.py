@@ -44,6 +44,8 @@ _MSL_CACHE: dict = {}
 
 
 def default_msl(K: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # no cache fill while traced (it would cost a recompile)
+        return torch.nn.functional.one_hot(torch.tensor(K - 1, device=device), K).to(dtype)
     key = (K, dtype, device)
     t = _MSL_CACHE.get(key)
     if t is None:

@@ -62,6 +62,7 @@ from fastmaml.ops import mlp as mlp_ops
 from fastmaml.ops._maml_mlp.config import Cfg, check_lr, default_msl, unpack_dlr
 from fastmaml.ops._maml_mlp.fused import run_fused
 from fastmaml.ops._maml_mlp.layerwise import run_layerwise
+from fastmaml.ops._maml_mlp.library import maml_mlp_op
 
 # ---- the autograd layer ---------------------------------------------------------------------------
 class _MamlMlp(torch.autograd.Function):
@@ -137,8 +138,11 @@ def maml_mlp(
     mlp_ops.check_activation_loss(activation, loss)
     K = _checks.positive_int("steps", steps)
     ws, bs, dims, dtype, device = mlp_ops.check_layers(weights, biases, per_task=False)
-    xs, ys, T, Ns = mlp_ops.check_data("xs", xs, "ys", ys, T=None, dims=dims, loss=loss, dtype=dtype, device=device)
-    xq, yq, _, Nq = mlp_ops.check_data("xq", xq, "yq", yq, T=T, dims=dims, loss=loss, dtype=dtype, device=device)
+    eager = not torch.compiler.is_compiling()  # compiled: the data-dependent checks run inside the op
+    xs, ys, T, Ns = mlp_ops.check_data("xs", xs, "ys", ys, T=None, dims=dims, loss=loss, dtype=dtype, device=device,
+                                       check_labels=eager)
+    xq, yq, _, Nq = mlp_ops.check_data("xq", xq, "yq", yq, T=T, dims=dims, loss=loss, dtype=dtype, device=device,
+                                       check_labels=eager)
     for name, t in (("xs", xs), ("xq", xq), ("ys", ys), ("yq", yq)):
         if t.requires_grad:
             raise ValueError(f"{name} requires grad: maml_mlp differentiates with respect to weights, biases and lr only")
@@ -157,10 +161,17 @@ def maml_mlp(
         if not msl_weights.is_floating_point():
             raise TypeError(f"msl_weights must be a float tensor, got {msl_weights.dtype}")
         msl = msl_weights.detach().to(dtype).contiguous()
-        msl_list = [float(w) for w in msl.tolist()]
+        msl_list = [] if not eager else [float(w) for w in msl.tolist()]
     be = _resolve_cached(backend, device)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*ws, *bs, *lrs))
     lr_learned = need_grad and any(t.requires_grad for t in lrs)
+    if not eager and be != "reference":
+        # One opaque node for Dynamo/AOTAutograd (fastmaml::maml_mlp); the op decides
+        # fused vs layer-wise itself and checks the data's finiteness in the graph. The
+        # reference backend (autograd inside) is traced as plain torch code instead.
+        out, _, _ = maml_mlp_op(list(ws), list(bs), xs, ys, xq, yq, list(lrs), msl, K, bool(first_order),
+                                activation, loss, lr_kind, float(lr_value), need_grad, lr_learned, be, True)
+        return out
     n_msl = sum(1 for w in msl_list if w != 0.0)
     fused = be in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl)
     cfg = Cfg(dims, L, T, K, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
@@ -181,6 +192,8 @@ def _resolve_cached(backend, device: torch.device) -> str:
     """``backends.resolve`` for this op, remembered per (request, device, and the
     FASTMAML_BACKEND environment variable when no backend is named). Triton on CPU (which
     depends on TRITON_INTERPRET) is not remembered; a request it refuses raises every time."""
+    if torch.compiler.is_compiling():  # no cache fill while traced (it would cost a recompile)
+        return backends.resolve(backend, device, "maml_mlp")
     key = (backend, device, os.environ.get("FASTMAML_BACKEND") if backend is None else None)
     be = _RESOLVE_CACHE.get(key)
     if be is None:

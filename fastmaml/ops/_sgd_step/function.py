@@ -41,6 +41,7 @@ from torch._C._functorch import maybe_current_level as _functorch_level
 from fastmaml import backends, codes
 from fastmaml import reference as ref
 from fastmaml.ops._sgd_step import launch
+from fastmaml.ops._sgd_step.library import sgd_step_op
 from fastmaml.ops._sgd_step.checks import Spec, check_out, check_overlap, lr_tensors, validate
 from fastmaml.reference.sgd_step import LR
 
@@ -208,6 +209,8 @@ def sgd_step(
     reduced to α's granularity), by a fused backward kernel; works under
     ``torch.func.grad``/``vjp``/``vmap`` (there the backward is computed with torch ops).
     """
+    if torch.compiler.is_compiling():
+        return _compiled(params, grads, lr, backend, out)
     level = _functorch_level()
     if level is None and type(lr) is float:
         res = launch.lean_cpu_forward(params, grads, lr, backend, out)
@@ -246,6 +249,26 @@ def sgd_step(
     if level is None and not (spec.requires_grad and torch.is_grad_enabled()):
         return launch.launch_forward(name, spec, params, grads, lrs)  # lean path: nothing to differentiate
     return list(_SgdStep.apply(spec, name, *params, *grads, *lrs))
+
+
+def _compiled(params, grads, lr, backend, out) -> list[torch.Tensor]:
+    """Under torch.compile: the checks (no data-dependent ones), then ONE node,
+    ``torch.ops.fastmaml.sgd_step`` (its autograd is registered with the op); ``out=``
+    becomes a copy into the given tensors."""
+    spec = validate(params, grads, lr, strict_layout=True)
+    name = backends.resolve(backend, spec.device, "sgd_step")
+    lrs = lr_tensors(lr, spec.lr_kind)
+    res = sgd_step_op(list(params), list(grads), list(lrs), spec.lr_kind, spec.lr_value, name)
+    if out is None:
+        return list(res)
+    outs = check_out(out, spec, grads)
+    if torch.is_grad_enabled() and (spec.requires_grad or any(o.requires_grad for o in outs)):
+        raise RuntimeError("sgd_step: out= does not support automatic differentiation, but an input (params, grads, "
+                           "lr) or an out tensor requires grad; call sgd_step without out=")
+    with torch.no_grad():
+        for o, r in zip(outs, res):
+            o.copy_(r)
+    return outs
 
 
 __all__ = ["sgd_step"]

@@ -1,0 +1,151 @@
+"""``torch.ops.fastmaml.maml_mlp``: the meta-step as a ``torch.library`` custom op.
+
+Eager calls of :func:`fastmaml.ops.maml_mlp` keep their lean ``autograd.Function``
+(:mod:`fastmaml.ops._maml_mlp.function`); under ``torch.compile`` (and wherever an
+opaque, schema-described op is wanted) the same kernels run behind this op, so Dynamo
+puts ONE node in the graph instead of breaking at the pybind call, and AOTAutograd
+compiles the backward through :func:`_backward` (docs/DESIGN.md §7).
+
+Schema: the data and parameters are tensors, every knob a primitive (the backend a
+string — ``cpu``, ``cuda`` or ``triton``; the reference backend differentiates with autograd
+inside, which an op's implementation cannot, so it is traced as plain torch code — device only picks the default, so ``backend="cuda"`` on CPU tensors in an
+emulated build and the Triton interpreter keep working). Outputs: the meta-loss (0-d),
+the meta-gradient (2L tensors in flat order W_1, b_1, ..., empty when ``need_grad`` is
+False) and the lr gradient (one flat tensor, empty list when no lr tensor is given or no
+gradient is needed). Nothing is mutated, no output aliases an input.
+
+The finiteness policy (docs/DESIGN.md §5) stays on: with ``check_finite`` the op itself
+scans xs, ys, xq and yq and raises ValueError naming the first non-finite one, so a
+compiled graph keeps the check without a data-dependent branch in Python.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastmaml import _checks
+from fastmaml.ops import maml_mlp_fit
+from fastmaml.ops._maml_mlp.config import Cfg, unpack_dlr
+from fastmaml.ops._maml_mlp.fused import run_fused
+from fastmaml.ops._maml_mlp.layerwise import run_layerwise
+
+
+class _LrLayout(NamedTuple):
+    """What ``unpack_dlr`` reads of a configuration (traceable, unlike a full Cfg)."""
+
+    lr_kind: str
+    K: int
+    L: int
+
+
+def check_finite_tensors(names: list[str], tensors: list[Tensor]) -> None:
+    """ValueError naming the first float tensor holding NaN/Inf (one reduction each)."""
+    for name, t in zip(names, tensors):
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            _checks.finite(name, t)
+
+
+def _dlr_numel(lr_kind: str, K: int, shapes: list, lrs: list[Tensor]) -> int:
+    if lr_kind == "scalar":
+        return 1
+    if lr_kind == "table":
+        return K * len(shapes)
+    P = sum(s.numel() for s in shapes)
+    per_step = any(a.shape != shp for a, shp in zip(lrs, shapes))
+    return K * P if per_step else P
+
+
+def _has_dlr(lr_kind: str, lrs: list[Tensor], need_grad: bool) -> bool:
+    return need_grad and bool(lrs) and lr_kind != "float"
+
+
+@torch.library.custom_op("fastmaml::maml_mlp", mutates_args=())
+def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor,
+                lrs: list[Tensor], msl: Tensor, steps: int, first_order: bool, activation: str, loss: str,
+                lr_kind: str, lr_value: float, need_grad: bool, lr_learned: bool, backend: str,
+                check_finite: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The meta-loss, meta-gradient and lr gradient of ``fastmaml.ops.maml_mlp`` for
+    checked arguments (the public function checks them before calling the op)."""
+    if backend == "reference":
+        raise ValueError("fastmaml::maml_mlp runs the kernels (backend 'cpu', 'cuda' or 'triton'), got backend "
+                         "'reference': call fastmaml.reference.maml_mlp (plain torch code) instead")
+    if check_finite:
+        check_finite_tensors(["xs", "ys", "xq", "yq"], [xs, ys, xq, yq])
+    if loss == "cross_entropy":
+        for name, y in (("ys", ys), ("yq", yq)):
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= weights[-1].shape[0]):
+                raise ValueError(f"{name} holds labels outside [0, {weights[-1].shape[0]}): min {int(y.min())}, "
+                                 f"max {int(y.max())}")
+    ws = [w.contiguous() for w in weights]
+    bs = [b.contiguous() for b in biases]
+    xs, ys, xq, yq, msl = xs.contiguous(), ys.contiguous(), xq.contiguous(), yq.contiguous(), msl.contiguous()
+    L = len(ws)
+    dims = [ws[0].shape[1], *[w.shape[0] for w in ws]]
+    T, Ns, Nq = xs.shape[0], xs.shape[1], xq.shape[1]
+    dtype, device = ws[0].dtype, ws[0].device
+    msl_list = [float(w) for w in msl.tolist()]
+    n_msl = sum(1 for w in msl_list if w != 0.0)
+    shapes = [p.shape for pair in zip(ws, bs) for p in pair]
+    fused = backend in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, steps, Ns, Nq, dtype, device, lr_learned,
+                                                                    n_msl)
+    cfg = Cfg(dims, L, T, steps, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
+              lr_value, len(lrs), bool(first_order), bool(need_grad), backend, fused, n_msl, shapes)
+    out, grads, dlr = (run_fused if fused else run_layerwise)(cfg, ws, bs, lrs)
+    grads_out = [g.contiguous() for g in grads] if need_grad and grads is not None else []
+    dlr_out: list[Tensor] = []
+    if _has_dlr(lr_kind, lrs, need_grad):
+        dlr_out = [dlr.reshape(-1).clone() if dlr is not None else
+                   torch.zeros(_dlr_numel(lr_kind, steps, shapes, lrs), dtype=dtype, device=device)]
+    return out.clone() if out._base is not None else out, grads_out, dlr_out
+
+
+@maml_mlp_op.register_fake
+def _fake(weights, biases, xs, ys, xq, yq, lrs, msl, steps, first_order, activation, loss, lr_kind, lr_value,
+          need_grad, lr_learned, backend, check_finite):
+    w0 = weights[0]
+    out = w0.new_empty(())
+    grads = [torch.empty_like(p) for pair in zip(weights, biases) for p in pair] if need_grad else []
+    shapes = [p.shape for pair in zip(weights, biases) for p in pair]
+    dlr = ([w0.new_empty(_dlr_numel(lr_kind, steps, shapes, lrs))] if _has_dlr(lr_kind, lrs, need_grad) else [])
+    return out, grads, dlr
+
+
+def _setup_context(ctx, inputs, output):
+    weights, biases, lrs, steps, lr_kind = inputs[0], inputs[1], inputs[6], inputs[8], inputs[12]
+    _, grads, dlr = output
+    ctx.L, ctx.K, ctx.lr_kind = len(weights), steps, lr_kind
+    ctx.shapes = [p.shape for pair in zip(weights, biases) for p in pair]
+    ctx.lr_shapes = [a.shape for a in lrs]
+    ctx.n_grads, ctx.n_dlr = len(grads), len(dlr)
+    ctx.save_for_backward(*grads, *dlr)
+
+
+def _backward(ctx, gloss, _ggrads, _gdlr):
+    """d(loss) scales the stored meta-gradient (the op is once-differentiable: the
+    meta-gradient is the adjoint recursion's result, not a graph)."""
+    saved = ctx.saved_tensors
+    L = ctx.L
+    n_lr = len(ctx.lr_shapes)
+    if not ctx.n_grads:
+        raise RuntimeError("fastmaml::maml_mlp: the forward ran without a gradient (need_grad=False)")
+    grads = [g * gloss for g in saved[: ctx.n_grads]]
+    dws, dbs = grads[0::2], grads[1::2]
+    if ctx.n_dlr:
+        dlr = saved[ctx.n_grads]
+        per_step = ctx.lr_kind == "elem" and dlr.numel() != sum(s.numel() for s in ctx.shapes)
+        if per_step:
+            dlr = dlr.view(ctx.K, -1)
+        ns = _LrLayout(ctx.lr_kind, ctx.K, L)
+        dlrs = unpack_dlr(ns, dlr, ctx.lr_shapes, ctx.shapes, gloss)  # type: ignore[arg-type]
+    else:
+        dlrs = [None] * n_lr
+    return (dws, dbs, None, None, None, None, dlrs, None, None, None, None, None, None, None, None, None, None, None)
+
+
+maml_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+__all__ = ["maml_mlp_op", "check_finite_tensors"]

@@ -1,0 +1,134 @@
+"""``torch.compile`` of the meta-loss and of a whole training step (docs/DESIGN.md §7):
+0 graph breaks and ``fullgraph=True`` on the fused MLP route (and its layer-wise
+route), numbers equal to eager, no graph break inside ``fastmaml/`` in a compiled step,
+no recompile over 50 steps of new data. Compiles are slow on a small CPU: each compiled
+function is built once per module (fixtures) and shared."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fastmaml
+
+FASTMAML_DIR = os.path.dirname(os.path.abspath(fastmaml.__file__))
+
+
+def _mlp(dims, dtype=torch.float32):
+    torch.manual_seed(0)
+    layers: list = []
+    for i in range(len(dims) - 1):
+        layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).to(dtype)
+
+
+def _data(dims, T, N, loss, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs, xq = (torch.randn(T, N, dims[0], generator=g, dtype=dtype) for _ in range(2))
+    if loss == "mse":
+        ys, yq = (torch.randn(T, N, dims[-1], generator=g, dtype=dtype) for _ in range(2))
+    else:
+        ys, yq = (torch.randint(0, dims[-1], (T, N), generator=g) for _ in range(2))
+    return xs, ys, xq, yq
+
+
+CASES = {
+    "sinusoid": ([1, 40, 40, 1], "mse", torch.float32, "fused_mlp", 5),
+    "sinusoid64": ([1, 40, 40, 1], "mse", torch.float64, "fused_mlp", 5),
+    "wide": ([784, 256, 128, 64, 64, 5], "cross_entropy", torch.float32, "mlp_layerwise", 2),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def compiled_loss(request):
+    dims, loss, dtype, path, T = CASES[request.param]
+    maml = fastmaml.MAML(_mlp(dims, dtype), inner_lr=0.01, inner_steps=3, loss=loss, lr_mode="per_step_layer",
+                         learn_lr=True)
+    data = _data(dims, T, 5, loss, dtype)
+    f = lambda xs, ys, xq, yq: maml(xs, ys, xq, yq)  # noqa: E731
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(*data)
+    return maml, f, torch.compile(f, fullgraph=True), data, path, dtype, explained
+
+
+def test_meta_loss_zero_graph_breaks_fullgraph_equals_eager(compiled_loss):
+    maml, f, cf, data, path, dtype, explained = compiled_loss
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    params = list(maml.parameters())
+    eager = f(*data)
+    assert maml.path == path
+    g_eager = torch.autograd.grad(eager, params)
+    for seed in (0, 1):  # new data of the same shapes: no recompile
+        d = data if seed == 0 else _data([data[0].shape[-1]], 1, 1, "mse", dtype)
+        if seed:
+            d = tuple(x + 0.5 if x.is_floating_point() else x for x in data)
+            eager = f(*d)
+            g_eager = torch.autograd.grad(eager, params)
+        out = cf(*d)
+        g = torch.autograd.grad(out, params)
+        tol = dict(rtol=0, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, eager, **tol)
+        for a, b in zip(g, g_eager):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_compiled_meta_loss_keeps_the_nan_policy(compiled_loss):
+    maml, f, cf, data, path, dtype, _ = compiled_loss
+    xs = data[0].clone()
+    xs[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="xs"):
+        cf(xs, *data[1:])
+
+
+@pytest.fixture(scope="module")
+def sinusoid_step():
+    maml = fastmaml.MAML(_mlp([1, 40, 40, 1]), inner_lr=0.01, inner_steps=2, lr_mode="per_step_layer",
+                         learn_lr=True)
+    opt = torch.optim.SGD(maml.parameters(), lr=1e-3)
+
+    def step(xs, ys, xq, yq):
+        opt.zero_grad()
+        loss = maml(xs, ys, xq, yq)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return maml, opt, step
+
+
+def test_compiled_training_step_no_break_inside_fastmaml_no_recompiles(sinusoid_step):
+    maml, opt, step = sinusoid_step
+    dims = [1, 40, 40, 1]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(*_data(dims, 4, 5, "mse", torch.float32))
+    inside = [(b.reason, str(fr)) for b in explained.break_reasons for fr in b.user_stack
+              if os.path.abspath(fr.filename).startswith(FASTMAML_DIR)]
+    assert inside == []
+    # the compiled step equals the eager step (same start, same data)
+    state = {k: v.clone() for k, v in maml.state_dict().items()}
+    d0 = _data(dims, 4, 5, "mse", torch.float32, seed=7)
+    eager_loss = step(*d0)
+    eager_after = [p.detach().clone() for p in maml.parameters()]
+    maml.load_state_dict(state)
+    opt.state.clear()
+    torch._dynamo.reset()
+    cstep = torch.compile(step)
+    torch.testing.assert_close(cstep(*d0), eager_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(maml.parameters(), eager_after):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for s in range(50):
+            loss = cstep(*_data(dims, 4, 5, "mse", torch.float32, seed=100 + s))
+            assert torch.isfinite(loss)
+    # cold: a model never called eagerly (empty route cache) compiles once, then never again
+    cold = fastmaml.MAML(_mlp(dims), inner_lr=0.01, inner_steps=2)
+    torch._dynamo.reset()
+    cf = torch.compile(lambda xs, ys, xq, yq: cold(xs, ys, xq, yq))
+    cf(*_data(dims, 4, 5, "mse", torch.float32, seed=1)).backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for s in range(3):
+            cf(*_data(dims, 4, 5, "mse", torch.float32, seed=200 + s)).backward()

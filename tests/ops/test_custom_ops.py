@@ -1,0 +1,119 @@
+"""The ``torch.library`` custom ops (``torch.ops.fastmaml.*``): registered on import,
+``opcheck`` (schema, autograd registration, fake tensors, AOT dispatch) on
+representative inputs, and the same numbers as the eager functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import fastmaml
+from fastmaml import codes
+
+F64 = torch.float64
+CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _ok(result: dict) -> None:
+    assert {k: result[k] for k in CHECKS} == {k: "SUCCESS" for k in CHECKS}
+
+
+def test_ops_registered_on_import():
+    for name in ("sgd_step", "sgd_step_backward", "maml_mlp"):
+        assert hasattr(torch.ops.fastmaml, name), name
+    assert fastmaml.ops.sgd_step is not None
+
+
+def _sgd_inputs(kind: int, T: int = 3):
+    torch.manual_seed(0)
+    ps = [torch.randn(4, 5, dtype=F64, requires_grad=True), torch.randn(T, 5, dtype=F64, requires_grad=True)]
+    gs = [torch.randn(T, 4, 5, dtype=F64, requires_grad=True), torch.randn(T, 5, dtype=F64, requires_grad=True)]
+    if kind == codes.SGD_LR_FLOAT:
+        return ps, gs, [], 0.1
+    if kind == codes.SGD_LR_SCALAR:
+        return ps, gs, [torch.tensor(0.1, dtype=F64, requires_grad=True)], 0.0
+    if kind == codes.SGD_LR_PER_TENSOR:
+        return ps, gs, [torch.rand(2, dtype=F64, requires_grad=True)], 0.0
+    return ps, gs, [torch.rand(4, 5, dtype=F64, requires_grad=True), torch.rand(5, dtype=F64, requires_grad=True)], 0.0
+
+
+KINDS = (codes.SGD_LR_FLOAT, codes.SGD_LR_SCALAR, codes.SGD_LR_PER_TENSOR, codes.SGD_LR_PER_ELEMENT)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_sgd_step_opcheck(backend, kind):
+    ps, gs, lrs, val = _sgd_inputs(kind)
+    _ok(opcheck(torch.ops.fastmaml.sgd_step.default, (ps, gs, lrs, kind, val, backend)))
+    v = [torch.randn_like(g) for g in gs]
+    args = (v, [g.detach() for g in gs], [a.detach() for a in lrs], [1, 0], kind, val, True, backend)
+    _ok(opcheck(torch.ops.fastmaml.sgd_step_backward.default, args))
+    # the op's numbers are the eager function's; its registered autograd is exact
+    lr = val if kind == codes.SGD_LR_FLOAT else (lrs if kind == codes.SGD_LR_PER_ELEMENT else lrs[0])
+    eager = fastmaml.ops.sgd_step(ps, gs, lr, backend=backend)
+    for a, b in zip(torch.ops.fastmaml.sgd_step(ps, gs, lrs, kind, val, backend), eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    fn = lambda *a: torch.ops.fastmaml.sgd_step(list(a[:2]), list(a[2:4]), list(a[4:]), kind, val, backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (*ps, *gs, *lrs))
+    assert torch.autograd.gradgradcheck(fn, (*ps, *gs, *lrs))
+
+
+def _mlp_inputs(loss: str, lr_kind: str, dims=(2, 8, 8, 3), T=2, Ns=4, Nq=3, K=2):
+    torch.manual_seed(1)
+    ws = [(0.5 * torch.randn(dims[i + 1], dims[i], dtype=F64)).requires_grad_() for i in range(len(dims) - 1)]
+    bs = [(0.1 * torch.randn(dims[i + 1], dtype=F64)).requires_grad_() for i in range(len(dims) - 1)]
+    xs, xq = torch.randn(T, Ns, dims[0], dtype=F64), torch.randn(T, Nq, dims[0], dtype=F64)
+    if loss == "mse":
+        ys, yq = torch.randn(T, Ns, dims[-1], dtype=F64), torch.randn(T, Nq, dims[-1], dtype=F64)
+    else:
+        ys, yq = torch.randint(0, dims[-1], (T, Ns)), torch.randint(0, dims[-1], (T, Nq))
+    n = 2 * len(ws)
+    lrs = {"float": [], "scalar": [torch.tensor(0.05, dtype=F64, requires_grad=True)],
+           "table": [torch.full((K, n), 0.05, dtype=F64, requires_grad=True)],
+           "elem": [torch.full(p.shape, 0.05, dtype=F64, requires_grad=True)
+                    for pair in zip(ws, bs) for p in pair]}[lr_kind]
+    msl = torch.tensor([0.3, 0.7], dtype=F64)
+    return ws, bs, xs, ys, xq, yq, lrs, msl, K
+
+
+@pytest.mark.parametrize("path", ["fused", "layerwise"])
+@pytest.mark.parametrize("loss,lr_kind", [("mse", "float"), ("mse", "table"), ("cross_entropy", "scalar"),
+                                          ("mse", "elem")])
+def test_maml_mlp_opcheck(path, loss, lr_kind, monkeypatch):
+    from fastmaml.ops import maml_mlp_fit
+
+    backend = "cpu"
+    if path == "layerwise":  # a workspace limit of 0 bytes: the cpu backend's layer-wise path
+        monkeypatch.setattr(maml_mlp_fit, "FUSED_CPU_MAX_WORKSPACE_BYTES", 0)
+    ws, bs, xs, ys, xq, yq, lrs, msl, K = _mlp_inputs(loss, lr_kind)
+    args = (ws, bs, xs, ys, xq, yq, lrs, msl, K, False, "tanh", loss, lr_kind, 0.05 if lr_kind == "float" else 0.0,
+            True, bool(lrs), backend, True)
+    _ok(opcheck(torch.ops.fastmaml.maml_mlp.default, args))
+    out, grads, dlr = torch.ops.fastmaml.maml_mlp(*args)
+    lr = 0.05 if lr_kind == "float" else (lrs if lr_kind == "elem" else lrs[0])
+    eager = fastmaml.ops.maml_mlp(ws, bs, xs, ys, xq, yq, lr, steps=K, activation="tanh", loss=loss,
+                                  msl_weights=msl, backend=backend)
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-12)
+    ge = torch.autograd.grad(eager, [*ws, *bs, *lrs])
+    go = torch.autograd.grad(out, [*ws, *bs, *lrs])
+    for a, b in zip(go, ge):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_maml_mlp_op_checks_finiteness_and_labels():
+    ws, bs, xs, ys, xq, yq, lrs, msl, K = _mlp_inputs("cross_entropy", "float")
+    xs = xs.clone()
+    xs[0, 0, 0] = float("nan")
+    args = [ws, bs, xs, ys, xq, yq, lrs, msl, K, False, "relu", "cross_entropy", "float", 0.05, True, False, "cpu",
+            True]
+    with pytest.raises(ValueError, match="xs"):
+        torch.ops.fastmaml.maml_mlp(*args)
+    args[2] = xq.new_zeros(xs.shape)
+    args[5] = yq + 3
+    with pytest.raises(ValueError, match="yq holds labels outside"):
+        torch.ops.fastmaml.maml_mlp(*args)
+    args[5] = yq
+    args[16] = "reference"
+    with pytest.raises(ValueError, match="reference"):
+        torch.ops.fastmaml.maml_mlp(*args)
