@@ -67,9 +67,12 @@ class OrderSchedule:
         return training and torch.is_grad_enabled()
 
     def next(self, training: bool) -> bool:
-        """first_order for this forward call; advances the count if it is an outer step."""
+        """first_order for this forward call; advances the count if it is an outer step.
+        Without a schedule the count decides nothing, and a compiled call leaves it alone
+        (an integer attribute that changes every call would make Dynamo recompile every
+        step); with a schedule a compiled step recompiles when the count changes."""
         fo = self.at(self.outer_steps)
-        if self.counts(training):
+        if self.counts(training) and not (self.until is None and torch.compiler.is_compiling()):
             self.outer_steps += 1
         return fo
 

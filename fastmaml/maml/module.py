@@ -255,52 +255,55 @@ class MAML(nn.Module):
         """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d).
         Autocast and inference mode: :mod:`fastmaml.maml.modes`."""
         modes.check_no_transform("fastmaml.MAML.forward", self.backend)
-        return modes.call(self._forward, xs, ys, xq, yq)
-
-    def _forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
-        r, ws, bs = self._route((xs, ys, xq))
-        fo, record, r, hook = self._meta.begin(self.first_order, self.training, r)
-        # (not while Dynamo traces: the changed attribute would cost a recompile; eager calls set it)
-        if (self.path is not r.path or self.path_reason is not r.reason) and not torch.compiler.is_compiling():
-            self.path, self.path_reason = r.path, r.reason
-        if r.mlp is not None:
-            return _run_mlp(self, r, ws, bs, fo, (xs, ys, xq, yq))
-        self.check_model()
-        versions = self._meta.versions(self.model)
-        out = _run_generic(self, r, fo, record, hook, (xs, ys, xq, yq))
-        self._meta.end(record, self.model, versions)  # raises if the model modified a buffer
-        return out
+        return modes.call(_forward, self, xs, ys, xq, yq)
 
     def adapt(self, xs: torch.Tensor, ys: torch.Tensor, steps: int | None = None) -> dict[str, torch.Tensor]:
         """Per-task adapted parameters after ``steps`` (default K) inner steps on the
         support sets xs [T, N, ...], ys: dict name -> [T, *shape], detached (for
         evaluation). Per-step learning rates allow only steps == K."""
-        return modes.call(self._adapt, xs, ys, steps)
-
-    def _adapt(self, xs: torch.Tensor, ys: torch.Tensor, steps: int | None) -> dict[str, torch.Tensor]:
-        self.check_model()
-        steps = self.inner_steps if steps is None else _checks.positive_int("steps", steps)
-        if self.lr_mode in ("per_step_layer", "per_step_element") and steps != self.inner_steps:
-            raise ValueError(f"lr_mode={self.lr_mode!r} defines rates for {self.inner_steps} steps only; got steps={steps}")
-        return functional.adapt(module_fn(self.model), self._params(), self._lrs_arg(), xs, ys, steps=steps, loss=self.loss,
-                                adapt=self.adapt_names, backend=self.backend, task_map=self._task_map(xs),
-                                task_threads=self.task_threads, fused_batch_norm=self.fused_batch_norm,
-                                step_hook=self._meta.layers.hook(False) if self._meta.layers else None)
+        return modes.call(_adapt, self, xs, ys, steps)
 
     def predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
         """Predictions of each task's adapted parameters ``fast`` (from ``adapt``) on
         xq [T, N, ...]: [T, N, ...]."""
-        return modes.call(self._predict, fast, xq)
-
-    def _predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
-        check_fast(fast, xq)
-        self._meta.layers.set_step(self.inner_steps - 1)  # per-step layers: the last step's entry
-        return functional.predict(module_fn(self.model), fast, xq, task_map=self._task_map(xq),
-                                  task_threads=self.task_threads)
+        return modes.call(_predict, self, fast, xq)
 
     def _task_map(self, x: object) -> str:
         device = next(iter(self._params().values())).device
         return dispatch.choose_task_map(self.task_map, self.model, x if isinstance(x, torch.Tensor) else None, device)
+
+
+def _forward(m: MAML, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+    r, ws, bs = m._route((xs, ys, xq))
+    fo, record, r, hook = m._meta.begin(m.first_order, m.training, r)
+    # (not while Dynamo traces: the changed attribute would cost a recompile; eager calls set it)
+    if (m.path is not r.path or m.path_reason is not r.reason) and not torch.compiler.is_compiling():
+        m.path, m.path_reason = r.path, r.reason
+    if r.mlp is not None:
+        return _run_mlp(m, r, ws, bs, fo, (xs, ys, xq, yq))
+    m.check_model()
+    versions = m._meta.versions(m.model)
+    out = _run_generic(m, r, fo, record, hook, (xs, ys, xq, yq))
+    m._meta.end(record, m.model, versions)  # raises if the model modified a buffer
+    return out
+
+
+def _adapt(m: MAML, xs: torch.Tensor, ys: torch.Tensor, steps: int | None) -> dict[str, torch.Tensor]:
+    m.check_model()
+    steps = m.inner_steps if steps is None else _checks.positive_int("steps", steps)
+    if m.lr_mode in ("per_step_layer", "per_step_element") and steps != m.inner_steps:
+        raise ValueError(f"lr_mode={m.lr_mode!r} defines rates for {m.inner_steps} steps only; got steps={steps}")
+    return functional.adapt(module_fn(m.model), m._params(), m._lrs_arg(), xs, ys, steps=steps, loss=m.loss,
+                            adapt=m.adapt_names, backend=m.backend, task_map=m._task_map(xs),
+                            task_threads=m.task_threads, fused_batch_norm=m.fused_batch_norm,
+                            step_hook=m._meta.layers.hook(False) if m._meta.layers else None)
+
+
+def _predict(m: MAML, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
+    check_fast(fast, xq)
+    m._meta.layers.set_step(m.inner_steps - 1)  # per-step layers: the last step's entry
+    return functional.predict(module_fn(m.model), fast, xq, task_map=m._task_map(xq),
+                              task_threads=m.task_threads)
 
 
 def _run_mlp(m: MAML, r: dispatch.Route, ws: list, bs: list, first_order: bool, data: tuple) -> torch.Tensor:

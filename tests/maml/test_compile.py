@@ -42,6 +42,20 @@ CASES = {
 }
 
 
+def _fresh_caches():
+    """Dynamo guards on the entries of fastmaml's module-level caches it read while
+    tracing; a cache filled by an earlier case's eager calls changes under those guards
+    (seen as an IndexError inside guard building), so each case traces from empty caches
+    and a reset compiler."""
+    from fastmaml.maml import dispatch
+    from fastmaml.ops import maml_mlp_fit
+    from fastmaml.ops._maml_mlp import config, function
+
+    for cache in (maml_mlp_fit._FITS_CACHE, config._MSL_CACHE, function._RESOLVE_CACHE, dispatch._CACHE):
+        cache.clear()
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def compiled_loss(request):
     dims, loss, dtype, path, T = CASES[request.param]
@@ -49,7 +63,7 @@ def compiled_loss(request):
                          learn_lr=True)
     data = _data(dims, T, 5, loss, dtype)
     f = lambda xs, ys, xq, yq: maml(xs, ys, xq, yq)  # noqa: E731
-    torch._dynamo.reset()
+    _fresh_caches()
     explained = torch._dynamo.explain(f)(*data)
     return maml, f, torch.compile(f, fullgraph=True), data, path, dtype, explained
 
