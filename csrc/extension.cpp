@@ -26,6 +26,12 @@
 namespace py = pybind11;
 using namespace fastmaml;
 
+#ifdef FASTMAML_CUDA_EMULATE
+namespace fastmaml {
+void register_cuda_emulation(py::module_& m);  // common/cuda_emulation_module.cpp
+}
+#endif
+
 namespace {
 
 #ifdef FASTMAML_WITH_CUDA
@@ -293,6 +299,11 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmaml compiled kernels (C++/OpenMP and CUDA); takes raw pointers, see fastmaml.ops";
   m.attr("cuda_compiled") = kCudaCompiled;
   m.attr("cuda_reason") = std::string(kCudaCompiled ? "" : FASTMAML_CUDA_REASON);
+#ifdef FASTMAML_CUDA_EMULATE
+  register_cuda_emulation(m);  // the CUDA kernels run on the CPU (FASTMAML_CUDA=emulate)
+#else
+  m.attr("cuda_emulated") = false;
+#endif
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

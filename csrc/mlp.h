@@ -22,7 +22,7 @@
 
 #include "common.h"
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(FM_CUDA_EMULATED_TU)
 #define FM_ALGO __device__ __forceinline__
 #else
 #define FM_ALGO inline
@@ -175,7 +175,7 @@ FM_HD S act_d2(int act, S h) {
 // fixed order (deterministic).
 
 // CPU (SerialGroup) ------------------------------------------------------------------------
-#if !defined(__CUDACC__)
+#if !defined(__CUDACC__) && !defined(FM_CUDA_EMULATED_TU)
 // Register-tiled kernel for the CPU: out[i][0..NV·n) (+)= Σ_r a[i·ai + r·ar] · b[r·bs + 0..NV·n)
 // for i < MR, n = the vector width (8 floats / 4 doubles on AVX2). The MR × NV
 // accumulators stay in vector registers for the whole reduction over r; each loaded
@@ -450,7 +450,7 @@ inline S group_sum(SerialGroup, S v, S*) {
 #endif  // !__CUDA_ARCH__
 
 // GPU (CtaGroup) ---------------------------------------------------------------------------
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(FM_CUDA_EMULATED_TU)
 // Each thread owns whole output elements and sums its reduction sequentially: no atomics,
 // so the result does not depend on scheduling.
 template <class S>

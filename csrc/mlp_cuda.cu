@@ -91,7 +91,7 @@ struct Placement {
 
 template <class S>
 __device__ __forceinline__ void carve(S* gws, int64_t per, S*& ws, S*& red) {
-  extern __shared__ __align__(16) unsigned char fm_smem[];
+  FM_DYNAMIC_SHARED(unsigned char, fm_smem);
   S* smem = reinterpret_cast<S*>(fm_smem);
   if (gws) {
     ws = gws + int64_t(blockIdx.x) * per;
@@ -196,7 +196,7 @@ void loss_and_grad_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std:
                         const std::vector<std::uintptr_t>& gb, cudaStream_t st) {
   const int64_t per = mlp::acts_size(s, N) + s.PT + 8;
   Placement<S, decltype(&loss_and_grad_kernel<S>)> pl(&loss_and_grad_kernel<S>, per, T, st, true);
-  loss_and_grad_kernel<S><<<unsigned(T), kThreads, pl.smem, st>>>(
+  FM_LAUNCH(loss_and_grad_kernel<S>, unsigned(T), kThreads, pl.smem, st,
       s, N, as_ptr<const S>(x, "x"), as_ptr<const void>(y, "y"), base_params<const S>(s, W, b, "weights"),
       base_params<S>(s, gW, gb, "grad"), as_ptr<S>(out_loss, "out_loss"), pl.global, per);
   FM_CUDA_CHECK_LAUNCH();
@@ -209,7 +209,7 @@ void hvp_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std::uintptr_t
               const std::vector<std::uintptr_t>& hW, const std::vector<std::uintptr_t>& hb, cudaStream_t st) {
   const int64_t per = mlp::acts_size(s, N) + mlp::hvp_scratch_size(s, N) + s.P + 2 * s.PT + 8;
   Placement<S, decltype(&hvp_kernel<S>)> pl(&hvp_kernel<S>, per, T, st, true);
-  hvp_kernel<S><<<unsigned(T), kThreads, pl.smem, st>>>(
+  FM_LAUNCH(hvp_kernel<S>, unsigned(T), kThreads, pl.smem, st,
       s, N, as_ptr<const S>(x, "x"), as_ptr<const void>(y, "y"), base_params<const S>(s, W, b, "weights"),
       base_params<const S>(s, vW, vb, "v"), base_params<S>(s, hW, hb, "hv"), pl.global, per);
   FM_CUDA_CHECK_LAUNCH();
@@ -230,7 +230,7 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   // the MSL weights live on the device: the launcher is told how many are nonzero
   const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq, a.n_lr > 0 ? K : 1, n_msl) + 16;
   Placement<S, decltype(&maml_kernel<S>)> pl(&maml_kernel<S>, per, T, st, false);
-  maml_kernel<S><<<unsigned(T), kThreads, pl.smem, st>>>(a, parts, stride, pl.global, per);
+  FM_LAUNCH(maml_kernel<S>, unsigned(T), kThreads, pl.smem, st, a, parts, stride, pl.global, per);
   FM_CUDA_CHECK_LAUNCH();
   GradOut<S> go{};
   if (need_grad) {
@@ -246,7 +246,7 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   }
   S* dlr = (need_grad && n_lr > 0) ? as_ptr<S>(out_dlr, "out_dlr") : nullptr;
   const int threads = 256;
-  reduce_tasks_kernel<S><<<unsigned((stride + threads - 1) / threads), threads, 0, st>>>(
+  FM_LAUNCH(reduce_tasks_kernel<S>, unsigned((stride + threads - 1) / threads), threads, 0, st,
       parts, T, stride, s.P, as_ptr<S>(out_loss, "out_loss"), go, dlr);
   FM_CUDA_CHECK_LAUNCH();
 }

@@ -76,7 +76,7 @@ void multi_tensor_apply(const MultiTensorPlan& plan, const std::vector<int64_t>&
       t.block_row[b] = l.block_row[b];
     }
     t.first_block = l.first_block;
-    multi_tensor_kernel<<<nb, kSgdStepBlockThreads, 0, stream>>>(t, op);
+    FM_LAUNCH((multi_tensor_kernel<TensorTable<NPtr>, Op>), nb, kSgdStepBlockThreads, 0, stream, t, op);
     FM_CUDA_CHECK_LAUNCH();
   }
 }
@@ -236,7 +236,7 @@ void bwd_launch(const SgdStepArgs& a, const std::vector<std::uintptr_t>& v, cons
       int k = 0;
       auto flush = [&]() {
         if (k == 0) return;
-        sum_segments_kernel<S><<<k, kSgdStepBlockThreads, 0, stream>>>(seg, partials);
+        FM_LAUNCH(sum_segments_kernel<S>, k, kSgdStepBlockThreads, 0, stream, seg, partials);
         FM_CUDA_CHECK_LAUNCH();
         seg = SegmentTable<S>{};
         k = 0;

@@ -87,7 +87,7 @@ def route(
     if p0.dtype not in _checks.FLOAT_DTYPES or xs.dtype != p0.dtype:
         return None, f"dtype {xs.dtype} of xs vs {p0.dtype} of the parameters (the generic path reports it)", st
     ok, why = _maml_mlp_op.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
-                                      device=p0.device, lr_learned=lr_learned, n_msl=n_msl)
+                                      device=p0.device, lr_learned=lr_learned, n_msl=n_msl, backend=backend)
     dims = "-".join(map(str, st.dims))
     if ok:
         return FUSED, f"fused MLP kernel ({dims}, {st.activation}): one call per meta-step; {why}", st

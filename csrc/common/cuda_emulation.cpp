@@ -21,6 +21,7 @@
 
 #include "cuda_emulation.h"
 
+#include <cxxabi.h>
 #include <link.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -143,6 +144,15 @@ std::string base_name(const char* expr) {
   const size_t colon = s.rfind("::");
   if (colon != std::string::npos) s = s.substr(colon + 2);
   return s;
+}
+
+// "kernel<S> : void (*)(float const*, ...)": the launch expression and the instantiation.
+std::string variant_name(const LaunchSpec& spec) {
+  int status = 0;
+  char* d = abi::__cxa_demangle(spec.signature, nullptr, nullptr, &status);
+  std::string out = std::string(spec.name) + " : " + (status == 0 && d ? d : spec.signature);
+  std::free(d);
+  return out;
 }
 
 std::string thread_str(const Fiber& f) {
@@ -539,7 +549,7 @@ void run_launch(const LaunchSpec& spec, void (*body)(void*), void* ctx) {
   l.stats = &s;
   g_launch = &l;
   ++s.launches;
-  ++s.variants[spec.signature];
+  ++s.variants[variant_name(spec)];
   std::vector<uint3> blocks;
   blocks.reserve(size_t(g.x) * g.y * g.z);
   for (unsigned z = 0; z < g.z; ++z)

@@ -33,5 +33,10 @@ bool race_check_enabled();
 void set_seed(uint64_t seed);
 uint64_t current_seed();
 
+// Runs one of the emulator's own test kernels (cuda_emulation_selftest.cu); returns the
+// launch's error message, '' when it succeeded.
+std::string selftest(const std::string& name, std::uintptr_t a, std::uintptr_t b, int64_t n0, int64_t n1,
+                     int64_t n2, int64_t n3, int64_t n4, int64_t n5, int64_t n6, bool flag);
+
 }  // namespace emu
 }  // namespace fastmaml

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from fastmaml import _checks, backends
-from fastmaml._ext import ext
+from fastmaml._ext import cuda_emulated, cuda_launch, ext
 from fastmaml.ops import mlp as mlp_ops
 from fastmaml.ops.mlp import _ACT_CODE, _DTYPE_CODE, _LOSS_CODE, MAX_LAYERS
 
@@ -84,25 +84,29 @@ def fused_workspace_bytes(dims: Sequence[int], steps: int, n_support: int, n_que
 
 
 def _cuda_smem_limit(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if device.type != "cuda":  # the emulated CUDA build (CPU tensors): its one (sm_90) device
+        idx = 0
+    else:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
     # the launcher adds a 16-element margin to the workspace: keep 256 bytes spare
     return int(ext().maml_mlp_cuda_smem_limit(idx)) - 256
 
 
-def fused_limits(device: torch.device | str = "cpu") -> dict:
+def fused_limits(device: torch.device | str = "cpu", backend: str | None = None) -> dict:
     """The fused path's limits on ``device``: ``max_layers`` and ``max_workspace_bytes``
-    (per task)."""
+    (per task). ``backend="cuda"`` with CPU tensors: the emulated CUDA build's limits."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" or (device.type == "cpu" and backend == "cuda" and cuda_emulated()):
         return {"max_layers": MAX_LAYERS, "max_workspace_bytes": _cuda_smem_limit(device)}
     return {"max_layers": MAX_LAYERS, "max_workspace_bytes": FUSED_CPU_MAX_WORKSPACE_BYTES}
 
 
 def fits_fused(dims: Sequence[int], steps: int, n_support: int, n_query: int, *, dtype=torch.float32,
-               device: torch.device | str = "cpu", lr_learned: bool = False, n_msl: int = 1) -> tuple[bool, str]:
+               device: torch.device | str = "cpu", lr_learned: bool = False, n_msl: int = 1,
+               backend: str | None = None) -> tuple[bool, str]:
     """Whether an MLP of widths ``dims`` fits the fused kernel; (ok, reason)."""
     L = len(dims) - 1
-    lim = fused_limits(device)
+    lim = fused_limits(device, backend)
     if L < 1 or L > lim["max_layers"]:
         return False, f"{L} layers (the fused kernel takes 1..{lim['max_layers']})"
     need = fused_workspace_bytes(dims, steps, n_support, n_query, dtype, lr_learned=lr_learned, n_msl=n_msl)
@@ -285,7 +289,9 @@ def _unpack_dlr(cfg: _Cfg, dlr: torch.Tensor, lr_shapes, shapes, g: torch.Tensor
 # ---- fused path -------------------------------------------------------------------------------
 def _run_fused(cfg: _Cfg, ws, bs, lrs):
     lr_mode, lr_t, _ = _pack_lr(cfg, lrs, cfg.shapes)
-    lr_learned = cfg.need_grad and len(lrs) > 0
+    # the K support gradients are kept (and dα computed) only for an lr that requires grad:
+    # the same condition as the fit check of maml_mlp() (fused_workspace_bytes' lr_learned)
+    lr_learned = cfg.need_grad and any(t.requires_grad for t in lrs)
     n_lr = lr_t.numel() if (lr_learned and lr_t is not None) else 0
     dtype, device = cfg.dtype, cfg.device
     loss = torch.empty((), dtype=dtype, device=device)
@@ -303,8 +309,8 @@ def _run_fused(cfg: _Cfg, ws, bs, lrs):
     else:
         P = sum(s.numel() for s in cfg.shapes)
         partials = torch.empty(cfg.T * (1 + (P + n_lr if cfg.need_grad else 0)), dtype=dtype, device=device)
-        with torch.cuda.device(device):
-            ext().maml_mlp_cuda(*args, partials.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+        with cuda_launch(device) as (_, stream):
+            ext().maml_mlp_cuda(*args, partials.data_ptr(), stream)
     if lr_mode == LR_STEP_ELEM and n_lr:
         dlr = dlr.view(cfg.K, -1)
     return loss, grads, dlr
@@ -499,7 +505,7 @@ def maml_mlp(
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*ws, *bs, *lrs))
     lr_learned = need_grad and any(t.requires_grad for t in lrs)
     n_msl = sum(1 for w in msl_list if w != 0.0)
-    fused = be in ("cpu", "cuda") and _fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl)
+    fused = be in ("cpu", "cuda") and _fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, be)
     cfg = _Cfg(dims, L, T, K, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
                lr_value, len(lrs), bool(first_order), need_grad, be, fused, n_msl, shapes)
     if torch._C._are_functorch_transforms_active():
@@ -530,12 +536,13 @@ def _resolve_cached(backend, device: torch.device) -> str:
     return be
 
 
-def _fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl) -> bool:
-    limit = FUSED_CPU_MAX_WORKSPACE_BYTES if device.type == "cpu" else None
-    key = (tuple(dims), K, Ns, Nq, dtype, device, limit, lr_learned, n_msl)
+def _fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, be="cpu") -> bool:
+    limit = FUSED_CPU_MAX_WORKSPACE_BYTES if (device.type == "cpu" and be != "cuda") else None
+    key = (tuple(dims), K, Ns, Nq, dtype, device, limit, lr_learned, n_msl, be)
     ok = _FITS_CACHE.get(key)
     if ok is None:
-        ok = fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device, lr_learned=lr_learned, n_msl=n_msl)[0]
+        ok = fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device, lr_learned=lr_learned, n_msl=n_msl,
+                        backend=be)[0]
         _FITS_CACHE[key] = ok
     return ok
 

@@ -22,17 +22,13 @@ import torch
 
 from fastmaml import _checks, backends
 from fastmaml import reference as ref
-from fastmaml._ext import ext
+from fastmaml._ext import cuda_launch, ext
 from fastmaml.reference.mlp import ACTIVATIONS, LOSSES
 
 MAX_LAYERS = 8
 _ACT_CODE = {"relu": 0, "tanh": 1}
 _LOSS_CODE = {"mse": 0, "cross_entropy": 1}
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
 
 
 def check_activation_loss(activation: object, loss: object) -> None:
@@ -200,8 +196,8 @@ def mlp_loss_and_grad(
     if be == "cpu":
         ext().mlp_loss_and_grad_cpu(*args)
     else:
-        with torch.cuda.device(device):
-            ext().mlp_loss_and_grad_cuda(*args, _stream(device))
+        with cuda_launch(device) as (_, stream):
+            ext().mlp_loss_and_grad_cuda(*args, stream)
     return lt, gw, gb
 
 
@@ -247,8 +243,8 @@ def mlp_hvp(
     if be == "cpu":
         ext().mlp_hvp_cpu(*args)
     else:
-        with torch.cuda.device(device):
-            ext().mlp_hvp_cuda(*args, _stream(device))
+        with cuda_launch(device) as (_, stream):
+            ext().mlp_hvp_cuda(*args, stream)
     return hw, hb
 
 

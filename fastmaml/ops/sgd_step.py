@@ -322,9 +322,6 @@ def _kernel_spec_args(spec: Spec, lrs: list[torch.Tensor]) -> tuple:
             spec.lr_value, _lr_ptrs(spec, lrs))
 
 
-def _cuda_stream(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.current_stream(index).cuda_stream
 
 
 # Outputs of at least this many bytes in total are carved out of one buffer (see
@@ -406,7 +403,8 @@ def _launch_forward(
     if backend == "cpu":
         C.sgd_step_fwd_cpu(*args)  # also checks that no two inputs/outputs overlap (ValueError)
     else:
-        C.sgd_step_fwd_cuda(*args, *_cuda_stream(spec.device), FORCE_INDEX64)
+        with _ext.cuda_launch(spec.device) as (index, stream):
+            C.sgd_step_fwd_cuda(*args, index, stream, FORCE_INDEX64)
     return outs
 
 
@@ -465,7 +463,8 @@ def _launch_backward(
         if backend == "cpu":
             _ext.ext().sgd_step_bwd_cpu(*args)
         else:
-            _ext.ext().sgd_step_bwd_cuda(*args, *_cuda_stream(spec.device), FORCE_INDEX64)
+            with _ext.cuda_launch(spec.device) as (index, stream):
+                _ext.ext().sgd_step_bwd_cuda(*args, index, stream, FORCE_INDEX64)
     if need_lr and spec.lr_kind == LR_SCALAR:
         dlr = dlr_buffers[0].sum()
     return dtheta, dgrad, dlr
