@@ -333,6 +333,13 @@ PYBIND11_MODULE(_C, m) {
     return py::make_tuple(0, std::string("built without CUDA: ") + FASTMAML_CUDA_REASON);
 #endif
   }, "(number of CUDA devices, error message or '')");
+  m.def("cuda_probe", []() {
+#ifdef FASTMAML_WITH_CUDA
+    return cuda_probe();
+#else
+    return std::string("built without CUDA: ") + FASTMAML_CUDA_REASON;
+#endif
+  }, "'' when a kernel of this build runs on the current CUDA device, else the reason");
   m.def("cuda_runtime_version", []() {
 #ifdef FASTMAML_WITH_CUDA
     return cuda_runtime_version();

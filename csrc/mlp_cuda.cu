@@ -5,6 +5,8 @@
 // global-memory buffer (L2-cached) for the per-task ops. The meta-gradient of maml_mlp
 // is written as per-task partials and summed over tasks in task order by a second
 // kernel: deterministic, no atomics.
+#include <algorithm>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -228,10 +230,9 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   const int64_t stride = 1 + (need_grad ? s.P + a.n_lr : 0);
   S* parts = as_ptr<S>(partials, "partials");
   // the MSL weights live on the device: the launcher is told how many are nonzero
-  const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq, a.n_lr > 0 ? K : 1, n_msl) + 16;
-  Placement<S, decltype(&maml_kernel<S>)> pl(&maml_kernel<S>, per, T, st, false);
-  FM_LAUNCH(maml_kernel<S>, unsigned(T), kThreads, pl.smem, st, a, parts, stride, pl.global, per);
-  FM_CUDA_CHECK_LAUNCH();
+  // every output pointer is checked before anything is queued: a bad one raises with
+  // nothing launched (not after maml_kernel already runs on the stream)
+  S* loss_out = as_ptr<S>(out_loss, "out_loss");
   GradOut<S> go{};
   if (need_grad) {
     require(int(out_dtheta.size()) == 2 * s.L, "out_dtheta: one pointer per parameter tensor expected");
@@ -245,13 +246,28 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
     go.seg[2 * s.L] = s.P;
   }
   S* dlr = (need_grad && n_lr > 0) ? as_ptr<S>(out_dlr, "out_dlr") : nullptr;
+  const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq, a.n_lr > 0 ? K : 1, n_msl) + 16;
+  Placement<S, decltype(&maml_kernel<S>)> pl(&maml_kernel<S>, per, T, st, false);
+  FM_LAUNCH(maml_kernel<S>, unsigned(T), kThreads, pl.smem, st, a, parts, stride, pl.global, per);
+  FM_CUDA_CHECK_LAUNCH();
   const int threads = 256;
   FM_LAUNCH(reduce_tasks_kernel<S>, unsigned((stride + threads - 1) / threads), threads, 0, st,
-      parts, T, stride, s.P, as_ptr<S>(out_loss, "out_loss"), go, dlr);
+      parts, T, stride, s.P, loss_out, go, dlr);
   FM_CUDA_CHECK_LAUNCH();
 }
 
 void check_grid(int64_t T) { require(T >= 1 && T <= 2147483647LL, "T must be in [1, 2^31)"); }
+
+// The per-task loops of mlp.h index with int (N·d_l, d_l·d_{l-1}): each task's tensors must
+// hold < 2^31 elements, as on the triton backend.
+void check_task_sizes(const Shape& s, std::initializer_list<int> points) {
+  int64_t biggest = 0;
+  for (int N : points)
+    for (int l = 0; l <= s.L; ++l) biggest = std::max(biggest, int64_t(N) * s.d[l]);
+  for (int l = 0; l < s.L; ++l) biggest = std::max(biggest, int64_t(s.d[l + 1]) * s.d[l]);
+  require(biggest < (int64_t(1) << 31), "each task's tensors must hold < 2**31 elements on the cuda backend, got " +
+                                            std::to_string(biggest));
+}
 
 }  // namespace
 
@@ -263,6 +279,7 @@ void mlp_loss_and_grad_cuda(int dtype, const std::vector<int>& dims, int act, in
   const Shape s = shape_of(dims, act, loss);
   check_grid(T);
   require(N >= 1, "N must be >= 1");
+  check_task_sizes(s, {N});
   if (dtype == kFloat32)
     loss_and_grad_impl<float>(s, T, N, x, y, W, b, out_loss, gW, gb, as_stream(stream));
   else if (dtype == kFloat64)
@@ -278,6 +295,7 @@ void mlp_hvp_cuda(int dtype, const std::vector<int>& dims, int act, int loss, in
   const Shape s = shape_of(dims, act, loss);
   check_grid(T);
   require(N >= 1, "N must be >= 1");
+  check_task_sizes(s, {N});
   if (dtype == kFloat32)
     hvp_impl<float>(s, T, N, x, y, W, b, vW, vb, hW, hb, as_stream(stream));
   else if (dtype == kFloat64)
@@ -295,6 +313,7 @@ void maml_mlp_cuda(int dtype, const std::vector<int>& dims, int act, int loss, i
   const Shape s = shape_of(dims, act, loss);
   check_grid(T);
   require(K >= 1 && Ns >= 1 && Nq >= 1, "steps, Ns and Nq must be >= 1");
+  check_task_sizes(s, {Ns, Nq});
   require(lr_mode >= 0 && lr_mode <= 3, "lr_mode must be in [0, 3]");
   require(n_msl >= 0 && n_msl <= K, "n_msl must be in [0, steps]");
   if (dtype == kFloat32)

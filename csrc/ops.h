@@ -12,6 +12,8 @@ namespace fastmaml {
 // ---- devices -------------------------------------------------------------------
 int cuda_device_count(std::string* error);
 int cuda_runtime_version();
+// '' when a kernel of this build runs on the current device, else why not.
+std::string cuda_probe();
 
 // ---- sgd_step (csrc/sgd_step.h; sgd_step_cpu.cpp, sgd_step_cuda.cu) ---------------
 // One call updates every tensor of a parameter list for T tasks. Pointers are data

@@ -178,23 +178,19 @@ __global__ void __launch_bounds__(kSgdStepBlockThreads) sum_segments_kernel(Segm
 
 // ---- host side -----------------------------------------------------------------------
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    int count = 0;
-    FM_CUDA_CHECK(cudaGetDeviceCount(&count));
-    require(device >= 0 && device < count,
-            "device index " + std::to_string(device) + " out of range (" + std::to_string(count) + " devices)");
-    FM_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device) FM_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceGuard() { (void)cudaSetDevice(prev_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-};
+// The caller (fastmaml._ext.cuda_launch) has made `device` torch's current device for the
+// call; the launcher only checks it. (Switching here and back in a destructor would call
+// cudaSetDevice in a thread that never used the GPU and create a context on GPU 0.)
+void check_device(int device) {
+  int count = 0;
+  FM_CUDA_CHECK(cudaGetDeviceCount(&count));
+  require(device >= 0 && device < count,
+          "device index " + std::to_string(device) + " out of range (" + std::to_string(count) + " devices)");
+  int current = 0;
+  FM_CUDA_CHECK(cudaGetDevice(&current));
+  require(current == device, "the current CUDA device is " + std::to_string(current) + ", the tensors are on device " +
+                                 std::to_string(device) + " (switch devices before the call)");
+}
 
 template <class S, class Index, int Mode>
 void fwd_launch(const SgdStepArgs& a, const std::vector<std::uintptr_t>& out, const MultiTensorPlan& plan,
@@ -288,7 +284,7 @@ void sgd_step_fwd_cuda(const SgdStepArgs& a, const std::vector<std::uintptr_t>& 
                        std::uintptr_t stream, bool force_index64) {
   sgd_step_check_args(a, &out);
   sgd_step_check_overlap(a);
-  DeviceGuard guard(device);
+  check_device(device);
   const MultiTensorPlan plan =
       plan_multi_tensor(a.numel, a.tasks, kSgdStepBlockThreads, kSgdStepFwdRows, kSgdStepMaxTensors, kSgdStepMaxBlocks);
   const bool i64 = force_index64 || plan.needs_index64;
@@ -308,7 +304,7 @@ void sgd_step_bwd_cuda(const SgdStepArgs& a, const std::vector<std::uintptr_t>& 
   check_list(a, dtheta, "dtheta");
   check_list(a, dgrad, "dgrad");
   check_list(a, dlr, "dlr");
-  DeviceGuard guard(device);
+  check_device(device);
   // Backward blocks take every task (row_chunk = T): the sums over tasks stay in-thread.
   const MultiTensorPlan plan =
       plan_multi_tensor(a.numel, a.tasks, kSgdStepBlockThreads, a.tasks, kSgdStepMaxTensors, kSgdStepMaxBlocks);

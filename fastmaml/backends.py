@@ -52,12 +52,19 @@ def _cuda_status() -> tuple[bool, str]:
     if not _ext._C.cuda_compiled:
         return False, f"fastmaml._C was built without CUDA ({_ext._C.cuda_reason})"
     if _ext.cuda_emulated():
-        return True, ""  # FASTMAML_CUDA=emulate: the CUDA kernels run on CPU tensors
+        why = _ext._C.cuda_probe()  # the probe kernel runs through the emulation too
+        return (not why), why  # FASTMAML_CUDA=emulate: the CUDA kernels run on CPU tensors
     n, err = _ext._C.cuda_device_count()
     if n == 0:
         return False, f"no CUDA device visible to the CUDA runtime ({err or 'count is 0'})"
     if not torch.cuda.is_available():
         return False, "torch has no CUDA support (CPU build of PyTorch)"
+    # a build without code for this card's architecture compiles, imports and counts the
+    # device, then fails at the first launch: probe one kernel once, on the current device
+    with torch.cuda.device(torch.cuda.current_device()):
+        why = _ext._C.cuda_probe()
+    if why:
+        return False, why
     return True, ""
 
 

@@ -623,6 +623,16 @@ cudaError_t func_set_attribute(const void* fn, cudaFuncAttribute attr, int value
   return set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: attribute not emulated");
 }
 
+cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* fn) {
+  std::lock_guard<std::mutex> lock(g_launch_lock);
+  *attr = cudaFuncAttributes{};
+  attr->maxThreadsPerBlock = int(kMaxThreads);
+  attr->ptxVersion = attr->binaryVersion = 90;  // the emulated device is an sm_90
+  const auto it = g_max_dyn_smem.find(fn);
+  attr->maxDynamicSharedSizeBytes = it == g_max_dyn_smem.end() ? kSmemDefault : it->second;
+  return cudaSuccess;
+}
+
 #define FM_ATOMIC(T, NAME, EXPR)       \
   T NAME(T* p, T v) {                  \
     const T old = *p;                  \
@@ -792,6 +802,10 @@ cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
   std::memmove(dst, src, bytes);
   return cudaSuccess;
+}
+cudaError_t cudaMemset(void* ptr, int value, size_t bytes) { return cudaMemsetAsync(ptr, value, bytes, nullptr); }
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }

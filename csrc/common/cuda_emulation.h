@@ -123,18 +123,30 @@ cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t stream);
 cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream);
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream = nullptr);
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream = nullptr);
+cudaError_t cudaMemset(void* ptr, int value, size_t bytes);
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind);
 cudaError_t cudaStreamSynchronize(cudaStream_t stream);
 cudaError_t cudaDeviceSynchronize();
+
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes, constSizeBytes, localSizeBytes;
+  int maxThreadsPerBlock, numRegs, ptxVersion, binaryVersion, cacheModeCA, maxDynamicSharedSizeBytes;
+};
 
 namespace fastmaml {
 namespace emu {
 cudaError_t func_set_attribute(const void* fn, cudaFuncAttribute attr, int value);
+cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* fn);
 }  // namespace emu
 }  // namespace fastmaml
 
 template <class F>
 inline cudaError_t cudaFuncSetAttribute(F* fn, cudaFuncAttribute attr, int value) {
   return ::fastmaml::emu::func_set_attribute(reinterpret_cast<const void*>(fn), attr, value);
+}
+template <class F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* fn) {
+  return ::fastmaml::emu::func_get_attributes(attr, reinterpret_cast<const void*>(fn));
 }
 
 // ---- the emulator's per-thread view --------------------------------------------------------

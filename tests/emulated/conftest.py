@@ -9,6 +9,7 @@ the race check saw) is printed.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def global_kernels() -> list[str]:
     for path in CSRC.rglob("*.cu"):
         names.update(pat.findall(path.read_text()))
     return sorted(names)
+
+
+def pytest_configure(config):
+    # CI (.ci/stage_cuda_emulated.sh) sets this: a wrong build must fail, not skip
+    if os.environ.get("FASTMAML_REQUIRE_EMULATED") == "1" and not EMULATED:
+        raise pytest.UsageError(f"FASTMAML_REQUIRE_EMULATED=1 but fastmaml._C is not the emulated build "
+                                f"({_ext.IMPORT_ERROR or 'cuda_emulated is False'})")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,186 @@
+"""GPU dry run: a pytest plugin (``-p gpu_dry_run``, with tests/emulated on the path) that
+runs the device check's test selection on a CPU-only machine as if it had one GPU.
+
+Loaded before any conftest.py, it makes PyTorch report one CUDA device
+(``torch.cuda.is_available()``, ``device_count``, ``current_device``, streams and device
+guards) and turns every tensor that is put on ``"cuda"`` (``.cuda()``, ``.to("cuda")``,
+``device="cuda"`` in a factory) into a :class:`FakeCudaTensor`: CPU memory that reports
+``device`` ``cuda:0``. The emulated CUDA build (``FASTMAML_CUDA=emulate``) runs the
+``cuda`` backend's kernels on that memory; Triton's interpreter stands in for compiled
+Triton kernels; and the ``triton`` backend refuses true CPU tensors, as it does on a GPU
+machine (where the interpreter is off). So a test the device check selects but that
+cannot run on a GPU machine fails here, on the CPU: the selection mistake of the first
+GPU run (``-m 'cuda or triton'`` picking the CPU-tensor Triton tests) is one.
+
+An operation mixing a fake CUDA tensor with a CPU tensor of more than one element raises,
+as on a GPU. What cannot be checked here: real device memory, streams and compiled code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+os.environ["TRITON_INTERPRET"] = "1"  # compiled Triton kernels cannot run here: the interpreter instead
+DEVICE = torch.device("cuda", 0)
+
+
+def _is_cuda(d) -> bool:
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    if isinstance(d, str):
+        return d.split(":")[0] == "cuda"
+    return isinstance(d, int) and not isinstance(d, bool)  # a bare index means a CUDA device
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch.Tensor.as_subclass(t, torch.Tensor)
+
+
+def _fake(x):
+    if isinstance(x, torch.Tensor) and not isinstance(x, FakeCudaTensor):
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.Tensor.as_subclass(x, FakeCudaTensor)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_fake(y) for y in x)
+    return x
+
+
+def _walk(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _walk(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _walk(y)
+
+
+class FakeCudaTensor(torch.Tensor):
+    """CPU memory that reports ``device == cuda:0`` (see the module docstring)."""
+
+    @property
+    def device(self):  # type: ignore[override]
+        return DEVICE
+
+    @property
+    def is_cuda(self):  # type: ignore[override]
+        return True
+
+    @property
+    def is_cpu(self):  # type: ignore[override]
+        return False
+
+    def cpu(self, *args, **kwargs):  # type: ignore[override]
+        return _plain(self).clone()
+
+    def cuda(self, *args, **kwargs):  # type: ignore[override]
+        return self
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = list(_walk(args)) + list(_walk(kwargs))
+        if any(isinstance(t, FakeCudaTensor) for t in tensors) and func not in _NO_DEVICE_CHECK:
+            for t in tensors:
+                if not isinstance(t, FakeCudaTensor) and t.dim() > 0 and t.numel() > 1:
+                    raise RuntimeError(f"{getattr(func, '__name__', func)}: expected all tensors to be on the same "
+                                       f"device, but found cuda:0 and cpu (GPU dry run)")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+_NO_DEVICE_CHECK = {torch.Tensor.copy_, torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.__repr__,
+                    torch.Tensor.__format__}
+
+
+class _CudaToFake(TorchFunctionMode):
+    """Every request for CUDA memory gets a FakeCudaTensor; ``.to(cpu)`` a plain tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        to_cuda = False
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+            to_cuda = True
+        if func is torch.Tensor.cuda:
+            return _fake(args[0].clone()) if not isinstance(args[0], FakeCudaTensor) else args[0]
+        if func is torch.Tensor.to:
+            rest = list(args[1:])
+            for i, a in enumerate(rest):
+                if isinstance(a, (str, torch.device)) and _is_cuda(a):
+                    rest[i] = "cpu"
+                    to_cuda = True
+                elif isinstance(a, (str, torch.device)) and isinstance(args[0], FakeCudaTensor):
+                    out = func(_plain(args[0]), *rest, **kwargs)
+                    return out.clone() if out.data_ptr() == args[0].data_ptr() else out
+            if isinstance(args[0], FakeCudaTensor) and "device" in kwargs and not to_cuda:
+                return func(_plain(args[0]), *rest, **kwargs).clone()
+            args = (args[0], *rest)
+            if to_cuda and isinstance(args[0], FakeCudaTensor):
+                return func(*args, **kwargs)
+            if to_cuda:
+                out = func(*args, **kwargs)
+                return _fake(out.clone() if out.data_ptr() == args[0].data_ptr() else out)
+        out = func(*args, **kwargs)
+        return _fake(out) if to_cuda else out
+
+
+class _Stream:
+    cuda_stream = 0
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def _install() -> None:
+    c = torch.cuda
+    c.is_available = lambda: True
+    c.device_count = lambda: 1
+    c.current_device = lambda: 0
+    c.set_device = lambda d: None
+    c.synchronize = lambda device=None: None
+    c.get_device_name = lambda device=None: "GPU dry run (emulated CUDA build on the CPU)"
+    c.get_device_capability = lambda device=None: (9, 0)
+    c.current_stream = lambda device=None: _Stream()
+    c.default_stream = lambda device=None: _Stream()
+    c.device = lambda d: contextlib.nullcontext()
+    c.manual_seed = lambda seed: None
+    c.manual_seed_all = lambda seed: None
+    c.empty_cache = lambda: None
+    _CudaToFake().__enter__()  # for the whole session
+
+
+def _gpu_like_backends() -> None:
+    """On a GPU machine the ``triton`` backend takes CUDA tensors only (no interpreter) and
+    the ``cuda`` backend takes CUDA tensors: here the fake ones."""
+    from fastmaml import _ext, backends
+
+    assert _ext.cuda_emulated(), "the GPU dry run needs the emulated CUDA build (FASTMAML_CUDA=emulate)"
+    original = backends._accepts
+
+    def accepts(name, device):
+        if name in ("cuda", "triton"):
+            return device.type == "cuda"
+        return original(name, device)
+
+    backends._accepts = accepts
+
+
+_install()
+
+
+def pytest_configure(config):
+    _gpu_like_backends()
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+
+
+def pytest_report_header(config):
+    return "GPU dry run: torch reports one CUDA device (fake: CPU memory), the emulated CUDA build stands in"
