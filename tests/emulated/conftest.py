@@ -1,7 +1,8 @@
 """The emulated CUDA build's tests (``FASTMAML_CUDA=emulate``, see csrc/common/cuda_emulation.h).
 
 Every test here carries the ``emulated`` marker and is skipped, with the reason, when
-``fastmaml._C`` is not the emulated build. The kernel coverage test runs last: it reads
+``fastmaml._C`` is not the emulated build; except test_gpu_semantics.py, marked ``cuda``
+(a GPU, or the GPU dry run of gpu_dry_run.py). The kernel coverage test runs last: it reads
 the per-kernel launch counters the other tests left. At the end of the session the
 coverage list (every ``__global__`` kernel of csrc/ with its emulated launches and what
 the race check saw) is printed.
@@ -42,6 +43,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     mine = [it for it in items if HERE in Path(str(it.fspath)).resolve().parents]
     for it in mine:
+        if "cuda" in it.keywords:  # CUDA-tensor tests: a GPU, or the GPU dry run (root conftest skips them)
+            continue
         it.add_marker(pytest.mark.emulated)
         if not EMULATED:
             it.add_marker(pytest.mark.skip(reason=SKIP_REASON))
