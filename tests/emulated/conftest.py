@@ -42,6 +42,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     mine = [it for it in items if HERE in Path(str(it.fspath)).resolve().parents]
+    global _COLLECTED
+    _COLLECTED = any("cuda" not in it.keywords for it in mine)
     for it in mine:
         if "cuda" in it.keywords:  # CUDA-tensor tests: a GPU, or the GPU dry run (root conftest skips them)
             continue
@@ -69,7 +71,10 @@ def coverage_lines() -> list[str]:
     return lines
 
 
+_COLLECTED = False  # whether this session runs emulated tests (not only the cuda-marked ones)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if EMULATED and _ext._C is not None:
+    if EMULATED and _COLLECTED and _ext._C is not None and not config.pluginmanager.has_plugin("gpu_dry_run"):
         for line in coverage_lines():
             terminalreporter.write_line(line)

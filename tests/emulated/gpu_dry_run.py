@@ -86,7 +86,8 @@ class FakeCudaTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = list(_walk(args)) + list(_walk(kwargs))
-        if any(isinstance(t, FakeCudaTensor) for t in tensors) and func not in _NO_DEVICE_CHECK:
+        if (any(isinstance(t, FakeCudaTensor) for t in tensors) and func not in _NO_DEVICE_CHECK
+                and not torch._C._are_functorch_transforms_active()):  # (functorch's own wrappers are plain)
             for t in tensors:
                 if not isinstance(t, FakeCudaTensor) and t.dim() > 0 and t.numel() > 1:
                     raise RuntimeError(f"{getattr(func, '__name__', func)}: expected all tensors to be on the same "
@@ -94,7 +95,7 @@ class FakeCudaTensor(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs)
 
 
-_NO_DEVICE_CHECK = {torch.Tensor.copy_, torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.__repr__,
+_NO_DEVICE_CHECK = {torch._has_compatible_shallow_copy_type, torch.Tensor.copy_, torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.__repr__,
                     torch.Tensor.__format__}
 
 
@@ -103,6 +104,8 @@ class _CudaToFake(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch._has_compatible_shallow_copy_type:  # Module.cuda(): new (fake) parameters
+            return isinstance(args[0], FakeCudaTensor) == isinstance(args[1], FakeCudaTensor)
         to_cuda = False
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
