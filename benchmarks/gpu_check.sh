@@ -121,12 +121,12 @@ shards=$(( $(nproc) / 2 )); [ "$shards" -gt 8 ] && shards=8; [ "$shards" -lt 1 ]
 stage tests-triton 240 60 bash -c "triton_shards $shards"
 
 # Quick benchmarks, only with the time that is left.
-stage bench-sgd-step 40 20 python benchmarks/bench_sgd_step.py --backend cuda --out "$out/sgd_cuda.json"
-stage bench-mlp-triton 60 30 python benchmarks/bench_mlp_triton.py --reps 20 --out "$out/mlp_triton.json"
+stage bench-sgd-step 40 20 python -m fastmaml.bench --suite sgd_step --backend cuda --out "$out/sgd_cuda.json"
+stage bench-mlp-triton 60 30 python -m fastmaml.bench --suite mlp_triton --reps 20 --out "$out/mlp_triton.json"
 stage bench-quick 240 60 python -m fastmaml.bench --quick --device cuda --order second --no-progress \
   --out "$out/bench" --results-md "$out/RESULTS-gpu.md"
 if [ $long -eq 1 ]; then
-  stage bench-sgd-step-triton 120 20 python benchmarks/bench_sgd_step.py --backend triton --out "$out/sgd_triton.json"
+  stage bench-sgd-step-triton 120 20 python -m fastmaml.bench --suite sgd_step --backend triton --out "$out/sgd_triton.json"
   stage bench-full 1200 120 python -m fastmaml.bench --device cuda --no-progress \
     --out "$out/bench-full" --results-md "$out/RESULTS-gpu-full.md"
 fi

@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmaml import generic, ops
+from fastmaml import ops
 from fastmaml import reference as ref
+from fastmaml.maml.functional import maml_loss
+from fastmaml.maml.tasks import module_fn
 
 pytestmark = pytest.mark.cuda
 
@@ -20,14 +22,14 @@ def _mlp():
 def test_task_threads_above_one_refused_on_cuda_tensors():
     """Worker threads launch on their own default streams, unordered with the caller's."""
     model = _mlp()
-    fn = generic.module_fn(model)
+    fn = module_fn(model)
     params = {n: p for n, p in model.named_parameters()}
     xs = torch.randn(4, 5, 2, device="cuda")
     ys = torch.randint(0, 3, (4, 5), device="cuda")
     with pytest.raises(ValueError, match="task_threads must be 1 .* for CUDA tensors"):
-        generic.maml_loss(fn, params, 0.1, xs, ys, xs, ys, steps=1, loss="cross_entropy", task_map="loop",
+        maml_loss(fn, params, 0.1, xs, ys, xs, ys, steps=1, loss="cross_entropy", task_map="loop",
                           task_threads=2)
-    loss = generic.maml_loss(fn, params, 0.1, xs, ys, xs, ys, steps=1, loss="cross_entropy", task_map="loop",
+    loss = maml_loss(fn, params, 0.1, xs, ys, xs, ys, steps=1, loss="cross_entropy", task_map="loop",
                              task_threads=1)
     assert loss.device.type == "cuda"
 
