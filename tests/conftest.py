@@ -29,10 +29,21 @@ def triton_device() -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    # Every test with "triton" in its id is selectable with `-m triton` (the GPU check runs them).
+    # `-m triton` (the GPU check) selects the Triton tests that run on the GPU where there
+    # is one: those taking their device from `triton_device`, and cuda-marked ones. The
+    # other tests with "triton" in their id run Triton on CPU tensors: they need the
+    # interpreter, which is on only without a GPU (or with TRITON_INTERPRET=1 set by hand);
+    # where it is off they are skipped with the reason, never selected by `-m triton`.
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    cpu_only = pytest.mark.skip(reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 "
+                                       "(set by this conftest only without a GPU)")
     for item in items:
-        if "triton" in item.nodeid.lower():
+        if "triton" not in item.nodeid.lower():
+            continue
+        if "triton_device" in getattr(item, "fixturenames", ()) or "cuda" in item.keywords:
             item.add_marker(pytest.mark.triton)
+        elif not interpreted:
+            item.add_marker(cpu_only)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

@@ -1,5 +1,7 @@
 """GPU dry run: a pytest plugin (``-p gpu_dry_run``, with tests/emulated on the path) that
-runs the device check's test selection on a CPU-only machine as if it had one GPU.
+runs the device check's test selection on a CPU-only machine as if it had one GPU (by
+default the first parametrization of each selected test function, ``--dry-run-all`` for
+all: the emulated kernels and Triton's interpreter are slow).
 
 Loaded before any conftest.py, it makes PyTorch report one CUDA device
 (``torch.cuda.is_available()``, ``device_count``, ``current_device``, streams and device
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -167,6 +170,8 @@ def _gpu_like_backends() -> None:
     from fastmaml import _ext, backends
 
     assert _ext.cuda_emulated(), "the GPU dry run needs the emulated CUDA build (FASTMAML_CUDA=emulate)"
+    # the race check runs in the emulated tests' stage; here the selection, at speed
+    _ext.ext().cuda_emulation_set_race_check(False)
     original = backends._accepts
 
     def accepts(name, device):
@@ -180,6 +185,27 @@ def _gpu_like_backends() -> None:
 _install()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--dry-run-all", action="store_true",
+                     help="GPU dry run: execute every selected test (default: the first parametrization of each "
+                          "selected test function, to fit the CI budget)")
+
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--dry-run-all"):
+        return
+    seen, keep, drop = set(), [], []
+    for it in items:
+        key = (str(it.fspath), getattr(it, "originalname", it.name))
+        (drop if key in seen else keep).append(it)
+        seen.add(key)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+    config._dry_run_counts = (len(keep), len(keep) + len(drop))
+
+
 def pytest_configure(config):
     _gpu_like_backends()
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
@@ -187,3 +213,10 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     return "GPU dry run: torch reports one CUDA device (fake: CPU memory), the emulated CUDA build stands in"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    run, selected = getattr(config, "_dry_run_counts", (None, None))
+    if run is not None:
+        terminalreporter.write_line(f"GPU dry run: executed {run} of the {selected} tests the device check selects "
+                                    f"(one per test function; --dry-run-all for every one)")
