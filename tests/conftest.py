@@ -3,12 +3,19 @@
 Without a CUDA device, Triton kernels run on CPU tensors through Triton's interpreter;
 TRITON_INTERPRET must be set before triton.jit decorates any kernel, so it is set here,
 before fastmaml's Triton modules are imported. Tests that need a GPU carry the ``cuda``
-marker and are skipped cleanly without one.
+marker and are skipped cleanly without one; tests that run Triton kernels carry the
+``triton`` marker (set explicitly: ``pytestmark`` in tests/triton/, ``helpers.TRITON``
+for a triton backend parameter), which the GPU check selects with ``-m 'cuda or triton'``.
+
+This folder is on sys.path (pytest inserts a rootdir conftest's folder), so every test
+module imports the shared helpers as ``helpers`` and the per-op cases by module name;
+test module basenames are unique across the folders.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -16,6 +23,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# the per-op case modules (sgd_step_cases, mlp_cases, ...) live in tests/ops/
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "ops"))
 
 
 # Triton kernels run on GPU tensors where there is a GPU, else on CPU tensors through
@@ -29,21 +39,18 @@ def triton_device() -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    # `-m triton` (the GPU check) selects the Triton tests that run on the GPU where there
-    # is one: those taking their device from `triton_device`, and cuda-marked ones. The
-    # other tests with "triton" in their id run Triton on CPU tensors: they need the
-    # interpreter, which is on only without a GPU (or with TRITON_INTERPRET=1 set by hand);
-    # where it is off they are skipped with the reason, never selected by `-m triton`.
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    cpu_only = pytest.mark.skip(reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 "
-                                       "(set by this conftest only without a GPU)")
-    for item in items:
-        if "triton" not in item.nodeid.lower():
-            continue
-        if "triton_device" in getattr(item, "fixturenames", ()) or "cuda" in item.keywords:
-            item.add_marker(pytest.mark.triton)
-        elif not interpreted:
-            item.add_marker(cpu_only)
+    # A triton-marked test that takes neither the `triton_device` fixture nor the cuda
+    # marker runs Triton on CPU tensors: it needs the interpreter, which is on only without
+    # a GPU (or with TRITON_INTERPRET=1 set by hand). Where it is off (the GPU check's
+    # `-m 'cuda or triton'`) such a test is skipped with the reason instead of failing with
+    # "backend 'triton' cannot run on cpu tensors".
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        cpu_only = pytest.mark.skip(reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 "
+                                           "(set by this conftest only without a GPU)")
+        for item in items:
+            if ("triton" in item.keywords and "triton_device" not in getattr(item, "fixturenames", ())
+                    and "cuda" not in item.keywords):
+                item.add_marker(cpu_only)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
