@@ -99,9 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90")
     ap.add_argument("--out", default=None, help="write the Markdown there too")
     args = ap.parse_args(argv)
-    import fastmaml.ops
-
-    MM = sys.modules[fastmaml.ops.maml_mlp.__module__]  # the module (fused_workspace_bytes)
+    from fastmaml.ops import maml_mlp_fit as MM  # fused_workspace_bytes
     lines = [f"### Kernel resources, sm_{args.arch} (nvcc -Xptxas -v)", "",
              "| kernel (instantiation) | regs | stack B | spills B | static smem B | threads/block |",
              "|---|---:|---:|---:|---:|---:|"]

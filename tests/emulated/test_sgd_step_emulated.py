@@ -6,6 +6,7 @@ and bitwise determinism; each against the reference and a float64 per-task loop.
 
 from __future__ import annotations
 
+import importlib
 import random
 import sys
 
@@ -15,7 +16,7 @@ import torch
 from fastmaml import ops
 from fastmaml import reference as ref
 
-OP = sys.modules[ops.sgd_step.__module__]  # the module holding FORCE_INDEX64
+OP = importlib.import_module("fastmaml.ops._sgd_step.launch")  # holds FORCE_INDEX64
 BACKEND = "cuda"
 LR_KINDS = ("float", "scalar", "per_tensor", "per_element")
 THETA_MODES = ("shared", "per_task", "mixed")
