@@ -129,9 +129,11 @@ def mlp_route(
     n_msl: int,
     steps: int,
     data: tuple | None,
+    backend: str = "auto",
 ) -> tuple[str | None, str, MlpModel | None]:
     """Which MLP route applies: (FUSED | LAYERWISE | None, reason, structure).
-    ``data`` = (xs, ys, xq); None (before the first call): the route for data that fit."""
+    ``data`` = (xs, ys, xq); None (before the first call): the route for data that fit.
+    ``backend="cuda"`` on CPU tensors (the emulated CUDA build) uses the CUDA fit limits."""
     st, why = mlp_structure(model)
     if st is None:
         return None, why, None
