@@ -37,6 +37,12 @@ try:
 except ImportError:  # no triton: the Triton tests fail as they would on the GPU
     pass
 del os.environ["TRITON_INTERPRET"]
+try:  # ... while Triton's runtime keeps interpreting (it reads its knob at launch)
+    from triton import knobs as _knobs
+
+    _knobs.runtime.interpret = True
+except (ImportError, AttributeError):
+    pass
 DEVICE = torch.device("cuda", 0)
 
 
@@ -145,6 +151,17 @@ class _CudaToFake(TorchFunctionMode):
         return _fake(out) if to_cuda else out
 
 
+def _factory(fn):
+    def wrapped(*args, **kwargs):
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+            return _fake(fn(*args, **kwargs))
+        return fn(*args, **kwargs)
+
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
 class _Stream:
     cuda_stream = 0
 
@@ -170,7 +187,11 @@ def _install() -> None:
     c.manual_seed = lambda seed: None
     c.manual_seed_all = lambda seed: None
     c.empty_cache = lambda: None
-    _CudaToFake().__enter__()  # for the whole session
+    _CudaToFake().__enter__()  # for the whole session (this thread)
+    # factories called where the mode is not active (autograd's backward, worker threads)
+    for name in ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "randint", "empty_strided",
+                 "as_tensor", "zeros_like", "empty_like", "ones_like", "full_like"):
+        setattr(torch, name, _factory(getattr(torch, name)))
 
 
 def _gpu_like_backends() -> None:
