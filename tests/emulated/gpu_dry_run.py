@@ -40,9 +40,10 @@ del os.environ["TRITON_INTERPRET"]
 try:  # ... while Triton's runtime keeps interpreting (it reads its knob at launch)
     from triton import knobs as _knobs
 
-    _knobs.runtime.interpret = True
+    _knobs.runtime.interpret = True  # (the knob keeps its value; setting it also sets the variable)
 except (ImportError, AttributeError):
     pass
+os.environ.pop("TRITON_INTERPRET", None)
 DEVICE = torch.device("cuda", 0)
 
 
@@ -158,7 +159,6 @@ def _factory(fn):
             return _fake(fn(*args, **kwargs))
         return fn(*args, **kwargs)
 
-    wrapped.__wrapped__ = fn
     return wrapped
 
 
@@ -188,10 +188,31 @@ def _install() -> None:
     c.manual_seed_all = lambda seed: None
     c.empty_cache = lambda: None
     _CudaToFake().__enter__()  # for the whole session (this thread)
-    # factories called where the mode is not active (autograd's backward, worker threads)
-    for name in ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "randint", "empty_strided",
-                 "as_tensor", "zeros_like", "empty_like", "ones_like", "full_like"):
-        setattr(torch, name, _factory(getattr(torch, name)))
+
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand", "randint", "empty_strided",
+              "as_tensor", "zeros_like", "empty_like", "ones_like", "full_like")
+
+
+class _TorchForFastmaml:
+    """``torch`` as fastmaml's modules see it in the dry run: the factories map
+    ``device="cuda"`` to fake CUDA tensors also where the function mode is not active
+    (autograd's backward). Only fastmaml's modules get it (TorchScript must not see it)."""
+
+    def __init__(self):
+        self._wrapped = {n: _factory(getattr(torch, n)) for n in _FACTORIES}
+
+    def __getattr__(self, name):
+        return self._wrapped[name] if name in self._wrapped else getattr(torch, name)
+
+
+def _proxy_torch_in_fastmaml() -> None:
+    import sys
+
+    proxy = _TorchForFastmaml()
+    for name, mod in list(sys.modules.items()):
+        if (name == "fastmaml" or name.startswith("fastmaml.")) and getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
 
 
 def _gpu_like_backends() -> None:
@@ -238,6 +259,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     _gpu_like_backends()
+    _proxy_torch_in_fastmaml()
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
 
 
