@@ -25,10 +25,10 @@ SKIP_REASON = "needs the emulated CUDA build (FASTMAML_CUDA=emulate python setup
 
 
 def global_kernels() -> list[str]:
-    """Names of every ``__global__`` function defined in csrc/**/*.cu."""
+    """Names of every ``__global__`` function defined in csrc/**/*.cu and *.cuh."""
     names = set()
     pat = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
-    for path in CSRC.rglob("*.cu"):
+    for path in [*CSRC.rglob("*.cu"), *CSRC.rglob("*.cuh")]:
         names.update(pat.findall(path.read_text()))
     return sorted(names)
 
