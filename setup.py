@@ -7,7 +7,10 @@ seconds and imports on machines without a GPU.
 Environment switches
 --------------------
 FASTMAML_CUDA       ``auto`` (default): compile the CUDA sources when nvcc is found;
-                    ``0``: never; ``1``: always (fail when nvcc is missing).
+                    ``0``: never; ``1``: always (fail when nvcc is missing);
+                    ``emulate``: compile the CUDA sources as host C++ against the CUDA
+                    emulation (``csrc/common/cuda_emulation.h``): ``backend="cuda"`` then
+                    runs the kernels on CPU tensors (tests/emulated; no GPU, no nvcc).
 CUDA_HOME/CUDA_PATH the CUDA toolkit; default ``/usr/local/cuda``. nvcc is taken from
                     ``$CUDA_HOME/bin/nvcc``, else from the PATH.
 FASTMAML_CUDA_ARCH  semicolon-separated SM list, default ``80;90``; PTX is embedded for
@@ -44,6 +47,8 @@ def _find_cuda() -> tuple[str | None, str | None, str]:
     mode = os.environ.get("FASTMAML_CUDA", "auto").strip().lower()
     if mode in ("0", "off", "false", "no"):
         return None, None, "disabled by FASTMAML_CUDA=0"
+    if mode == "emulate":
+        return None, None, "emulated on the CPU (FASTMAML_CUDA=emulate)"
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if not home and Path("/usr/local/cuda").is_dir():
         home = "/usr/local/cuda"
@@ -88,6 +93,8 @@ class BuildExt(build_ext):
         # it; a different one forces a full rebuild, since setuptools' up-to-date check
         # looks at file times only (switching FASTMAML_CUDA=0 -> 1 would otherwise keep a
         # module compiled without CUDA).
+        if _emulating():
+            _add_cuda_emulation(self, ext)
         config = repr((NVCC, CUDA_HOME, _arch_flags() if NVCC else None, ext.define_macros, ext.extra_compile_args,
                        os.environ.get("FASTMAML_NVCC_FLAGS", "")))
         stamp = Path(self.get_ext_fullpath(ext.name) + ".config")
@@ -134,6 +141,56 @@ class BuildExt(build_ext):
             os.replace(tmp, outfile)
             return outfile, True
         return super().copy_file(infile, outfile, *args, **kwargs)
+
+
+# ---- FASTMAML_CUDA=emulate -----------------------------------------------------------------
+
+
+def _emulating() -> bool:
+    return os.environ.get("FASTMAML_CUDA", "").strip().lower() == "emulate"
+
+
+def _add_cuda_emulation(build: build_ext, ext: Extension) -> None:
+    """The emulated CUDA build: every ``csrc/**/*.cu`` compiled by the host C++ compiler with
+    ``csrc/common/cuda_emulation.h`` force-included (``<cuda_runtime.h>`` resolves to it) and
+    the compiler's ThreadSanitizer instrumentation, whose hooks the emulator's runtime
+    (``cuda_emulation.cpp``, not instrumented; no TSan runtime is linked) turns into the
+    shared/global-memory race check. The whole module is built with FASTMAML_WITH_CUDA and
+    FASTMAML_CUDA_EMULATE, so ``backend="cuda"`` runs these kernels on CPU tensors."""
+    common = CSRC / "common"
+    macros = [("FASTMAML_WITH_CUDA", None), ("FASTMAML_CUDA_EMULATE", None)]
+    ext.define_macros = [m for m in ext.define_macros if m[0] not in dict(macros)] + macros
+    runtime = [str((common / n).relative_to(ROOT)) for n in ("cuda_emulation.cpp", "cuda_emulation_module.cpp")]
+    ext.sources = list(dict.fromkeys([*ext.sources, *runtime]))
+    ext.depends = list(dict.fromkeys([*ext.depends, *(str(p.relative_to(ROOT)) for p in common.glob("*"))]))
+    import pybind11
+
+    cxx = os.environ.get("CXX", "c++").split()
+    flags = [
+        "-x", "c++", "-c", "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas",
+        "-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0",
+        "-DFASTMAML_WITH_CUDA", "-DFASTMAML_CUDA_EMULATE", f"-I{common / 'emulated_include'}", f"-I{CSRC}",
+        f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}",
+        "-include", str(common / "cuda_emulation.h"),
+    ]
+    out_dir = Path(build.build_temp) / "cuda_emulated"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    headers = [*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh")]
+
+    def one(src: Path) -> str:
+        rel = src.relative_to(CSRC)
+        obj = out_dir / (str(rel.with_suffix("")).replace(os.sep, "__") + ".o")
+        deps = [src, *headers]
+        if build.force or not obj.exists() or any(d.stat().st_mtime > obj.stat().st_mtime for d in deps):
+            cmd = [*cxx, *flags, str(src), "-o", str(obj)]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        return str(obj)
+
+    sources = sorted(CSRC.rglob("*.cu"))
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        objs = list(pool.map(one, sources))
+    ext.extra_objects = list(dict.fromkeys([*(ext.extra_objects or []), *objs]))
 
 
 def _extension() -> Extension:

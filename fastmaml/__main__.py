@@ -32,7 +32,10 @@ def info() -> str:
         n, err = C.cuda_device_count()
         lines.append(f"_C         built with {C.compiler}; OpenMP {'on' if C.openmp else 'off'} "
                      f"({C.openmp_max_threads()} threads)")
-        if C.cuda_compiled:
+        if getattr(C, "cuda_emulated", False):
+            lines.append("_C CUDA    cuda: emulated (FASTMAML_CUDA=emulate build: the CUDA kernels run on the CPU, "
+                         "on CPU tensors, with the race check)")
+        elif C.cuda_compiled:
             v = C.cuda_runtime_version()
             lines.append(f"_C CUDA    compiled (runtime {v // 1000}.{(v % 1000) // 10}); "
                          f"{n} device(s) visible{'' if n else ': ' + err}")

@@ -50,11 +50,20 @@ def _cuda_status() -> tuple[bool, str]:
         return False, _ext.IMPORT_ERROR
     if not _ext._C.cuda_compiled:
         return False, f"fastmaml._C was built without CUDA ({_ext._C.cuda_reason})"
+    if _ext.cuda_emulated():
+        why = _ext._C.cuda_probe()  # the probe kernel runs through the emulation too
+        return (not why), why  # FASTMAML_CUDA=emulate: the CUDA kernels run on CPU tensors
     n, err = _ext._C.cuda_device_count()
     if n == 0:
         return False, f"no CUDA device visible to the CUDA runtime ({err or 'count is 0'})"
     if not torch.cuda.is_available():
         return False, "torch has no CUDA support (CPU build of PyTorch)"
+    # a build without code for this card's architecture compiles, imports and counts the
+    # device, then fails at the first launch: probe one kernel once, on the current device
+    with torch.cuda.device(torch.cuda.current_device()):
+        why = _ext._C.cuda_probe()
+    if why:
+        return False, why
     return True, ""
 
 
@@ -67,7 +76,7 @@ def status(name: str) -> BackendStatus:
         return BackendStatus(name, ok, "" if ok else _ext.IMPORT_ERROR, "cpu")
     if name == "cuda":
         ok, why = _cuda_status()
-        return BackendStatus(name, ok, why, "cuda")
+        return BackendStatus(name, ok, why, "cpu (emulated CUDA build)" if _ext.cuda_emulated() else "cuda")
     if name == "triton":
         ok, why = _triton_status()
         return BackendStatus(name, ok, why, "cuda (cpu under TRITON_INTERPRET=1)")
@@ -84,7 +93,7 @@ def _accepts(name: str, device: torch.device) -> bool:
     if name == "cpu":
         return device.type == "cpu"
     if name == "cuda":
-        return device.type == "cuda"
+        return device.type == ("cpu" if _ext.cuda_emulated() else "cuda")
     if name == "triton":
         return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
     return False

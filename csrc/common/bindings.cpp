@@ -45,6 +45,18 @@ void register_common(py::module_& m) {
     return py::make_tuple(0, std::string("built without CUDA: ") + FASTMAML_CUDA_REASON);
 #endif
   }, "(number of CUDA devices, error message or '')");
+  m.def("cuda_probe", []() {
+#ifdef FASTMAML_WITH_CUDA
+    return cuda_probe();
+#else
+    return std::string("built without CUDA: ") + FASTMAML_CUDA_REASON;
+#endif
+  }, "'' when a kernel of this build runs on the current CUDA device, else the reason");
+#ifdef FASTMAML_CUDA_EMULATE
+  register_cuda_emulation(m);  // the CUDA kernels run on the CPU (FASTMAML_CUDA=emulate)
+#else
+  m.attr("cuda_emulated") = false;
+#endif
   m.def("cuda_runtime_version", []() {
 #ifdef FASTMAML_WITH_CUDA
     return cuda_runtime_version();

@@ -26,6 +26,11 @@ namespace py = pybind11;
 
 // One registration per op folder (csrc/<op>/bindings.cpp).
 void register_common(py::module_& m);        // build facts, threads, devices, codes()
+#ifdef FASTMAML_CUDA_EMULATE
+}  // namespace bind
+void register_cuda_emulation(pybind11::module_& m);  // common/cuda_emulation_module.cpp (emulated build)
+namespace bind {
+#endif
 void register_multi_tensor(py::module_& m);  // the multi-tensor planner (tested without a GPU)
 void register_sgd_step(py::module_& m);
 void register_batch_norm(py::module_& m);

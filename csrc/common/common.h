@@ -13,7 +13,7 @@
 
 #include "common/codes.h"
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(FM_CUDA_EMULATED_TU)
 #define FM_HD __host__ __device__ __forceinline__
 #define FM_DEVICE __device__ __forceinline__
 #else
@@ -35,7 +35,7 @@ struct SerialGroup {
   FM_HD void sync() const {}
 };
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(FM_CUDA_EMULATED_TU)
 // One CUDA thread block.
 struct CtaGroup {
   __device__ __forceinline__ int size() const { return static_cast<int>(blockDim.x); }

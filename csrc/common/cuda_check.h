@@ -1,8 +1,8 @@
 // CUDA error handling: every runtime call and every launch is checked and turned into
 // a C++ exception (RuntimeError in Python). Only included by .cu files.
 #pragma once
-#if defined(__CUDACC__)
-#include <cuda_runtime.h>
+#if defined(__CUDACC__) || defined(FM_CUDA_EMULATED_TU)
+#include "common/launch.h"  // FM_LAUNCH; cuda_runtime.h (or the emulation)
 
 #include <stdexcept>
 #include <string>

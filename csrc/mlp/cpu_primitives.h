@@ -18,7 +18,7 @@
 namespace fastmaml {
 namespace mlp {
 
-#if !defined(__CUDACC__)
+#if !defined(__CUDACC__) && !defined(FM_CUDA_EMULATED_TU)
 // Register-tiled kernel for the CPU: out[i][0..NV·n) (+)= Σ_r a[i·ai + r·ar] · b[r·bs + 0..NV·n)
 // for i < MR, n = the vector width (8 floats / 4 doubles on AVX2). The MR × NV
 // accumulators stay in vector registers for the whole reduction over r; each loaded

@@ -7,7 +7,7 @@
 namespace fastmaml {
 namespace mlp {
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(FM_CUDA_EMULATED_TU)
 // Each thread owns whole output elements and sums its reduction sequentially: no atomics,
 // so the result does not depend on scheduling.
 template <class S>

@@ -12,7 +12,7 @@
 
 #include "common/common.h"
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(FM_CUDA_EMULATED_TU)
 #define FM_ALGO __device__ __forceinline__
 #else
 #define FM_ALGO inline

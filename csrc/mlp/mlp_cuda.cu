@@ -5,6 +5,8 @@
 // global-memory buffer (L2-cached) for the per-task ops. The meta-gradient of maml_mlp
 // is written as per-task partials and summed over tasks in task order by a second
 // kernel: deterministic, no atomics.
+#include <algorithm>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -91,7 +93,7 @@ struct Placement {
 
 template <class S>
 __device__ __forceinline__ void carve(S* gws, int64_t per, S*& ws, S*& red) {
-  extern __shared__ __align__(16) unsigned char fm_smem[];
+  FM_DYNAMIC_SHARED(unsigned char, fm_smem);
   S* smem = reinterpret_cast<S*>(fm_smem);
   if (gws) {
     ws = gws + int64_t(blockIdx.x) * per;
@@ -196,7 +198,7 @@ void loss_and_grad_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std:
                         const std::vector<std::uintptr_t>& gb, cudaStream_t st) {
   const int64_t per = mlp::acts_size(s, N) + s.PT + 8;
   Placement<S, decltype(&loss_and_grad_kernel<S>)> pl(&loss_and_grad_kernel<S>, per, T, st, true);
-  loss_and_grad_kernel<S><<<unsigned(T), kThreads, pl.smem, st>>>(
+  FM_LAUNCH(loss_and_grad_kernel<S>, unsigned(T), kThreads, pl.smem, st,
       s, N, as_ptr<const S>(x, "x"), as_ptr<const void>(y, "y"), base_params<const S>(s, W, b, "weights"),
       base_params<S>(s, gW, gb, "grad"), as_ptr<S>(out_loss, "out_loss"), pl.global, per);
   FM_CUDA_CHECK_LAUNCH();
@@ -209,7 +211,7 @@ void hvp_impl(const Shape& s, int64_t T, int N, std::uintptr_t x, std::uintptr_t
               const std::vector<std::uintptr_t>& hW, const std::vector<std::uintptr_t>& hb, cudaStream_t st) {
   const int64_t per = mlp::acts_size(s, N) + mlp::hvp_scratch_size(s, N) + s.P + 2 * s.PT + 8;
   Placement<S, decltype(&hvp_kernel<S>)> pl(&hvp_kernel<S>, per, T, st, true);
-  hvp_kernel<S><<<unsigned(T), kThreads, pl.smem, st>>>(
+  FM_LAUNCH(hvp_kernel<S>, unsigned(T), kThreads, pl.smem, st,
       s, N, as_ptr<const S>(x, "x"), as_ptr<const void>(y, "y"), base_params<const S>(s, W, b, "weights"),
       base_params<const S>(s, vW, vb, "v"), base_params<S>(s, hW, hb, "hv"), pl.global, per);
   FM_CUDA_CHECK_LAUNCH();
@@ -228,10 +230,9 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   const int64_t stride = 1 + (need_grad ? s.P + a.n_lr : 0);
   S* parts = as_ptr<S>(partials, "partials");
   // the MSL weights live on the device: the launcher is told how many are nonzero
-  const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq, a.n_lr > 0 ? K : 1, n_msl) + 16;
-  Placement<S, decltype(&maml_kernel<S>)> pl(&maml_kernel<S>, per, T, st, false);
-  maml_kernel<S><<<unsigned(T), kThreads, pl.smem, st>>>(a, parts, stride, pl.global, per);
-  FM_CUDA_CHECK_LAUNCH();
+  // every output pointer is checked before anything is queued: a bad one raises with
+  // nothing launched (not after maml_kernel already runs on the stream)
+  S* loss_out = as_ptr<S>(out_loss, "out_loss");
   GradOut<S> go{};
   if (need_grad) {
     require(int(out_dtheta.size()) == 2 * s.L, "out_dtheta: one pointer per parameter tensor expected");
@@ -245,13 +246,28 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
     go.seg[2 * s.L] = s.P;
   }
   S* dlr = (need_grad && n_lr > 0) ? as_ptr<S>(out_dlr, "out_dlr") : nullptr;
+  const int64_t per = mlp::maml_workspace_size(s, K, Ns, Nq, a.n_lr > 0 ? K : 1, n_msl) + 16;
+  Placement<S, decltype(&maml_kernel<S>)> pl(&maml_kernel<S>, per, T, st, false);
+  FM_LAUNCH(maml_kernel<S>, unsigned(T), kThreads, pl.smem, st, a, parts, stride, pl.global, per);
+  FM_CUDA_CHECK_LAUNCH();
   const int threads = 256;
-  reduce_tasks_kernel<S><<<unsigned((stride + threads - 1) / threads), threads, 0, st>>>(
-      parts, T, stride, s.P, as_ptr<S>(out_loss, "out_loss"), go, dlr);
+  FM_LAUNCH(reduce_tasks_kernel<S>, unsigned((stride + threads - 1) / threads), threads, 0, st,
+      parts, T, stride, s.P, loss_out, go, dlr);
   FM_CUDA_CHECK_LAUNCH();
 }
 
 void check_grid(int64_t T) { require(T >= 1 && T <= 2147483647LL, "T must be in [1, 2^31)"); }
+
+// The per-task loops of mlp.h index with int (N·d_l, d_l·d_{l-1}): each task's tensors must
+// hold < 2^31 elements, as on the triton backend.
+void check_task_sizes(const Shape& s, std::initializer_list<int> points) {
+  int64_t biggest = 0;
+  for (int N : points)
+    for (int l = 0; l <= s.L; ++l) biggest = std::max(biggest, int64_t(N) * s.d[l]);
+  for (int l = 0; l < s.L; ++l) biggest = std::max(biggest, int64_t(s.d[l + 1]) * s.d[l]);
+  require(biggest < (int64_t(1) << 31), "each task's tensors must hold < 2**31 elements on the cuda backend, got " +
+                                            std::to_string(biggest));
+}
 
 }  // namespace
 
@@ -263,6 +279,7 @@ void mlp_loss_and_grad_cuda(int dtype, const std::vector<int>& dims, int act, in
   const Shape s = shape_of(dims, act, loss);
   check_grid(T);
   require(N >= 1, "N must be >= 1");
+  check_task_sizes(s, {N});
   if (dtype == kFloat32)
     loss_and_grad_impl<float>(s, T, N, x, y, W, b, out_loss, gW, gb, as_stream(stream));
   else if (dtype == kFloat64)
@@ -278,6 +295,7 @@ void mlp_hvp_cuda(int dtype, const std::vector<int>& dims, int act, int loss, in
   const Shape s = shape_of(dims, act, loss);
   check_grid(T);
   require(N >= 1, "N must be >= 1");
+  check_task_sizes(s, {N});
   if (dtype == kFloat32)
     hvp_impl<float>(s, T, N, x, y, W, b, vW, vb, hW, hb, as_stream(stream));
   else if (dtype == kFloat64)
@@ -295,6 +313,7 @@ void maml_mlp_cuda(int dtype, const std::vector<int>& dims, int act, int loss, i
   const Shape s = shape_of(dims, act, loss);
   check_grid(T);
   require(K >= 1 && Ns >= 1 && Nq >= 1, "steps, Ns and Nq must be >= 1");
+  check_task_sizes(s, {Ns, Nq});
   require(lr_mode >= 0 && lr_mode <= 3, "lr_mode must be in [0, 3]");
   require(n_msl >= 0 && n_msl <= K, "n_msl must be in [0, steps]");
   if (dtype == kFloat32)

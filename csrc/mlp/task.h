@@ -6,7 +6,7 @@
 #include "mlp/cpu_primitives.h"
 #include "mlp/layout.h"
 #include "mlp/math.h"
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(FM_CUDA_EMULATED_TU)
 #include "mlp/gpu_primitives.cuh"
 #endif
 

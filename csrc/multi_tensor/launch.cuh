@@ -6,7 +6,7 @@
 //   - op(table, block): the per-block work (a __device__ functor),
 // and plans its launches with plan_multi_tensor(..., MaxTensors, MaxBlocks).
 #pragma once
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(FM_CUDA_EMULATED_TU)
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -54,7 +54,7 @@ void multi_tensor_apply(const MultiTensorPlan& plan, const std::vector<int64_t>&
       t.block_row[b] = l.block_row[b];
     }
     t.first_block = l.first_block;
-    multi_tensor_kernel<Threads><<<nb, Threads, 0, stream>>>(t, op);
+    FM_LAUNCH((multi_tensor_kernel<Threads, Table, Op>), nb, Threads, 0, stream, t, op);
     FM_CUDA_CHECK_LAUNCH();
   }
 }

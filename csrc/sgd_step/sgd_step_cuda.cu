@@ -181,7 +181,7 @@ void bwd_launch(const SgdStepArgs& a, const std::vector<std::uintptr_t>& v, cons
       int k = 0;
       auto flush = [&]() {
         if (k == 0) return;
-        sum_segments_kernel<S><<<k, kSgdStepBlockThreads, 0, stream>>>(seg, partials);
+        FM_LAUNCH(sum_segments_kernel<S>, k, kSgdStepBlockThreads, 0, stream, seg, partials);
         FM_CUDA_CHECK_LAUNCH();
         seg = SegmentTable<S>{};
         k = 0;
@@ -233,7 +233,7 @@ void sgd_step_fwd_cuda(const SgdStepArgs& a, const std::vector<std::uintptr_t>& 
                        std::uintptr_t stream, bool force_index64) {
   sgd_step_check_args(a, &out);
   sgd_step_check_overlap(a);
-  DeviceGuard guard(device);
+  check_device(device);  // the caller made it current (fastmaml._ext.cuda_launch)
   const MultiTensorPlan plan =
       plan_multi_tensor(a.numel, a.tasks, kSgdStepBlockThreads, kSgdStepFwdRows, kSgdStepMaxTensors, kSgdStepMaxBlocks);
   const bool i64 = force_index64 || plan.needs_index64;
@@ -253,7 +253,7 @@ void sgd_step_bwd_cuda(const SgdStepArgs& a, const std::vector<std::uintptr_t>& 
   check_list(a, dtheta, "dtheta");
   check_list(a, dgrad, "dgrad");
   check_list(a, dlr, "dlr");
-  DeviceGuard guard(device);
+  check_device(device);  // the caller made it current (fastmaml._ext.cuda_launch)
   // Backward blocks take every task (row_chunk = T): the sums over tasks stay in-thread.
   const MultiTensorPlan plan =
       plan_multi_tensor(a.numel, a.tasks, kSgdStepBlockThreads, a.tasks, kSgdStepMaxTensors, kSgdStepMaxBlocks);

@@ -159,7 +159,8 @@ def _route(model: object, params: Mapping[str, torch.Tensor], adapted: Sequence[
     why_not = "a plain function fn(params, x), not a module"
     if isinstance(model, nn.Module):
         if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1:  # else the generic path reports it
-            which, why, st = mlp_path.mlp_route(model, params, adapted, loss, lr_learned, n_msl, steps, data)
+            which, why, st = mlp_path.mlp_route(model, params, adapted, loss, lr_learned, n_msl, steps, data,
+                                                backend)
             if which is not None:
                 return Route(which, pre + why, st)
             why_not = why

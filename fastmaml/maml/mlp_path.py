@@ -129,9 +129,11 @@ def mlp_route(
     n_msl: int,
     steps: int,
     data: tuple | None,
+    backend: str = "auto",
 ) -> tuple[str | None, str, MlpModel | None]:
     """Which MLP route applies: (FUSED | LAYERWISE | None, reason, structure).
-    ``data`` = (xs, ys, xq); None (before the first call): the route for data that fit."""
+    ``data`` = (xs, ys, xq); None (before the first call): the route for data that fit.
+    ``backend="cuda"`` on CPU tensors (the emulated CUDA build) uses the CUDA fit limits."""
     st, why = mlp_structure(model)
     if st is None:
         return None, why, None
@@ -149,7 +151,7 @@ def mlp_route(
         if p0.dtype not in _checks.FLOAT_DTYPES:
             return None, f"dtype {p0.dtype} of the parameters (the generic path reports it)", st
         ok, why = maml_mlp_fit.fits_fused(list(st.dims), steps, 1, 1, dtype=p0.dtype, device=p0.device,
-                                          lr_learned=lr_learned, n_msl=n_msl)
+                                          lr_learned=lr_learned, n_msl=n_msl, backend=backend)
         if ok:  # with a point or two per task: the data's sizes are checked at the call
             return FUSED, f"fused MLP kernel ({dims}, {st.activation}) for [T, N, in] data within its limits", st
         return LAYERWISE, f"MLP {dims} past the fused limits ({why}): layer-wise MLP ops, loop over steps", st
@@ -163,7 +165,7 @@ def mlp_route(
     if p0.dtype not in _checks.FLOAT_DTYPES or xs.dtype != p0.dtype:
         return None, f"dtype {xs.dtype} of xs vs {p0.dtype} of the parameters (the generic path reports it)", st
     ok, why = maml_mlp_fit.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
-                                      device=p0.device, lr_learned=lr_learned, n_msl=n_msl)
+                                      device=p0.device, lr_learned=lr_learned, n_msl=n_msl, backend=backend)
     if ok:
         return FUSED, f"fused MLP kernel ({dims}, {st.activation}): one call per meta-step; {why}", st
     return LAYERWISE, f"MLP {dims} past the fused limits ({why}): layer-wise MLP ops, loop over steps", st

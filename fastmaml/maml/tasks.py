@@ -85,6 +85,11 @@ def choose_workers(task_threads: int | str, task_map: str, fn: PureFn, *xs: torc
     if task_threads != "auto":
         if isinstance(task_threads, bool) or not isinstance(task_threads, int) or task_threads < 1:
             raise ValueError(f"task_threads must be 'auto' or a positive int, got {task_threads!r}")
+        if task_threads > 1 and task_map == "loop" and xs[0].device.type == "cuda":
+            # a worker thread launches on its own current stream (the default one), unordered
+            # with the caller's: results could be read before they are written
+            raise ValueError(f"task_threads must be 1 (or 'auto') for CUDA tensors: worker threads would launch "
+                             f"on their own streams, unordered with the caller's; got {task_threads}")
         return task_threads if task_map == "loop" else 1
     x = xs[0]
     if not getattr(fn, "thread_safe", False) or task_map != "loop" or x.device.type != "cpu" or x.shape[0] < 2:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from fastmaml import codes
-from fastmaml._ext import ext
+from fastmaml._ext import cuda_emulated, ext
 
 FUSED_CPU_MAX_WORKSPACE_BYTES = 4 << 20
 
@@ -39,25 +39,29 @@ def fused_workspace_bytes(dims: Sequence[int], steps: int, n_support: int, n_que
 
 
 def _cuda_smem_limit(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if device.type != "cuda":  # the emulated CUDA build (CPU tensors): its one (sm_90) device
+        idx = 0
+    else:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
     # the launcher adds a 16-element margin to the workspace: keep 256 bytes spare
     return int(ext().maml_mlp_cuda_smem_limit(idx)) - 256
 
 
-def fused_limits(device: torch.device | str = "cpu") -> dict:
+def fused_limits(device: torch.device | str = "cpu", backend: str | None = None) -> dict:
     """The fused path's limits on ``device``: ``max_layers`` and ``max_workspace_bytes``
-    (per task)."""
+    (per task). ``backend="cuda"`` with CPU tensors: the emulated CUDA build's limits."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" or (device.type == "cpu" and backend == "cuda" and cuda_emulated()):
         return {"max_layers": codes.MLP_MAX_LAYERS, "max_workspace_bytes": _cuda_smem_limit(device)}
     return {"max_layers": codes.MLP_MAX_LAYERS, "max_workspace_bytes": FUSED_CPU_MAX_WORKSPACE_BYTES}
 
 
 def fits_fused(dims: Sequence[int], steps: int, n_support: int, n_query: int, *, dtype=torch.float32,
-               device: torch.device | str = "cpu", lr_learned: bool = False, n_msl: int = 1) -> tuple[bool, str]:
+               device: torch.device | str = "cpu", lr_learned: bool = False, n_msl: int = 1,
+               backend: str | None = None) -> tuple[bool, str]:
     """Whether an MLP of widths ``dims`` fits the fused kernel; (ok, reason)."""
     L = len(dims) - 1
-    lim = fused_limits(device)
+    lim = fused_limits(device, backend)
     if L < 1 or L > lim["max_layers"]:
         return False, f"{L} layers (the fused kernel takes 1..{lim['max_layers']})"
     need = fused_workspace_bytes(dims, steps, n_support, n_query, dtype, lr_learned=lr_learned, n_msl=n_msl)
@@ -70,13 +74,14 @@ def fits_fused(dims: Sequence[int], steps: int, n_support: int, n_query: int, *,
 _FITS_CACHE: dict = {}
 
 
-def fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl) -> bool:
+def fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, backend="cpu") -> bool:
     """:func:`fits_fused`'s answer, remembered per configuration (and the CPU limit)."""
-    limit = FUSED_CPU_MAX_WORKSPACE_BYTES if device.type == "cpu" else None
-    key = (tuple(dims), K, Ns, Nq, dtype, device, limit, lr_learned, n_msl)
+    limit = FUSED_CPU_MAX_WORKSPACE_BYTES if (device.type == "cpu" and backend != "cuda") else None
+    key = (tuple(dims), K, Ns, Nq, dtype, device, limit, lr_learned, n_msl, backend)
     ok = _FITS_CACHE.get(key)
     if ok is None:
-        ok = fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device, lr_learned=lr_learned, n_msl=n_msl)[0]
+        ok = fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device, lr_learned=lr_learned, n_msl=n_msl,
+                        backend=backend)[0]
         _FITS_CACHE[key] = ok
     return ok
 

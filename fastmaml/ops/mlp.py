@@ -22,14 +22,10 @@ import torch
 
 from fastmaml import _checks, backends, codes
 from fastmaml import reference as ref
-from fastmaml._ext import ext
+from fastmaml._ext import cuda_launch, ext
 from fastmaml.reference.mlp import ACTIVATIONS, LOSSES
 
 MAX_LAYERS = codes.MLP_MAX_LAYERS
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
 
 
 def check_activation_loss(activation: object, loss: object) -> None:
@@ -197,8 +193,8 @@ def mlp_loss_and_grad(
     if be == "cpu":
         ext().mlp_loss_and_grad_cpu(*args)
     else:
-        with torch.cuda.device(device):
-            ext().mlp_loss_and_grad_cuda(*args, _stream(device))
+        with cuda_launch(device) as (_, stream):
+            ext().mlp_loss_and_grad_cuda(*args, stream)
     return lt, gw, gb
 
 
@@ -244,8 +240,8 @@ def mlp_hvp(
     if be == "cpu":
         ext().mlp_hvp_cpu(*args)
     else:
-        with torch.cuda.device(device):
-            ext().mlp_hvp_cuda(*args, _stream(device))
+        with cuda_launch(device) as (_, stream):
+            ext().mlp_hvp_cuda(*args, stream)
     return hw, hb
 
 

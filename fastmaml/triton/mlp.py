@@ -160,9 +160,14 @@ def _mlp_fwd_kernel(
     ACT: tl.constexpr, PREV_ACT: tl.constexpr, HVP: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # points n
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)  # output units j
+    # one grid axis (task, row tile, column tile): axes 1/2 are limited to 65,535 programs
+    tiles_n = tl.cdiv(M, BLOCK_N)
+    per_task = tl.cdiv(N, BLOCK_M) * tiles_n
+    pid = tl.program_id(0)
+    t = (pid // per_task).to(tl.int64)
+    r = pid % per_task
+    rows = (r // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # points n
+    cols = (r % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)  # output units j
     acc, racc = _linear_tile(
         hp_ptr + t * N * K, rzp_ptr + t * N * K, w_ptr + t * M * K, vw_ptr + t * M * K, rows, cols, N, K, M,
         ACT, PREV_ACT, HVP, IS_FP64, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -234,8 +239,10 @@ def _mlp_head_kernel(
     LOSS: tl.constexpr, ACT: tl.constexpr, PREV_ACT: tl.constexpr, HVP: tl.constexpr, IS_FP64: tl.constexpr,
     FUSE_BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
+    n_rb = tl.cdiv(N, BLOCK_M)  # one grid axis (task, row block): axis 1 is limited to 65,535
+    pid = tl.program_id(0)
+    t = (pid // n_rb).to(tl.int64)
+    pid_m = pid % n_rb
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # points n
     cols = tl.arange(0, BLOCK_C)  # all outputs / classes c of the row
     acc, racc = _linear_tile(
@@ -268,7 +275,7 @@ def _mlp_head_kernel(
         prz = tl.sum(p * rz, axis=1)  # pᵀ R{z_L}
         rd = tl.where(mask, p * (rz - prz[:, None]) / N, 0.0)  # R{δ_L} = (diag(p) − p pᵀ) R{z_L} / N
     if not HVP:
-        tl.store(part_ptr + t * tl.num_programs(1) + pid_m, loss)
+        tl.store(part_ptr + t * n_rb + pid_m, loss)
     if FUSE_BWD:
         _head_bwd(
             t, rows, cols, d, rd, hp_ptr, rzp_ptr, w_ptr, vw_ptr, gw_ptr, gb_ptr, dp_ptr, rdp_ptr, N, K, C,
@@ -378,8 +385,14 @@ def _mlp_bwd_kernel(
     ACT: tl.constexpr, PREV_ACT: tl.constexpr, HVP: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)
+    # one grid axis (task, tile): axis 1 is limited to 65,535 programs
+    if PREV_ACT:
+        per_task = n_gw_tiles + tl.cdiv(N, BLOCK_M) * tl.cdiv(K, BLOCK_N)
+    else:
+        per_task = n_gw_tiles
+    pid = tl.program_id(0)
+    t = (pid // per_task).to(tl.int64)
+    p = pid % per_task
     # programs [0, n_gw_tiles) make the weight/bias gradient, the rest (only when a
     # previous hidden layer exists) the previous layer's delta: both read δ_l.
     if p < n_gw_tiles:
@@ -421,6 +434,25 @@ def _head_blocks(device: torch.device, dtype: torch.dtype, n: int, c: int) -> tu
     return bm, bc, 32 if bc <= 128 else 16
 
 
+def _grid(T: int, per_task: int) -> tuple[int]:
+    """The launch grid: tasks × tiles folded into axis 0 (up to 2^31 − 1 programs; axes 1
+    and 2 of a CUDA grid stop at 65,535, which large tasks would pass)."""
+    n = T * per_task
+    if n >= 2**31:
+        raise ValueError(f"the triton backend launches one program per task and tile: {T} tasks × {per_task} tiles "
+                         f"= {n} exceeds the grid's 2**31 - 1; split the tasks into smaller batches")
+    return (n,)
+
+
+def _head_options(device: torch.device, dtype: torch.dtype, block_c: int, hvp: bool) -> dict:
+    """Launch options of the head kernel. A float32 HVP head wider than 512 outputs keeps
+    its tiles in one pipeline stage: with Triton's default 3 stages it needs 405,504 B of
+    shared memory at 1,024 outputs, past the 232,448 B of an sm_90 block; 1 stage: 196,608 B."""
+    if device.type == "cuda" and hvp and dtype == torch.float32 and block_c > 512:
+        return {"num_stages": 1}
+    return {}
+
+
 def _fwd(hp, rzp, W, b, vW, vb, act: int, prev_act: bool, hvp: bool):
     """Hidden layer: h = σ(hp Wᵀ + b) ``[T, N, M]`` and (HVP) R{z} ``[T, N, M]``.
     hp/rzp: ``[T, N, K]``, W/vW: ``[T, M, K]``, b/vb: ``[T, M]``; rzp used iff hvp and prev_act."""
@@ -429,7 +461,7 @@ def _fwd(hp, rzp, W, b, vW, vb, act: int, prev_act: bool, hvp: bool):
     h = torch.empty(T, N, M, device=hp.device, dtype=hp.dtype)
     rz = torch.empty_like(h) if hvp else h
     bm, bn, bk = _blocks(hp.device, hp.dtype, N, M)
-    grid = (T, triton.cdiv(N, bm), triton.cdiv(M, bn))
+    grid = _grid(T, triton.cdiv(N, bm) * triton.cdiv(M, bn))
     _mlp_fwd_kernel[grid](
         hp, rzp if rzp is not None else hp, W, b, vW if hvp else W, vb if hvp else b, h, rz, N, K, M,
         ACT=act, PREV_ACT=prev_act, HVP=hvp, IS_FP64=hp.dtype == torch.float64,
@@ -462,13 +494,13 @@ def _head(hp, rzp, W, b, vW, vb, y, act: int, prev_act: bool, hvp: bool, loss: i
         rd = torch.empty_like(d) if hvp else None
         gw = gb = dp = rdp = None
     dummy = part  # any tensor of the dtype for pointers a variant never touches
-    _mlp_head_kernel[(T, n_rb)](
+    _mlp_head_kernel[_grid(T, n_rb)](
         hp, rzp if rzp is not None else hp, W, b, vW if hvp else W, vb if hvp else b, y, part,
         d if d is not None else dummy, rd if rd is not None else dummy,
         gw if gw is not None else dummy, gb if gb is not None else dummy,
         dp if dp is not None else dummy, rdp if rdp is not None else dummy, N, K, C,
         LOSS=loss, ACT=act, PREV_ACT=prev_act, HVP=hvp, IS_FP64=hp.dtype == torch.float64,
-        FUSE_BWD=fuse, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk,
+        FUSE_BWD=fuse, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, **_head_options(hp.device, hp.dtype, bc, hvp),
     )
     lt = None
     if not hvp:
@@ -490,7 +522,7 @@ def _bwd(d, rd, W, vW, hp, rzp, act: int, prev_act: bool, hvp: bool):
     n_dp = triton.cdiv(N, bm) * triton.cdiv(K, bn) if prev_act else 0
     dp = torch.empty_like(hp) if prev_act else None
     rdp = torch.empty_like(hp) if prev_act and hvp else None
-    _mlp_bwd_kernel[(T, n_gw + n_dp)](
+    _mlp_bwd_kernel[_grid(T, n_gw + n_dp)](
         d, rd if hvp else d, W, vW if hvp else W, hp, rzp if rzp is not None else hp, gw, gb,
         dp if dp is not None else gw, rdp if rdp is not None else gw, N, K, M, n_gw,
         ACT=act, PREV_ACT=prev_act, HVP=hvp, IS_FP64=d.dtype == torch.float64,

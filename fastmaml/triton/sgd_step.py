@@ -20,6 +20,8 @@ with Triton 3.x and on CPU tensors under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Sequence
 
 import torch
@@ -153,8 +155,25 @@ def _lr_addrs(spec, lrs: Sequence[torch.Tensor]) -> tuple[list[int], int, list[t
     return codes.sgd_lr_pointers(spec.lr_kind, spec.n, list(lrs)), codes.SGD_KERNEL_LR_MODE[spec.lr_kind], []
 
 
+def _on_device(device: torch.device):
+    """Launch on the tensors' device, not on Triton's current one (multi-GPU machines)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(spec, params, grads, lrs, outs) -> None:
     """outs[i] = params[i] − α_i ⊙ grads[i] (one launch)."""
+    with _on_device(spec.device):
+        _forward(spec, params, grads, lrs, outs)
+
+
+def backward(spec, v, grads, lrs, dtheta, dgrad, dlr_buffers) -> None:
+    """Fills dtheta[i] (shared θ_i; None = skip), dgrad[i] (None = skip) and the dα
+    buffers: per element (one per tensor) or one ``[n]`` tensor of per-tensor values."""
+    with _on_device(spec.device):
+        _backward(spec, v, grads, lrs, dtheta, dgrad, dlr_buffers)
+
+
+def _forward(spec, params, grads, lrs, outs) -> None:
     T = spec.tasks
     la, mode, _keep = _lr_addrs(spec, lrs)
     rows = [
@@ -171,9 +190,7 @@ def forward(spec, params, grads, lrs, outs) -> None:
     )
 
 
-def backward(spec, v, grads, lrs, dtheta, dgrad, dlr_buffers) -> None:
-    """Fills dtheta[i] (shared θ_i; None = skip), dgrad[i] (None = skip) and the dα
-    buffers: per element (one per tensor) or one ``[n]`` tensor of per-tensor values."""
+def _backward(spec, v, grads, lrs, dtheta, dgrad, dlr_buffers) -> None:
     la, mode, _keep = _lr_addrs(spec, lrs)
     dlr_addr = [b.data_ptr() for b in dlr_buffers] if mode == codes.SGD_KERNEL_LR_ELEMENT and dlr_buffers else [0] * spec.n
     rows = [

@@ -173,7 +173,7 @@ def maml_mlp(
                                 activation, loss, lr_kind, float(lr_value), need_grad, lr_learned, be, True)
         return out
     n_msl = sum(1 for w in msl_list if w != 0.0)
-    fused = be in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl)
+    fused = be in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, be)
     cfg = Cfg(dims, L, T, K, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
                lr_value, len(lrs), bool(first_order), need_grad, be, fused, n_msl, shapes)
     if torch._C._are_functorch_transforms_active():

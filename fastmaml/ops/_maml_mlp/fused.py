@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from fastmaml import codes
-from fastmaml._ext import ext
+from fastmaml._ext import cuda_launch, ext
 from fastmaml.ops._maml_mlp.config import Cfg, pack_lr
 
 def run_fused(cfg: Cfg, ws, bs, lrs):
     lr_mode, lr_t, _ = pack_lr(cfg, lrs, cfg.shapes)
-    lr_learned = cfg.need_grad and len(lrs) > 0
+    # the K support gradients are kept (and dα computed) only for an lr that requires grad:
+    # the same condition as the fit check (maml_mlp_fit.fused_workspace_bytes' lr_learned)
+    lr_learned = cfg.need_grad and any(t.requires_grad for t in lrs)
     n_lr = lr_t.numel() if (lr_learned and lr_t is not None) else 0
     dtype, device = cfg.dtype, cfg.device
     loss = torch.empty((), dtype=dtype, device=device)
@@ -28,8 +30,8 @@ def run_fused(cfg: Cfg, ws, bs, lrs):
     else:
         P = sum(s.numel() for s in cfg.shapes)
         partials = torch.empty(cfg.T * (1 + (P + n_lr if cfg.need_grad else 0)), dtype=dtype, device=device)
-        with torch.cuda.device(device):
-            ext().maml_mlp_cuda(*args, partials.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+        with cuda_launch(device) as (_, stream):
+            ext().maml_mlp_cuda(*args, partials.data_ptr(), stream)
     if lr_mode == codes.MLP_LR_STEP_ELEMENT and n_lr:
         dlr = dlr.view(cfg.K, -1)
     return loss, grads, dlr

@@ -28,9 +28,6 @@ def _kernel_spec_args(spec: Spec, lrs: list[torch.Tensor]) -> tuple:
             spec.lr_value, codes.sgd_lr_pointers(spec.lr_kind, spec.n, lrs))
 
 
-def _cuda_stream(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.current_stream(index).cuda_stream
 
 
 # Outputs of at least this many bytes in total are carved out of one buffer (see
@@ -110,7 +107,8 @@ def launch_forward(
     if backend == "cpu":
         C.sgd_step_fwd_cpu(*args)  # also checks that no two inputs/outputs overlap (ValueError)
     else:
-        C.sgd_step_fwd_cuda(*args, *_cuda_stream(spec.device), FORCE_INDEX64)
+        with _ext.cuda_launch(spec.device) as (index, stream):
+            C.sgd_step_fwd_cuda(*args, index, stream, FORCE_INDEX64)
     return outs
 
 
@@ -169,7 +167,8 @@ def launch_backward(
         if backend == "cpu":
             _ext.ext().sgd_step_bwd_cpu(*args)
         else:
-            _ext.ext().sgd_step_bwd_cuda(*args, *_cuda_stream(spec.device), FORCE_INDEX64)
+            with _ext.cuda_launch(spec.device) as (index, stream):
+                _ext.ext().sgd_step_bwd_cuda(*args, index, stream, FORCE_INDEX64)
     if need_lr and spec.lr_kind == codes.SGD_LR_SCALAR:
         dlr = dlr_buffers[0].sum()
     return dtheta, dgrad, dlr
