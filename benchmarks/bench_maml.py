@@ -1,4 +1,4 @@
-"""MAML core benchmark (issue 3, item 6): the configurations of DESIGN.md §5 (sinusoid,
+"""MAML core benchmark: the configurations of docs/DESIGN.md §5 (sinusoid,
 Omniglot K=1 and 5, miniImageNet K=5), second and first order: fastmaml (for the conv
 nets its generic path; for the sinusoid MLP both the path it picks and its generic path)
 against the per-task loop with autograd.grad(create_graph=True) (learn2learn's

@@ -1,4 +1,4 @@
-"""Memory against inner steps (issue 3, item 6): the miniImageNet configuration
+"""Memory against inner steps: the miniImageNet configuration
 (T=2, 5-way 5-shot, 84x84x3, 4-conv with BatchNorm), second order, K = 1, 5, 10, 20:
 the peak memory growth of one meta-step of fastmaml's adjoint (K HVPs, no stored graph
 of the inner loop) against unrolled autograd (the per-task loop, and torch.func vmap

@@ -1,4 +1,4 @@
-"""Fused MLP benchmark (issue 4, item 5): the sinusoid configuration (MLP 1-40-40-1,
+"""Fused MLP benchmark: the sinusoid configuration (MLP 1-40-40-1,
 T = 25 and 1000, K = 1 and 5, second and first order) and the wide MLP
 (784-256-128-64-64-5, Omniglot's non-convolutional MAML network, 5-way 1-shot, T=32,
 K = 1 and 5): fastmaml's fused path (the path fastmaml.MAML picks for an MLP) against its

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (DESIGN.md §5 "Device check"): on a machine with one CUDA GPU, PyTorch, Triton
+# GPU check (docs/DESIGN.md §5 "Device check"): on a machine with one CUDA GPU, PyTorch, Triton
 # and nvcc but no network, build the extension with CUDA, run the CUDA and Triton tests,
 # run the quick benchmark suite on the GPU, and write everything to one folder:
 #
@@ -48,9 +48,9 @@ stage build 300 python -m pip install --no-build-isolation --no-deps -e . || { c
 stage info 60 python -m fastmaml info
 # CUDA-marked tests plus every Triton test, now on GPU tensors.
 stage tests 240 bash -c "python -m pytest -q -rs -m 'cuda or triton' tests 2>&1 | tee '$out/tests.txt'; exit \${PIPESTATUS[0]}"
-stage sgd_step 60 python benchmarks/bench_sgd_step.py --backend cuda --out /tmp/sgd_cuda.json
-stage sgd_step_triton 60 python benchmarks/bench_sgd_step.py --backend triton --out /tmp/sgd_triton.json
-stage mlp_triton 90 python benchmarks/bench_mlp_triton.py --reps 50 --out /tmp/mlp_triton.json
+stage sgd_step 60 python -m fastmaml.bench --suite sgd_step --backend cuda --out /tmp/sgd_cuda.json
+stage sgd_step_triton 60 python -m fastmaml.bench --suite sgd_step --backend triton --out /tmp/sgd_triton.json
+stage mlp_triton 90 python -m fastmaml.bench --suite mlp_triton --reps 50 --out /tmp/mlp_triton.json
 stage bench 300 python -m fastmaml.bench --quick --device cuda --order second --no-progress \
   --out "$out/bench" --results-md "$out/RESULTS-gpu.md"
 cat "$out/summary.txt"

@@ -28,9 +28,10 @@ with the biased batch variance σ², x̂ = (x − μ) r:
   against the reference.
 
 :func:`batch_norm` is differentiable twice (the third derivative raises); the generic
-MAML path routes ``F.batch_norm`` calls of the model to it with :class:`FusedBatchNorm`
-(a ``TorchFunctionMode``) where it applies: training mode without running statistics,
-affine, float32/float64 on the CPU, outside torch.func transforms.
+MAML path routes ``F.batch_norm`` calls of the model to it with
+``fastmaml.maml.batch_norm_mode.FusedBatchNorm`` (a ``TorchFunctionMode``) where it
+applies: training mode without running statistics, affine, float32/float64 on the CPU,
+outside torch.func transforms.
 """
 
 from __future__ import annotations
@@ -38,12 +39,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from fastmaml import _ext
 from fastmaml._autograd import once_differentiable
-
-_F_BATCH_NORM = torch.nn.functional.batch_norm
 
 
 def _view3(x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +221,7 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """:func:`batch_norm` on arguments already checked (by it, or by the mode's ``_applies``)."""
+    """:func:`batch_norm` on arguments already checked (by it, or by the mode's routing test)."""
     return _BN.apply(_view3(x), weight, bias, float(eps)).view(x.shape)
 
 
@@ -255,34 +253,3 @@ def _check(x: Any, weight: Any, bias: Any, eps: Any) -> None:
     err = _problem(x, weight, bias, eps)
     if err is not None:
         raise err
-
-
-def _applies(x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
-             eps: Any) -> bool:
-    """Whether the mode routes this ``F.batch_norm`` call: batch statistics (training, no
-    running statistics), CPU, outside torch.func transforms, and arguments
-    :func:`batch_norm` accepts."""
-    return (training and running_mean is None and running_var is None and isinstance(x, torch.Tensor)
-            and x.device.type == "cpu" and not torch._C._are_functorch_transforms_active()
-            and _problem(x, weight, bias, eps) is None)
-
-
-class FusedBatchNorm(TorchFunctionMode):
-    """Within this mode, ``F.batch_norm`` calls that :func:`batch_norm` covers (training
-    mode, no running statistics, affine, float on the CPU, outside torch.func
-    transforms) go to it; every other call is left to PyTorch."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is _F_BATCH_NORM:
-            bound = _bind(*args, **kwargs)
-            if bound is not None:
-                return _run(*bound)  # _applies has checked the arguments
-        return func(*args, **kwargs)
-
-
-def _bind(input: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,  # noqa: A002
-          training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> tuple | None:
-    if _applies(input, running_mean, running_var, weight, bias, training, eps):
-        return input, weight, bias, eps
-    return None

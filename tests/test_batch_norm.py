@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from maml_cases import F64, conv_bn_net, module_fn, module_params
+from tests.maml.cases import F64, conv_bn_net, module_fn, module_params
 
-from fastmaml import _ext, generic
+from fastmaml import _ext
 from fastmaml import batch_norm as bn
+from fastmaml.maml import functional as generic
+from fastmaml.maml.batch_norm_mode import FusedBatchNorm
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason=_ext.IMPORT_ERROR or "extension not built")
 
@@ -112,7 +114,7 @@ def test_mode_routes_only_what_it_covers(monkeypatch):
     real = bn._run  # what the mode calls
     monkeypatch.setattr(bn, "_run", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(4, 3, 5, 5, dtype=F64)
-    with bn.FusedBatchNorm():
+    with FusedBatchNorm():
         torch.nn.BatchNorm2d(3, track_running_stats=False).double()(x)  # covered
         assert len(calls) == 1
         torch.nn.BatchNorm2d(3).double()(x)  # updates running statistics: PyTorch's

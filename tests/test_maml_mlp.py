@@ -11,7 +11,7 @@ import torch
 import fastmaml
 from fastmaml import reference as ref
 from fastmaml.ops import maml_mlp
-from maml_cases import assert_close_to_max
+from tests.maml.cases import assert_close_to_max
 
 MM = sys.modules["fastmaml.ops.maml_mlp"]  # the module (fastmaml.ops.maml_mlp is the function)
 TOL = {torch.float64: (1e-10, 1e-13), torch.float32: (2e-4, 1e-6)}

@@ -13,7 +13,7 @@ from fastmaml import backends
 from fastmaml import reference as ref
 from fastmaml.ops import mlp_hvp, mlp_loss_and_grad
 from fastmaml.reference.mlp import mlp_loss
-from maml_cases import assert_close_to_max
+from tests.maml.cases import assert_close_to_max
 
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-4, 1e-5)}  # (rtol, atol) relative to the max
 

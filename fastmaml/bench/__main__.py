@@ -12,6 +12,12 @@ Examples::
     python -m fastmaml.bench --suite scaling-T --tasks 1,10,100 --device cpu
     python -m fastmaml.bench --suite omniglot --peers fastmaml,jax --method-timeout 300
 
+The op micro-suites take their own options (``--suite NAME --help``) and run alone:
+
+    python -m fastmaml.bench --suite sgd_step --backend cpu     # fastmaml.bench.op_sgd_step
+    python -m fastmaml.bench --suite batch_norm --reps 20       # fastmaml.bench.op_batch_norm
+    python -m fastmaml.bench --suite mlp_triton                 # fastmaml.bench.op_mlp_triton (GPU)
+
 ``--method-timeout SECONDS`` runs each method in its own child process and kills it
 (with its compile workers) when it has no result after that many seconds; its row then
 says "timed out" and how far it got. Default: 600 s with ``--full`` (a cold JAX jit or
@@ -31,9 +37,12 @@ from pathlib import Path
 
 import torch
 
-from fastmaml.bench import harness, micro, report, suites
-from fastmaml.bench.harness import ConfigResult, Row, Settings
+from fastmaml.bench import harness, micro, op_batch_norm, op_mlp_triton, op_sgd_step, report, suites
+from fastmaml.bench.runner import ConfigResult, Row, Settings
 from fastmaml.bench.peers import METHODS
+
+# The op micro-suites: each is its own program with its own options.
+OP_SUITES = {"sgd_step": op_sgd_step.main, "batch_norm": op_batch_norm.main, "mlp_triton": op_mlp_triton.main}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -50,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastmaml.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default=None,
-                   help=f"comma-separated suites: {', '.join(suites.SUITES)}, or all "
+                   help=f"comma-separated suites: {', '.join(suites.SUITES)}, or all; or one op micro-suite "
+                        f"with its own options: {', '.join(OP_SUITES)} "
                         f"(default: {','.join(suites.QUICK_DEFAULT)} in quick mode, all with --full)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     p.add_argument("--backend", default="auto", help="fastmaml backend: auto, reference, cpu, cuda, triton")
@@ -231,8 +241,22 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     return results, meta, paths
 
 
+def op_suite(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the op micro-suite ``--suite`` names, argv without it) or (None, argv)."""
+    for i, a in enumerate(argv):
+        if a == "--suite" and i + 1 < len(argv) and argv[i + 1] in OP_SUITES:
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if a.startswith("--suite=") and a.split("=", 1)[1] in OP_SUITES:
+            return a.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return None, argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    run(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    name, rest = op_suite(argv)
+    if name is not None:
+        return OP_SUITES[name](rest)
+    run(argv)
     return 0
 
 

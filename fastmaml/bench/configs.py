@@ -1,4 +1,4 @@
-"""Benchmark configurations (DESIGN.md §5): the networks, synthetic tasks of the real
+"""Benchmark configurations (docs/DESIGN.md §5): the networks, synthetic tasks of the real
 shapes, and the FLOP count of an MLP meta-step.
 
 Every configuration is a :class:`Config`: a network family (the model and the task
@@ -47,7 +47,7 @@ FAMILIES: dict[str, Family] = {
         "4x[conv3x3 32, BN, ReLU, maxpool 2] + linear, 84x84x3, CE, 5-way 5-shot, 15 query/class"),
 }
 
-# The MAML paper's settings: T, the inner step counts, the inner lr (DESIGN.md §5).
+# The MAML paper's settings: T, the inner step counts, the inner lr (docs/DESIGN.md §5).
 PAPER = {
     "sinusoid": dict(T=(25, 1000), K=(5,), inner_lr=0.01),
     "wide_mlp": dict(T=(32,), K=(1, 5), inner_lr=0.4),
@@ -86,11 +86,6 @@ class Config:
         return dict(name=self.name, family=self.family, T=self.T, K=self.K, inner_lr=self.inner_lr,
                     order=self.order, loss=f.loss, n_support=f.n_support, n_query=f.n_query,
                     input_shape=list(f.input_shape), model=f.description)
-
-
-def paper_configs(family: str, orders: tuple[bool, ...] = (False, True)) -> list[Config]:
-    p = PAPER[family]
-    return [Config(family, T, K, p["inner_lr"], fo) for T in p["T"] for K in p["K"] for fo in orders]
 
 
 # ---------------------------------------------------------------------------------

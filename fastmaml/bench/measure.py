@@ -1,8 +1,9 @@
-"""Timing and peak-memory measurement of one call.
+"""Timing and peak-memory measurement of one call: the one timer of every benchmark.
 
 Timing: ``time_call`` runs the call and waits for its result (CUDA: events recorded on
 the current stream around the call, then synchronised; JAX: ``block_until_ready``;
-CPU: ``perf_counter``).
+CPU: ``perf_counter``). ``repeat`` times a call many times over, each call on its own
+(the op micro-suites: ``python -m fastmaml.bench --suite sgd_step|batch_norm|mlp_triton``).
 
 Peak memory of one meta-step, as growth above what was allocated before it:
 - CUDA tensors: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``,
@@ -14,7 +15,7 @@ Peak memory of one meta-step, as growth above what was allocated before it:
   ``VmHWM − VmRSS(before)``. It counts every allocator in the process (PyTorch, XLA,
   Python), so it is comparable across frameworks.
 
-With ``--method-timeout`` (isolation, see harness.py) each method runs in a fresh child
+With ``--method-timeout`` (isolation, see isolation.py) each method runs in a fresh child
 process, so its figure is measured there: the same rule, with nothing left in the process
 by methods run before it.
 """
@@ -73,6 +74,22 @@ def time_call(fn: Callable[[], Any], sync: Callable[[Any], None], device: torch.
     out = fn()
     sync(out)
     return time.perf_counter() - t0, out
+
+
+def _no_sync(_out: Any) -> None:
+    return None
+
+
+def repeat(fn: Callable[[], Any], reps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn``, each timed on its own by ``time_call``
+    after ``warmup`` untimed calls (a torch call; on CUDA, synchronised around each)."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return [time_call(fn, _no_sync, device, "torch")[0] for _ in range(reps)]
 
 
 def peak_growth(fn: Callable[[], Any], sync: Callable[[Any], None], device: torch.device,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fastmaml.bench import measure
 from fastmaml.bench.configs import FAMILIES, build_model, make_batch, Config
-from fastmaml.bench.harness import ConfigResult, Row, Settings, _quartiles, assign_speedups, compare
+from fastmaml.bench.runner import ConfigResult, Row, Settings, _quartiles, assign_speedups, compare
 
 RTOL = 1e-4  # relative agreement of a float32 op with its float64 value
 

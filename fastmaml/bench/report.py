@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastmaml.bench.harness import ConfigResult, Row
+from fastmaml.bench.runner import ConfigResult, Row
 
 # ---------------------------------------------------------------------------------
 # Machine and versions
@@ -56,6 +56,7 @@ def _git_commit() -> dict:
 
 
 def machine_info(device: torch.device) -> dict:
+    """Machine, versions and commit: the ``meta`` of every JSON file a benchmark writes."""
     import fastmaml
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -233,9 +234,15 @@ def legend(markdown: bool = False) -> str:
     return "methods:\n" + "\n".join(f"  {i}" for i in items) + f"\nstatuses: {statuses}"
 
 
+def write_payload(path: Path, payload: dict) -> None:
+    """Write one benchmark's JSON file (``payload`` holds its ``meta`` from machine_info)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str))
+
+
 def write_json(results: list[ConfigResult], meta: dict, path: Path) -> None:
-    path.write_text(json.dumps({"meta": meta, "results": [r.as_dict() for r in results]}, indent=1,
-                               default=str))
+    write_payload(path, {"meta": meta, "results": [r.as_dict() for r in results]})
 
 
 # ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ MLP and Omniglot K=1 (second order; without the compiled peers, whose cold compi
 than PyTorch's there), the micro ops, time against T for the
 sinusoid (T = 1, 10, 100, 1000; without the compiled peer, which compiles afresh for
 every T), and memory against K for miniImageNet (K = 1, 5, 10; fastmaml and the loop).
-``--full`` runs every configuration of DESIGN.md §5 (sinusoid T = 25 and 1000, K = 1
+``--full`` runs every configuration of docs/DESIGN.md §5 (sinusoid T = 25 and 1000, K = 1
 and 5; wide MLP K = 1 and 5; Omniglot K = 1 and 5; miniImageNet K = 5; both orders)
 with every peer, more repetitions, and the longer sweeps (T up to 1000 with the
 compiled peer; K up to 20 with the vmap peer as well).
@@ -18,12 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from fastmaml.bench.configs import PAPER, Config
-from fastmaml.bench.harness import Settings
+from fastmaml.bench.runner import Settings
 from fastmaml.bench.peers import PEERS
 
 SUITES = ("micro", "sinusoid", "wide-mlp", "omniglot", "miniimagenet", "scaling-T", "memory-K")
 QUICK_DEFAULT = ("micro", "sinusoid", "wide-mlp", "omniglot", "scaling-T", "memory-K")
-CONV = ("omniglot", "miniimagenet")
 
 
 @dataclass

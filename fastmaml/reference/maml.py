@@ -1,4 +1,4 @@
-"""Reference MAML: the meta-loss of DESIGN.md §1 computed the plain way.
+"""Reference MAML: the meta-loss of docs/DESIGN.md §1 computed the plain way.
 
 A Python loop over tasks; per task K unrolled inner steps, each
 ``torch.autograd.grad(create_graph=True)`` of the support loss (first order: the
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fastmaml._maml_common import MetaProblem, PureFn, check_problem
+from fastmaml.maml.problem import MetaProblem, PureFn, check_problem
 
 
 def _inner_step(fn: PureFn, prob: MetaProblem, p: dict[str, torch.Tensor], k: int, x: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The generic adjoint path (fastmaml.generic) against the reference, float64 to 1e-10,
+"""The generic adjoint path (fastmaml.maml.adjoint) against the reference, float64 to 1e-10,
 every variant, MLPs and small 4-conv BatchNorm networks; BatchNorm correctness; float32
 at K = 1; the once-differentiable error."""
 
@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from maml_cases import (
+from tests.maml.cases import (
     one_thread,
     F64,
     LR_KINDS,
@@ -22,8 +22,9 @@ from maml_cases import (
     module_fn,
     module_params,
 )
+from tests.maml.cases import conv_case as _conv_case
 
-from fastmaml import generic
+from fastmaml.maml import adjoint, dispatch, functional, plan, tasks
 from fastmaml import reference as ref
 
 TOL = 1e-10
@@ -41,7 +42,7 @@ def _both(fn, params, lrs, data, *, K, first_order=False, msl=None, adapt=None, 
         if path == "reference":
             L = ref.maml_loss(fn, p, lrs, *data, **kw)
         else:
-            L = generic.maml_loss(fn, p, lrs, *data, task_map=task_map, hvp=hvp, hvp_map=hvp_map, **extra, **kw)
+            L = functional.maml_loss(fn, p, lrs, *data, task_map=task_map, hvp=hvp, hvp_map=hvp_map, **extra, **kw)
         wrt = list(p.values()) + [t for t in lr_tensors(lrs) if t.requires_grad]
         out.append((L.detach(), torch.autograd.grad(L, wrt)))
     return out
@@ -170,17 +171,17 @@ def test_conv_bn_hvp_map_matches_per_task_reference(pool, task_map, hvp, hvp_map
 
 def test_hvp_map_auto_rule_and_bad_value():
     img_small = torch.zeros(2, 5, 1, 4, 4)
-    img_large = torch.zeros(2, generic.SMALL_SUPPORT + 1, 1, 4, 4)
+    img_large = torch.zeros(2, dispatch.SMALL_SUPPORT + 1, 1, 4, 4)
     flat = torch.zeros(2, 5, 3)
-    assert generic._choose_hvp_map("auto", "loop", img_small) == "vmap"
-    assert generic._choose_hvp_map("auto", "loop", img_large) == ""
-    assert generic._choose_hvp_map("auto", "vmap", img_small) == ""
-    assert generic._choose_hvp_map("auto", "loop", flat) == ""
-    assert generic._choose_hvp_map("loop", "loop", img_small) == "loop"
+    assert dispatch.choose_hvp_map("auto", "loop", img_small) == "vmap"
+    assert dispatch.choose_hvp_map("auto", "loop", img_large) == ""
+    assert dispatch.choose_hvp_map("auto", "vmap", img_small) == ""
+    assert dispatch.choose_hvp_map("auto", "loop", flat) == ""
+    assert dispatch.choose_hvp_map("loop", "loop", img_small) == "loop"
     params = {n: v.requires_grad_(True) for n, v in mlp_params().items()}
     data = meta_batch(2, 3, 3, 3, 2)
     with pytest.raises(ValueError, match="hvp_map"):
-        generic.maml_loss(mlp_fn, params, 0.1, *data, steps=1, hvp_map="grouped")
+        functional.maml_loss(mlp_fn, params, 0.1, *data, steps=1, hvp_map="grouped")
 
 
 @pytest.mark.parametrize("task_map,hvp,hvp_map", [("loop", "auto", "loop"), ("loop", "auto", "vmap"),
@@ -200,7 +201,7 @@ def test_conv_bias_before_batchnorm_has_zero_meta_gradient(task_map, hvp, hvp_ma
     ys = torch.randint(0, 3, (1, 4), generator=g)
     yq = torch.randint(0, 3, (1, 5), generator=g)
     p = {n: v.clone().requires_grad_(True) for n, v in params.items()}
-    L = generic.maml_loss(module_fn(model), p, 0.4, xs, ys, xq, yq, steps=3, loss="cross_entropy",
+    L = functional.maml_loss(module_fn(model), p, 0.4, xs, ys, xq, yq, steps=3, loss="cross_entropy",
                           task_map=task_map, hvp=hvp, hvp_map=hvp_map)
     grads = dict(zip(p, torch.autograd.grad(L, list(p.values()))))
     for n in ("0.bias", "3.bias", "6.bias", "9.bias"):
@@ -216,7 +217,7 @@ def test_float32_at_k1_matches_float64_reference():
     (l64, g64), _ = _both(mlp_fn, p64, lr64, data64, K=K)
     p32 = {n: v.float().requires_grad_(True) for n, v in p64.items()}
     lr32 = lr64.detach().float().requires_grad_(True)
-    L = generic.maml_loss(mlp_fn, p32, lr32, *(d.float() if d.is_floating_point() else d for d in data64), steps=K)
+    L = functional.maml_loss(mlp_fn, p32, lr32, *(d.float() if d.is_floating_point() else d for d in data64), steps=K)
     g32 = torch.autograd.grad(L, list(p32.values()) + [lr32])
     assert_close("meta-loss f32", L.detach().double(), l64, 1e-5)
     for i, (a, b) in enumerate(zip(g32, g64)):
@@ -225,7 +226,7 @@ def test_float32_at_k1_matches_float64_reference():
 
 def test_double_backward_raises_clearly():
     params = {n: v.requires_grad_(True) for n, v in mlp_params().items()}
-    L = generic.maml_loss(mlp_fn, params, 0.1, *meta_batch(2, 4, 4, 3, 2), steps=2)
+    L = functional.maml_loss(mlp_fn, params, 0.1, *meta_batch(2, 4, 4, 3, 2), steps=2)
     g = torch.autograd.grad(L, list(params.values()), create_graph=True)
     with pytest.raises(RuntimeError, match="once-differentiable"):
         sum(x.sum() for x in g).backward()
@@ -239,7 +240,7 @@ def test_inputs_and_params_unchanged():
     lrs = make_lrs("per_element", [v.shape for v in params.values()], 2)
     lr_before = [t.detach().clone() for t in lrs]
     for tm in ("vmap", "loop"):
-        L = generic.maml_loss(mlp_fn, params, lrs, *data, steps=2, task_map=tm)
+        L = functional.maml_loss(mlp_fn, params, lrs, *data, steps=2, task_map=tm)
         L.backward()
     for n in params:
         assert torch.equal(params[n].detach(), before[n]), n
@@ -256,10 +257,10 @@ def test_adapt_and_predict_match_reference():
     lr_head = [lrs[-2], lrs[-1]]
     want = ref.maml_adapt(mlp_fn, params, lr_head, xs, ys, steps=3, adapt=["w2", "b2"])
     for tm in ("vmap", "loop"):
-        got = generic.adapt(mlp_fn, params, lr_head, xs, ys, steps=3, adapt=["w2", "b2"], task_map=tm)
+        got = functional.adapt(mlp_fn, params, lr_head, xs, ys, steps=3, adapt=["w2", "b2"], task_map=tm)
         for n in params:
             assert_close(f"fast[{n}] ({tm})", got[n], want[n], 1e-12)
-        pred = generic.predict(mlp_fn, got, xq, task_map=tm)
+        pred = functional.predict(mlp_fn, got, xq, task_map=tm)
         for t in range(3):
             assert_close(f"pred[{t}]", pred[t], mlp_fn({n: v[t] for n, v in want.items()}, xq[t]), 1e-12)
 
@@ -274,127 +275,31 @@ def test_anil_k1_learned_lr(task_map):
 
 
 # --- concurrent tasks (task_threads) and kept support graphs (graph_memory_mb) ------------
-def _conv_case(seed=3, T=4, K=3):
-    torch.manual_seed(seed)
-    model = conv_bn_net(True).double()
-    g = torch.Generator().manual_seed(seed + 1)
-    data = (torch.randn(T, 3, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 3), generator=g),
-            torch.randn(T, 4, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 4), generator=g))
-    return model, data
-
-
 @pytest.mark.parametrize("kind,first_order,anil", [("scalar", False, False), ("per_step_layer", False, True),
                                                    ("per_element", True, False)])
-@pytest.mark.parametrize("graph_mb", [0, generic.GRAPH_MEMORY_MB])
+@pytest.mark.parametrize("graph_mb", [0, dispatch.GRAPH_MEMORY_MB])
 def test_conv_bn_concurrent_tasks_match_reference(kind, first_order, anil, graph_mb):
-    """Tasks run two at a time on worker threads (generic.module_fn: a module replica
+    """Tasks run two at a time on worker threads (tasks.module_fn: a module replica
     per thread), with and without the earlier steps' graphs kept: same meta-gradient."""
     model, data = _conv_case()
     params = module_params(model)
     adapt = list(params)[-2:] if anil else None
     K = 3
     lrs = make_lrs(kind, [params[n].shape for n in adapt or list(params)], K, base=0.05)
-    res = _both(generic.module_fn(model), params, lrs, data, K=K, first_order=first_order, adapt=adapt,
+    res = _both(tasks.module_fn(model), params, lrs, data, K=K, first_order=first_order, adapt=adapt,
                 loss="cross_entropy", task_map="loop", msl=[0.3, 0.0, 1.0], task_threads=2,
                 graph_memory_mb=graph_mb)
     _check(res, params)
 
 
-def test_module_fn_gives_each_thread_its_own_replica():
-    """functional_call swaps parameters on the module while it runs: two threads on one
-    module would see each other's weights. module_fn's workers use replicas that share
-    the tensors (nothing copied) and stay off the caller's module."""
-    import threading
-
-    model, _ = _conv_case()
-    fn = generic.module_fn(model)
-    x = torch.randn(3, 1, 8, 8, dtype=F64)
-    params = [{n: p + 0.1 * i for n, p in module_params(model).items()} for i in range(8)]
-    want = [torch.func.functional_call(model, p, (x,)) for p in params]
-    got = generic.run_tasks(lambda i: fn(params[i], x), 8, 2)
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
-    seen = []
-    t = threading.Thread(target=lambda: seen.append(fn(params[0], x)))
-    t.start()
-    t.join()
-    torch.testing.assert_close(seen[0], want[0], rtol=0, atol=1e-12)
-    for p, q in zip(model.parameters(), module_params(model).values()):
-        assert torch.equal(p.detach(), q)  # the caller's module is left as it was
-
-    # a module that cannot be deep-copied (holds a lock) is shared, one call at a time
-    import threading as _th
-
-    model.lock = _th.Lock()
-    fn2 = generic.module_fn(model)
-    got = generic.run_tasks(lambda i: fn2(params[i], x), 8, 2)
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
-
-
-def test_task_threads_rule_and_bad_values():
-    model, data = _conv_case()
-    safe, plain = generic.module_fn(model), module_fn(model)
-    xs, xq = data[0], data[2]
-    n = torch.get_num_threads()
-    assert generic._choose_workers("auto", "loop", safe, xs, xq) == min(n, xs.shape[0])
-    assert generic._choose_workers("auto", "loop", plain, xs, xq) == 1  # not declared thread-safe
-    assert generic._choose_workers("auto", "vmap", safe, xs, xq) == 1
-    assert generic._choose_workers(3, "loop", plain, xs, xq) == 3  # an int declares it safe
-    big = torch.zeros(2, 1, generic.SMALL_TASK_INPUT + 1)
-    assert generic._choose_workers("auto", "loop", safe, big, big) == 1  # large per-task inputs: serial
-    params = module_params(model)
-    for bad in (0, -1, "2", True, 1.5):
-        with pytest.raises(ValueError, match=r"task_threads must be 'auto' or a positive int, got"):
-            generic.maml_loss(safe, params, 0.1, *data, steps=1, loss="cross_entropy", task_threads=bad)
-    for bad in (-1, float("nan"), float("inf"), "1", True):
-        with pytest.raises(ValueError, match=r"graph_memory_mb must be a finite number >= 0, got"):
-            generic.maml_loss(safe, params, 0.1, *data, steps=1, loss="cross_entropy", graph_memory_mb=bad)
-
-
-def test_run_tasks_carries_grad_mode_and_errors():
-    with torch.no_grad():
-        assert generic.run_tasks(lambda t: torch.is_grad_enabled(), 4, 2) == [False] * 4
-    assert generic.run_tasks(lambda t: torch.is_grad_enabled(), 4, 2) == [True] * 4
-
-    def boom(t):
-        if t == 2:
-            raise KeyError("task 2")
-        return t
-
-    with pytest.raises(KeyError, match="task 2"):
-        generic.run_tasks(boom, 4, 2)
-
-
-def test_task_pool_keeps_the_callers_thread_setting():
-    """Workers run one intra-op thread each; the caller's setting, and the one new
-    threads start from, are left as they were."""
-    import threading
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)  # not 1 (this module's setting), so a leaked worker setting shows
-    try:
-        generic._task_pool(1)
-        generic._task_pool(3)  # a new pool (its size changed): its workers set themselves to 1 thread
-        assert generic.run_tasks(lambda t: torch.get_num_threads(), 3, 3) == [1, 1, 1]
-        assert torch.get_num_threads() == 2
-        seen = []
-        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        t.start()
-        t.join()
-        assert seen == [2]
-    finally:
-        torch.set_num_threads(n)
-
-
-@pytest.mark.parametrize("graph_mb,kept_steps", [(generic.GRAPH_MEMORY_MB, 3), (0, 1), (1e-6, 1)])
+@pytest.mark.parametrize("graph_mb,kept_steps", [(dispatch.GRAPH_MEMORY_MB, 3), (0, 1), (1e-6, 1)])
 def test_support_graphs_kept_within_budget(monkeypatch, graph_mb, kept_steps):
     """Within the budget every step's support graph is kept (no recomputation in the
     backward); over it (or at 0) only the last one, the rest recomputed."""
     model, data = _conv_case()
     params = {n: p.requires_grad_(True) for n, p in module_params(model).items()}
     calls = {"kept": 0, "recomputed": 0}
-    kept, rec = generic._Plan.support_grads_kept, generic._Plan.grad_hvp
+    kept, rec = plan.Plan.support_grads_kept, plan.Plan.grad_hvp
 
     def spy_kept(self, *a, **k):
         calls["kept"] += 1
@@ -404,9 +309,9 @@ def test_support_graphs_kept_within_budget(monkeypatch, graph_mb, kept_steps):
         calls["recomputed"] += 1
         return rec(self, *a, **k)
 
-    monkeypatch.setattr(generic._Plan, "support_grads_kept", spy_kept)
-    monkeypatch.setattr(generic._Plan, "grad_hvp", spy_rec)
-    M = generic.maml_loss(generic.module_fn(model), params, 0.05, *data, steps=3, loss="cross_entropy",
+    monkeypatch.setattr(plan.Plan, "support_grads_kept", spy_kept)
+    monkeypatch.setattr(plan.Plan, "grad_hvp", spy_rec)
+    M = functional.maml_loss(tasks.module_fn(model), params, 0.05, *data, steps=3, loss="cross_entropy",
                           graph_memory_mb=graph_mb)
     torch.autograd.grad(M, list(params.values()))
     if kept_steps == 3:
@@ -430,13 +335,13 @@ def test_one_task_at_a_time_matches_all_tasks_at_once(monkeypatch, kind, first_o
     names = adapt or list(params)
     lrs = make_lrs(kind, [params[n].shape for n in names], 3, base=0.05)
     seen = []
-    real = generic._adjoint
-    monkeypatch.setattr(generic, "_adjoint", lambda plan, st, *a: seen.append(st.xs.shape[0]) or real(plan, st, *a))
+    real = adjoint._adjoint
+    monkeypatch.setattr(adjoint, "_adjoint", lambda plan, st, *a: seen.append(st.xs.shape[0]) or real(plan, st, *a))
     out = []
     for threads, factor in ((1, 1.0), (2, 1.0), (1, 3.0)):
         p = {n: v.clone().requires_grad_(True) for n, v in params.items()}
         seen.clear()
-        M = generic.maml_loss(generic.module_fn(model), p, lrs, *data, steps=3, first_order=first_order,
+        M = functional.maml_loss(tasks.module_fn(model), p, lrs, *data, steps=3, first_order=first_order,
                               adapt=adapt, loss="cross_entropy", task_map="loop", hvp_map="loop",
                               task_threads=threads, msl_weights=[0.3, 0.0, 1.0])
         assert seen == ([1, 1, 1] if threads == 1 else [])  # per task, in the forward

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from maml_cases import one_thread, F64, assert_close, make_lrs, meta_batch, mlp_fn, mlp_params
+from tests.maml.cases import one_thread, F64, assert_close, make_lrs, meta_batch, mlp_fn, mlp_params
 from torch import nn
 
 from fastmaml import reference as ref

@@ -7,8 +7,9 @@ adapted in the inner loop (no ANIL subset), the loss is ``"mse"`` or
 ``"cross_entropy"`` by name, and the data are ``[T, N, in]``. Within the route,
 ``maml_mlp`` runs its one-call fused kernel when a task's workspace fits the limits
 (``maml_mlp.fits_fused``) and its layer-wise path (a loop over steps, never over
-tasks) past them. Anything else takes the generic path (``fastmaml.generic``). Both
-give the reference's numbers; :func:`route` says which applies and why.
+tasks) past them. Anything else takes the generic path (:mod:`fastmaml.maml.adjoint`).
+Both give the reference's numbers; :func:`mlp_route` says which applies and why (the
+one router, :func:`fastmaml.maml.dispatch.route`, asks it first).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from fastmaml import _checks, _ext
-from fastmaml.ops import maml_mlp as _maml_mlp_op
+from fastmaml.ops import maml_mlp as _maml_mlp_op  # the public op (its helpers ride along on it)
 from fastmaml.ops.mlp import _DTYPE_CODE
 
 FUSED = "fused_mlp"
@@ -39,18 +40,57 @@ class MlpModel:
 
 
 def mlp_structure(model: object) -> tuple[MlpModel | None, str]:
-    """(structure, '') for a supported ``nn.Sequential`` MLP, else (None, why not)."""
+    """(structure, '') for a supported MLP — an ``nn.Sequential`` of ``nn.Linear`` (with
+    bias) alternating with one kind of activation (``nn.ReLU`` or ``nn.Tanh``) and ending
+    in ``nn.Linear`` — else (None, why not)."""
     if not isinstance(model, nn.Sequential):
         return None, f"the model is a {type(model).__name__}, not an nn.Sequential of nn.Linear and ReLU/Tanh"
-    parsed = _maml_mlp_op.mlp_structure(model)
-    if isinstance(parsed, str):
-        return None, parsed
-    dims, act = parsed
-    names = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
-    return MlpModel(tuple(f"{n}.weight" for n in names), tuple(f"{n}.bias" for n in names), tuple(dims), act), ""
+    named = list(model.named_children())
+    dims: list[int] = []
+    acts = set()
+    for i, (_, m) in enumerate(named):
+        if i % 2 == 0:
+            if not isinstance(m, nn.Linear):
+                return None, f"layer {i} is {type(m).__name__}, expected nn.Linear"
+            if m.bias is None:
+                return None, f"layer {i}: nn.Linear without bias is not supported by the fused path"
+            if not dims:
+                dims.append(m.in_features)
+            elif m.in_features != dims[-1]:
+                return None, f"layer {i} takes {m.in_features} inputs, previous layer gives {dims[-1]}"
+            dims.append(m.out_features)
+        elif isinstance(m, nn.ReLU):
+            acts.add("relu")
+        elif isinstance(m, nn.Tanh):
+            acts.add("tanh")
+        else:
+            return None, f"layer {i} is {type(m).__name__}, expected nn.ReLU or nn.Tanh"
+    if not named or not isinstance(named[-1][1], nn.Linear):
+        return None, "the model must end with nn.Linear"
+    if len(acts) > 1:
+        return None, "mixed activations (ReLU and Tanh) are not supported by the fused path"
+    names = [name for name, m in named if isinstance(m, nn.Linear)]
+    return MlpModel(tuple(f"{n}.weight" for n in names), tuple(f"{n}.bias" for n in names), tuple(dims),
+                    acts.pop() if acts else "relu"), ""
 
 
-def route(
+def linear_tensors(model: nn.Sequential) -> tuple[tuple, list, list]:
+    """(children, weights, biases) of a Sequential's ``nn.Linear`` layers, read straight
+    from the parameter dicts (``Module.__getattr__`` is a Python call per lookup; a
+    parametrized weight is not in the dict: attribute access)."""
+    mods = tuple(model._modules.values())
+    ws: list = []
+    bs: list = []
+    for m in mods:
+        if isinstance(m, nn.Linear):
+            d = m._parameters
+            w = d.get("weight")
+            ws.append(w if w is not None else m.weight)
+            bs.append(d["bias"] if "bias" in d else m.bias)
+    return mods, ws, bs
+
+
+def mlp_route(
     model: object,
     params: Mapping[str, torch.Tensor],
     adapted: Sequence[str],
@@ -58,14 +98,10 @@ def route(
     lr_learned: bool,
     n_msl: int,
     steps: int,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    xq: torch.Tensor,
-    backend: str,
+    data: tuple | None,
 ) -> tuple[str | None, str, MlpModel | None]:
-    """Which MLP route applies: (FUSED | LAYERWISE | None, reason, structure)."""
-    if backend == "reference":
-        return None, "backend='reference' requested", None
+    """Which MLP route applies: (FUSED | LAYERWISE | None, reason, structure).
+    ``data`` = (xs, ys, xq); None (before the first call): the route for data that fit."""
     st, why = mlp_structure(model)
     if st is None:
         return None, why, None
@@ -77,18 +113,27 @@ def route(
         return None, "only a subset of the parameters is adapted (ANIL); the fused MLP op adapts every tensor", None
     if not isinstance(loss, str) or loss not in ("mse", "cross_entropy"):
         return None, "a custom loss callable; the fused MLP op takes 'mse' or 'cross_entropy'", None
+    p0 = params[st.weight_names[0]]
+    dims = "-".join(map(str, st.dims))
+    if data is None:
+        if p0.dtype not in _checks.FLOAT_DTYPES:
+            return None, f"dtype {p0.dtype} of the parameters (the generic path reports it)", st
+        ok, why = _maml_mlp_op.fits_fused(list(st.dims), steps, 1, 1, dtype=p0.dtype, device=p0.device,
+                                          lr_learned=lr_learned, n_msl=n_msl)
+        if ok:  # with a point or two per task: the data's sizes are checked at the call
+            return FUSED, f"fused MLP kernel ({dims}, {st.activation}) for [T, N, in] data within its limits", st
+        return LAYERWISE, f"MLP {dims} past the fused limits ({why}): layer-wise MLP ops, loop over steps", st
+    xs, ys, xq = data
     if not (isinstance(xs, torch.Tensor) and isinstance(xq, torch.Tensor) and isinstance(ys, torch.Tensor)):
         return None, "inputs are not tensors", None
     want_y = 3 if loss == "mse" else 2
     if xs.dim() != 3 or xq.dim() != 3 or ys.dim() != want_y:
         return None, (f"data are not [T, N, in] with {'[T, N, out]' if loss == 'mse' else '[T, N] labels'} targets "
                       f"(xs {tuple(xs.shape)}, ys {tuple(ys.shape)})"), st
-    p0 = params[st.weight_names[0]]
     if p0.dtype not in _checks.FLOAT_DTYPES or xs.dtype != p0.dtype:
         return None, f"dtype {xs.dtype} of xs vs {p0.dtype} of the parameters (the generic path reports it)", st
     ok, why = _maml_mlp_op.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
                                       device=p0.device, lr_learned=lr_learned, n_msl=n_msl)
-    dims = "-".join(map(str, st.dims))
     if ok:
         return FUSED, f"fused MLP kernel ({dims}, {st.activation}): one call per meta-step; {why}", st
     return LAYERWISE, f"MLP {dims} past the fused limits ({why}): layer-wise MLP ops, loop over steps", st

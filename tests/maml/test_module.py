@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from maml_cases import F64, assert_close, conv_bn_net, meta_batch, one_thread
+from tests.maml.cases import F64, assert_close, conv_bn_net, meta_batch, one_thread
 from torch import nn
 
 import fastmaml
@@ -243,3 +243,31 @@ def test_meta_loss_under_no_grad_is_the_same_number():
     b = m(*data)
     assert not a.requires_grad and b.requires_grad
     assert_close("meta-loss", a, b.detach(), 1e-14)
+
+
+def test_every_knob_is_a_keyword_argument_and_a_settable_attribute():
+    """task_map, hvp, hvp_map, task_threads, graph_memory_mb and fused_batch_norm are
+    constructor keywords (checked there, naming the argument) and stay attributes the
+    next call reads; a non-default set of them gives the reference's numbers."""
+    torch.manual_seed(0)
+    model = conv_bn_net(True, ch=2, classes=3).double()
+    xs, xq = torch.randn(2, 3, 1, 8, 8, dtype=F64), torch.randn(2, 4, 1, 8, 8, dtype=F64)
+    ys, yq = torch.randint(0, 3, (2, 3)), torch.randint(0, 3, (2, 4))
+    knobs = dict(task_map="loop", hvp="rev_rev", hvp_map="vmap", task_threads=1, graph_memory_mb=0.0,
+                 fused_batch_norm=False)
+    m = fastmaml.MAML(model, inner_lr=0.05, inner_steps=2, loss="cross_entropy", **knobs)
+    assert {k: getattr(m, k) for k in knobs} == knobs
+    ref = fastmaml.MAML(model, inner_lr=0.05, inner_steps=2, loss="cross_entropy", backend="reference")
+    assert_close("meta-loss", m(xs, ys, xq, yq).detach(), ref(xs, ys, xq, yq).detach(), 1e-10)
+    assert "loop" in m.path_reason and "rev_rev" in m.path_reason
+    m.task_map, m.hvp = "vmap", "fwd_rev"  # settable: the next call takes them
+    assert_close("meta-loss", m(xs, ys, xq, yq).detach(), ref(xs, ys, xq, yq).detach(), 1e-10)
+    assert "vmap" in m.path_reason and "fwd_rev" in m.path_reason
+    for bad, err, msg in [(dict(task_map="grid"), ValueError, "task_map must be one of"),
+                          (dict(hvp="newton"), ValueError, "hvp must be one of"),
+                          (dict(hvp_map="grouped"), ValueError, "hvp_map must be one of"),
+                          (dict(task_threads=0), ValueError, "task_threads must be 'auto' or a positive int"),
+                          (dict(graph_memory_mb=-1), ValueError, "graph_memory_mb must be a finite number"),
+                          (dict(fused_batch_norm="yes"), TypeError, "fused_batch_norm must be a bool")]:
+        with pytest.raises(err, match=msg):
+            fastmaml.MAML(model, inner_lr=0.05, inner_steps=2, loss="cross_entropy", **bad)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import fastmaml
-from tests.maml_cases import assert_close, meta_batch
+from fastmaml.maml import mlp_path
+from tests.maml.cases import assert_close, meta_batch
 
 F64 = torch.float64
 
@@ -164,9 +165,10 @@ def test_other_models_take_the_generic_path_and_say_why(case, reason):
     loss = maml(*data)
     loss.backward()
     assert maml.path == "generic", (maml.path, maml.path_reason)
-    route = fastmaml.mlp_route.route(model, maml._params(), maml.adapt_names, maml.loss, False, 1, 2, data[0],
-                                     data[1], data[2], "auto")
+    route = mlp_path.mlp_route(model, maml._params(), maml.adapt_names, maml.loss, False, 1, 2,
+                               (data[0], data[1], data[2]))
     assert route[0] is None and reason in route[1], route[1]
+    assert reason in maml.path_reason, maml.path_reason  # the router's reason names why not the MLP op
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -185,7 +187,7 @@ def test_nonfinite_data_is_named_on_the_fused_path(dtype, bad, which):
     data[which] = data[which].transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous: torch reductions
     assert not data[which].is_contiguous()
     with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
-        fastmaml.mlp_route.finite_inputs(xs=data[0], ys=data[1], xq=data[2], yq=data[3])
+        mlp_path.finite_inputs(xs=data[0], ys=data[1], xq=data[2], yq=data[3])
 
 
 def test_first_nonfinite_cpu_returns_the_index_of_the_first_bad_tensor():
@@ -206,3 +208,92 @@ def test_first_nonfinite_cpu_returns_the_index_of_the_first_bad_tensor():
         C.first_nonfinite_cpu(0, [ts[0].data_ptr()], [])
     with pytest.raises(ValueError, match="dtype code"):
         C.first_nonfinite_cpu(2, [ts[0].data_ptr()], [5])
+
+
+# --- one router for both front ends --------------------------------------------------
+def _bench_model(family):
+    from fastmaml.bench.configs import FAMILIES, build_model
+
+    return build_model(family), FAMILIES[family]
+
+
+def _front_end_cases():
+    """(id, model, data, loss, expected path, expected task map) for the benchmark
+    models (tiny meta-batches; the points keep their real shapes) and a few others."""
+    def labels(T, n, c):
+        return torch.randint(0, c, (T, n))
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for family in ("sinusoid", "wide_mlp", "omniglot", "miniimagenet"):
+        model, fam = _bench_model(family)
+        T, ns, nq = 2, 2, 3
+        xs = torch.randn(T, ns, *fam.input_shape, generator=g)
+        xq = torch.randn(T, nq, *fam.input_shape, generator=g)
+        if fam.loss == "mse":
+            ys, yq = torch.randn(T, ns, fam.n_way, generator=g), torch.randn(T, nq, fam.n_way, generator=g)
+        else:
+            ys, yq = labels(T, ns, fam.n_way), labels(T, nq, fam.n_way)
+        mlp_fam = fam.mlp_widths is not None
+        want = {"sinusoid": "fused_mlp", "wide_mlp": "mlp_layerwise"}.get(family, "generic")  # as benchmarked
+        cases.append((family, model, (xs, ys, xq, yq), fam.loss, want, "" if mlp_fam else "loop"))
+    torch.manual_seed(1)
+    tanh = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    d = meta_batch(2, 4, 5, 3, 2, dtype=torch.float32)
+    cases.append(("tanh_mlp", tanh, d, "mse", "fused_mlp", ""))
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    xs, xq = torch.randn(2, 3, 1, 6, 6, generator=g), torch.randn(2, 4, 1, 6, 6, generator=g)
+    cases.append(("conv_no_bn", conv, (xs, labels(2, 3, 3), xq, labels(2, 4, 3)), "cross_entropy", "generic",
+                  "loop"))
+    wide = nn.Sequential(nn.Linear(3, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 2))
+    cases.append(("too_wide_mlp", wide, meta_batch(2, 4, 5, 3, 2, dtype=torch.float32), "mse", "mlp_layerwise", ""))
+    flat_img = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3))
+    cases.append(("mlp_on_images", flat_img, (xs, labels(2, 3, 3), xq, labels(2, 4, 3)), "cross_entropy",
+                  "generic", "vmap"))
+    return cases
+
+
+_CASES = _front_end_cases()
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
+def test_module_and_functional_take_the_same_path(monkeypatch, case):
+    """MAML(model) and maml_loss(model, ...) both ask the one router and get the same
+    answer for the same model and data (4-conv nets on images: the per-task loop; MLPs:
+    the fused MLP op)."""
+    from fastmaml.maml import dispatch
+
+    _, model, data, loss, want_path, want_map = case
+    seen = []
+    real = dispatch.route
+
+    def spy(m, *a, **kw):
+        r = real(m, *a, **kw)
+        if kw.get("data") is not None:
+            seen.append((m, r))
+        return r
+
+    monkeypatch.setattr(dispatch, "route", spy)
+    with torch.no_grad():
+        maml = fastmaml.MAML(model, inner_lr=0.1, inner_steps=1, loss=loss)
+        maml(*data)
+        assert len(seen) == 1 and seen[0][0] is model
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        fastmaml.maml_loss(model, params, 0.1, *data, steps=1, loss=loss)
+    assert len(seen) == 2 and seen[1][0] is model
+    (_, a), (_, b) = seen
+    assert (a.path, a.task_map, a.reason) == (b.path, b.task_map, b.reason)
+    assert a.path == want_path and a.task_map == want_map, a.reason
+    assert maml.path == a.path and maml.path_reason == a.reason
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
+def test_path_before_the_first_call_is_the_path_for_fitting_data(case):
+    _, model, data, loss, want_path, _ = case
+    maml = fastmaml.MAML(model, inner_lr=0.1, inner_steps=1, loss=loss)
+    before = maml.path
+    assert "provisional" in maml.path_reason, maml.path_reason
+    with torch.no_grad():
+        maml(*data)
+    assert maml.path == before == want_path, (before, maml.path, maml.path_reason)
+    assert "provisional" not in maml.path_reason

@@ -1,5 +1,6 @@
-"""What the reference and the fast MAML paths share: the meta-batch and argument
-checks, the loss by name, and the inner learning rate in each of its granularities.
+"""The meta-learning problem, checked: what the reference and the fast MAML paths
+share — the meta-batch and argument checks, the loss by name, the multi-step-loss
+weights and the inner learning rate in each of its granularities.
 
 Nothing here computes a meta-gradient; it turns user arguments into a checked,
 normalised description (`MetaProblem`) that both paths read the same way, so they
@@ -20,16 +21,6 @@ from fastmaml import _checks
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PureFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 LOSS_NAMES = ("mse", "cross_entropy")
-
-# The granularities of the inner learning rate α (DESIGN.md §1).
-#   fixed          a Python float, not learned
-#   scalar         a 0-d tensor (learned when it requires grad)
-#   per_tensor     [n_adapted]: one rate per adapted tensor, all steps
-#   per_step_layer [K, n_adapted]: MAML++ LSLR
-#   per_element    one tensor per adapted tensor, [*shape_i] (Meta-SGD)
-#   per_step_element one tensor per adapted tensor, [K, *shape_i]
-LR_KINDS = ("fixed", "scalar", "per_tensor", "per_step_layer", "per_element", "per_step_element")
-
 
 def mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean over points and output features (as ``F.mse_loss``, reduction='mean').
@@ -62,19 +53,16 @@ def resolve_loss(loss: object) -> tuple[str, LossFn]:
 
 @dataclass
 class LRSpec:
-    """The inner learning rate, normalised. ``tensors`` are the (possibly learned)
+    """The inner learning rate α, normalised (docs/DESIGN.md §1). ``kind`` is its
+    granularity: 'fixed' (a Python float, not learned), 'scalar' (a 0-d tensor),
+    'per_tensor' ([n_adapted]), 'per_step_layer' ([K, n_adapted], MAML++ LSLR),
+    'per_element' (one [*shape_i] tensor per adapted tensor, Meta-SGD) or
+    'per_step_element' (one [K, *shape_i] each). ``tensors`` are the (possibly learned)
     tensors in the user's order; ``value`` is the float when kind == 'fixed'."""
 
     kind: str
     tensors: list[torch.Tensor]
     value: float = 0.0
-
-    @property
-    def per_step(self) -> bool:
-        return self.kind in ("per_step_layer", "per_step_element")
-
-    def requires_grad(self) -> bool:
-        return any(t.requires_grad for t in self.tensors)
 
     # --- views of α at step k ---------------------------------------------------------
     def rate(self, k: int, i: int, tensors: Sequence[torch.Tensor] | None = None) -> float | torch.Tensor:

@@ -140,3 +140,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def conv_case(seed=3, T=4, K=3):
+    """A small 4-conv BatchNorm network (float64) and a cross-entropy meta-batch of 8x8 images."""
+    torch.manual_seed(seed)
+    model = conv_bn_net(True).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    data = (torch.randn(T, 3, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 3), generator=g),
+            torch.randn(T, 4, 1, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (T, 4), generator=g))
+    return model, data

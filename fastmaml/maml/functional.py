@@ -1,0 +1,203 @@
+"""The functional MAML API: ``maml_loss`` (the meta-loss), ``adapt`` (per-task adapted
+parameters) and ``predict`` (their predictions), for a pure function ``fn(params, x)``
+or an ``nn.Module``. Every call asks the one router (:func:`fastmaml.maml.dispatch.route`)
+which path runs it, as the ``MAML`` module does.
+
+The meta-loss is once-differentiable on the fast paths: its backward is the adjoint
+recursion (docs/DESIGN.md §1) run without a graph, so ``loss.backward()`` works but
+differentiating the meta-gradient again raises a RuntimeError. Use
+``backend="reference"`` for higher derivatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fastmaml.reference import maml as ref
+from fastmaml.maml import dispatch, mlp_path
+from fastmaml.maml.adjoint import MetaStep, inner_update
+from fastmaml.maml.hvp import choose_hvp
+from fastmaml.maml.plan import Plan
+from fastmaml.maml.problem import PureFn, check_problem, resolve_msl
+from fastmaml.maml.tasks import choose_workers, map_tasks
+
+MAML_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+GRAPH_MEMORY_MB = dispatch.GRAPH_MEMORY_MB
+
+
+def check_backend(backend: object) -> str:
+    if not isinstance(backend, str) or backend not in MAML_BACKENDS:
+        raise ValueError(f"backend must be one of {MAML_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def lr_learned(lrs: object) -> bool:
+    """Whether any learning-rate tensor requires grad."""
+    if isinstance(lrs, torch.Tensor):
+        return lrs.requires_grad
+    if isinstance(lrs, Mapping):
+        lrs = list(lrs.values())
+    if isinstance(lrs, (list, tuple)):
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in lrs)
+    return False
+
+
+def n_msl(msl_weights: Sequence[float] | None) -> int:
+    """How many query losses the meta-loss sums (non-zero MSL weights; 1 for plain MAML)."""
+    return 1 if msl_weights is None else sum(1 for w in msl_weights if w != 0.0)
+
+
+def as_fn(model: nn.Module) -> PureFn:
+    def fn(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(p), (x,))
+
+    return fn
+
+
+def maml_loss(
+    fn: PureFn | nn.Module,
+    params: Mapping[str, torch.Tensor],
+    lrs: object,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    *,
+    steps: int,
+    first_order: bool = False,
+    loss: object = "mse",
+    msl_weights: object = None,
+    adapt: Sequence[str] | None = None,
+    backend: str = "auto",
+    task_map: str = "auto",
+    hvp: str = "auto",
+    hvp_map: str = "auto",
+    task_threads: int | str = "auto",
+    graph_memory_mb: float = GRAPH_MEMORY_MB,
+    fused_batch_norm: bool = True,
+) -> torch.Tensor:
+    """Meta-loss M = (1/T) Σ_t Σ_k w_k Lq(θ_{t,k}) of a pure function ``fn(params, x)``.
+
+    ``fn`` may also be an ``nn.Module`` (called as ``functional_call(fn, params, (x,))``):
+    then an ``nn.Sequential`` MLP of Linear and ReLU/Tanh takes the fused MLP op by
+    itself (see :mod:`fastmaml.maml.mlp_path`), like ``fastmaml.MAML`` does.
+
+    params: dict name -> tensor θ (float32/float64), shared by the tasks.
+    lrs: float (fixed) | 0-d tensor (scalar, learned if it requires grad) |
+        [n_adapted] | [K, n_adapted] (MAML++ LSLR) | list/dict of per-element tensors
+        [*shape_i] or [K, *shape_i] (Meta-SGD), ordered like the adapted tensors.
+    xs [T, Ns, ...], ys [T, Ns, ...] (float for 'mse', int64 for 'cross_entropy'),
+    xq [T, Nq, ...], yq [T, Nq, ...].
+    steps: K; first_order; loss: 'mse' | 'cross_entropy' | loss(pred, y); msl_weights:
+    [K] or None; adapt: names adapted in the inner loop (None: all).
+    backend: 'reference' (unrolled autograd, ground truth) or 'auto'/'cpu'/'cuda'/
+    'triton' (fast paths; the name picks the ops' backend).
+    The generic path's knobs (``MAML`` documents each): task_map, hvp, hvp_map,
+    task_threads, graph_memory_mb, fused_batch_norm.
+    Returns a 0-d tensor; once-differentiable on the fast paths.
+    """
+    backend = check_backend(backend)
+    module = fn if isinstance(fn, nn.Module) else None
+    call = as_fn(module) if module is not None else fn
+    if not isinstance(params, Mapping):
+        check_problem(call, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,
+                      msl_weights=msl_weights, adapt=adapt)  # raises: params must be a dict
+    r = route_call(fn, params, lrs, (xs, ys, xq), steps=steps, loss=loss, msl_weights=msl_weights, adapt=adapt,
+                   backend=backend, task_map=task_map, hvp=hvp)
+    if r.mlp is not None:
+        st = r.mlp
+        msl = mlp_path.msl_tensor(resolve_msl(msl_weights, steps) if msl_weights is not None else None,
+                                  params[st.weight_names[0]])
+        return mlp_path.run(st, [params[n] for n in st.weight_names], [params[n] for n in st.bias_names], lrs,
+                            xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,  # type: ignore[arg-type]
+                            msl_weights=msl, backend=backend)
+    return run_generic(r, call, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,
+                       msl_weights=msl_weights, adapt=adapt, backend=backend, hvp=hvp, hvp_map=hvp_map,
+                       task_threads=task_threads, graph_memory_mb=graph_memory_mb, fused_batch_norm=fused_batch_norm)
+
+
+def run_generic(r: dispatch.Route, fn: PureFn, params: Mapping[str, torch.Tensor], lrs: object, xs: torch.Tensor,
+                ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor, *, steps: int, first_order: bool, loss: object,
+                msl_weights: object, adapt: Sequence[str] | None, backend: str, hvp: str, hvp_map: str,
+                task_threads: int | str, graph_memory_mb: float, fused_batch_norm: bool) -> torch.Tensor:
+    """The meta-loss on route ``r``'s reference or generic path (``fn`` a pure function)."""
+    kw = dict(steps=steps, first_order=first_order, loss=loss, msl_weights=msl_weights, adapt=adapt)
+    if r.path == "reference":
+        return ref.maml_loss(fn, params, lrs, xs, ys, xq, yq, **kw)  # type: ignore[arg-type]
+    prob = check_problem(fn, params, lrs, xs, ys, xq, yq, **kw)
+    tm = r.task_map
+    plan = Plan(fn=fn, prob=prob, task_map=tm, hvp=choose_hvp(hvp), sgd_backend=_sgd_backend(backend),
+                grad_enabled=torch.is_grad_enabled(), hvp_map=dispatch.choose_hvp_map(hvp_map, tm, xs),
+                workers=choose_workers(task_threads, tm, fn, xs, xq),
+                graph_budget=dispatch.graph_budget(graph_memory_mb),
+                fused_bn=dispatch.choose_fused_bn(fused_batch_norm, tm, xs))
+    flat = [params[n] for n in prob.adapted] + [params[n] for n in prob.fixed] + list(prob.lr.tensors)
+    return MetaStep.apply(plan, *flat, xs, ys, xq, yq)
+
+
+def route_call(fn: object, params: Mapping[str, torch.Tensor], lrs: object, data: tuple | None, *, steps: object,
+               loss: object, msl_weights: object, adapt: Sequence[str] | None, backend: str, task_map: str = "auto",
+               hvp: str = "auto", key: tuple | None = None) -> dispatch.Route:
+    """:func:`fastmaml.maml.dispatch.route` for a call's arguments (the lr and MSL in
+    the form the router reads; ill-formed ones are left to the checks)."""
+    valid_k = isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
+    msl = resolve_msl(msl_weights, steps) if (msl_weights is not None and valid_k) else None  # type: ignore[arg-type]
+    adapted = list(params) if adapt is None else list(adapt) if isinstance(adapt, (list, tuple, set, frozenset)) else []
+    return dispatch.route(fn, params, adapted, loss=loss, lr_learned=lr_learned(lrs) and torch.is_grad_enabled(),
+                          n_msl=n_msl(msl), steps=steps, data=data, backend=backend, task_map=task_map, hvp=hvp,
+                          key=key)
+
+
+def _sgd_backend(backend: str | None) -> str | None:
+    return None if backend in (None, "auto") else backend
+
+
+def adapt(
+    fn: PureFn | nn.Module,
+    params: Mapping[str, torch.Tensor],
+    lrs: object,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    steps: int,
+    loss: object = "mse",
+    adapt: Sequence[str] | None = None,
+    backend: str = "auto",
+    task_map: str = "auto",
+    task_threads: int | str = "auto",
+    fused_batch_norm: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per-task adapted parameters θ_{t,steps} (no graph), dict name -> [T, *shape];
+    tensors not adapted are expanded views of θ."""
+    module = fn if isinstance(fn, nn.Module) else None
+    call = as_fn(module) if module is not None else fn
+    if check_backend(backend) == "reference":
+        return ref.adapt(call, params, lrs, xs, ys, steps=steps, loss=loss, adapt=adapt)  # type: ignore[arg-type]
+    prob = check_problem(call, params, lrs, xs, ys, xs, ys, steps=steps, first_order=True, loss=loss,
+                         msl_weights=None, adapt=adapt)
+    tm = dispatch.choose_task_map(task_map, module, xs, xs.device)
+    plan = Plan(fn=call, prob=prob, task_map=tm, sgd_backend=_sgd_backend(backend),
+                workers=choose_workers(task_threads, tm, call, xs),
+                fused_bn=dispatch.choose_fused_bn(fused_batch_norm, tm, xs))
+    with torch.no_grad():
+        pa = tuple(params[n].detach() for n in prob.adapted)
+        phi = tuple(params[n].detach() for n in prob.fixed)
+        lr_t = [t.detach() for t in prob.lr.tensors]
+        for k in range(prob.steps):
+            g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
+            pa = inner_update(pa, g, prob.lr.sgd_lr(k, lr_t), plan.sgd_backend)
+    out = dict(zip(prob.adapted, pa))
+    out.update({n: p.expand(prob.T, *p.shape) for n, p in zip(prob.fixed, phi)})
+    return {n: out[n] for n in prob.names}
+
+
+def predict(fn: PureFn | nn.Module, fast: Mapping[str, torch.Tensor], xq: torch.Tensor, task_map: str = "auto",
+            task_threads: int | str = "auto") -> torch.Tensor:
+    """fn(fast_t, xq_t) for every task t: fast holds [T, *shape] tensors, xq [T, N, ...]."""
+    module = fn if isinstance(fn, nn.Module) else None
+    call = as_fn(module) if module is not None else fn
+    tm = dispatch.choose_task_map(task_map, module, xq, xq.device)
+    return map_tasks(lambda p, x: call(p, x), (0, 0), tm, choose_workers(task_threads, tm, call, xq))(dict(fast), xq)

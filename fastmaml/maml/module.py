@@ -1,0 +1,287 @@
+"""The ``MAML`` module: MAML and its relatives around any ``nn.Module`` that is a
+function of its parameters. It holds the model, the inner learning rates (as
+parameters when learned) and the knobs; which path runs a call is the router's
+answer (:func:`fastmaml.maml.dispatch.route`), the same one ``maml_loss`` gets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fastmaml import _checks
+from fastmaml.maml import dispatch, functional, mlp_path
+from fastmaml.maml.hvp import HVPS
+from fastmaml.maml.problem import resolve_loss, resolve_msl
+from fastmaml.maml.tasks import TASK_MAPS, module_fn
+
+LR_MODES = ("scalar", "per_step_layer", "per_element", "per_step_element")
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise ValueError for model states the meta-step cannot handle: BatchNorm that
+    would update running statistics (training mode with track_running_stats=True) and
+    active dropout (random masks differ between the inner loop, the query loss and the
+    backward's recomputation)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            raise ValueError(
+                f"BatchNorm layer {name!r} is in training mode with track_running_stats=True: it would update "
+                "its running statistics (buffers) in place inside the inner loop. Build it with "
+                "track_running_stats=False (batch statistics, as the original MAML code), or call "
+                "model.eval() to use its fixed running statistics."
+            )
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(
+                f"Dropout layer {name!r} is active (training mode, p={m.p}): its random masks would differ "
+                "between the inner steps, the query loss and the backward pass. Call model.eval() on the "
+                "dropout layers or use p=0."
+            )
+
+
+def check_knobs(task_map: object, hvp: object, hvp_map: object, task_threads: object, graph_memory_mb: object,
+                fused_batch_norm: object) -> None:
+    for name, v, allowed in (("task_map", task_map, TASK_MAPS), ("hvp", hvp, HVPS), ("hvp_map", hvp_map, TASK_MAPS)):
+        if not isinstance(v, str) or v not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {v!r}")
+    if task_threads != "auto" and (isinstance(task_threads, bool) or not isinstance(task_threads, int)
+                                   or task_threads < 1):
+        raise ValueError(f"task_threads must be 'auto' or a positive int, got {task_threads!r}")
+    dispatch.graph_budget(graph_memory_mb)  # type: ignore[arg-type]
+    if not isinstance(fused_batch_norm, bool):
+        raise TypeError(f"fused_batch_norm must be a bool, got {type(fused_batch_norm).__name__}")
+
+
+def adapted_names(model: nn.Module, adapt: Sequence[str] | None) -> list[str]:
+    """The names adapted in the inner loop (all trainable parameters when None)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise ValueError("model has no trainable parameters (requires_grad=True)")
+    if adapt is None:
+        return names
+    if isinstance(adapt, str):
+        raise TypeError("adapt must be a list of parameter names, not a string")
+    unknown = [a for a in adapt if a not in names]
+    if unknown:
+        raise ValueError(f"adapt names unknown or frozen parameters {unknown}; trainable parameters: {names}")
+    if not list(adapt):
+        raise ValueError("adapt must name at least one parameter")
+    return [n for n in names if n in set(adapt)]
+
+
+def make_lrs(model: nn.Module, names: list[str], lr_mode: str, inner_lr: float, steps: int,
+             learn_lr: bool) -> nn.ParameterList:
+    """The inner learning rates of ``lr_mode`` as parameters (frozen unless learned)."""
+    params = dict(model.named_parameters())
+    p0 = params[names[0]]
+    kw = dict(dtype=p0.dtype, device=p0.device)
+    shapes = [params[n].shape for n in names]
+    if lr_mode == "scalar":
+        lrs = [torch.tensor(inner_lr, **kw)] if learn_lr else []  # type: ignore[arg-type]
+    elif lr_mode == "per_step_layer":
+        lrs = [torch.full((steps, len(names)), inner_lr, **kw)]  # type: ignore[arg-type]
+    elif lr_mode == "per_element":
+        lrs = [torch.full(s, inner_lr, **kw) for s in shapes]  # type: ignore[arg-type]
+    else:
+        lrs = [torch.full((steps, *s), inner_lr, **kw) for s in shapes]  # type: ignore[arg-type]
+    return nn.ParameterList([nn.Parameter(t, requires_grad=learn_lr) for t in lrs])
+
+
+def check_args(inner_steps: object, first_order: object, lr_mode: object, learn_lr: object, inner_lr: object,
+               loss: object) -> None:
+    _checks.positive_int("inner_steps", inner_steps)
+    for name, v in (("first_order", first_order), ("learn_lr", learn_lr)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    if lr_mode not in LR_MODES:
+        raise ValueError(f"lr_mode must be one of {LR_MODES}, got {lr_mode!r}")
+    if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not math.isfinite(inner_lr):
+        raise ValueError(f"inner_lr must be a finite float, got {inner_lr!r}")
+    resolve_loss(loss)
+
+
+def check_fast(fast: object, xq: object) -> None:
+    if not isinstance(fast, Mapping):
+        raise TypeError(f"fast must be the dict returned by adapt(), got {type(fast).__name__}")
+    _checks.tensor("xq", xq)
+    assert isinstance(xq, torch.Tensor)
+    if xq.dim() < 2:
+        raise ValueError(f"xq must be [T, N, ...], got shape {tuple(xq.shape)}")
+    for n, p in fast.items():
+        if p.dim() == 0 or p.shape[0] != xq.shape[0]:
+            raise ValueError(f"fast[{n!r}] must be [T={xq.shape[0]}, ...] like xq, got shape {tuple(p.shape)}")
+
+
+def route_key(m: MAML, data: tuple | None) -> tuple[tuple | None, list, list]:
+    """(cache key, Linear weights, biases) of a call of ``m``: for an ``nn.Sequential``
+    everything the route depends on, with the Linear weights read without walking the
+    module tree (a few µs per call); (None, [], []) otherwise (not cached)."""
+    model, d = m._modules["model"], m.__dict__  # past nn.Module.__getattr__ (a Python call per lookup)
+    if not (isinstance(model, nn.Sequential) and data is not None and all(isinstance(t, torch.Tensor) for t in data)):
+        return None, [], []
+    mods, ws, bs = mlp_path.linear_tensors(model)
+    knobs = (d["backend"], d["task_map"], d["hvp"])
+    if not all(isinstance(v, str) for v in knobs):
+        return None, ws, bs  # not cached (ill-typed knobs: the router reports them)
+    w0 = ws[0] if ws else None
+    xs, ys, xq = data
+    loss, msl = d["loss"], d["msl_weights"]
+    key = (mods, tuple(w.requires_grad for w in ws) + tuple(b is not None and b.requires_grad for b in bs),
+           xs.shape, ys.shape, xq.shape, xs.dtype, xs.device, None if w0 is None else (w0.dtype, w0.device),
+           torch.is_grad_enabled(), tuple(p.requires_grad for p in m._modules["lrs"]._parameters.values()),
+           loss if isinstance(loss, str) else "callable", knobs, d["inner_steps"], tuple(d["adapt_names"]),
+           None if msl is None else tuple(msl))
+    return key, ws, bs
+
+
+class MAML(nn.Module):
+    """MAML and its relatives (FOMAML, MAML++ LSLR and MSL, Meta-SGD, ANIL) around any
+    ``nn.Module`` that is a function of its parameters (Linear, Conv, BatchNorm with batch
+    statistics, activations, pooling).
+
+    Args:
+        model: the network; its trainable parameters are θ. BatchNorm must use batch
+            statistics (``track_running_stats=False``) or be in eval mode; dropout
+            must be off (eval mode or p=0): see ``check_model``.
+        inner_lr: initial/fixed inner learning rate α.
+        inner_steps: K ≥ 1.
+        first_order: first-order MAML (inner gradients treated as constants).
+        lr_mode: 'scalar' (one α), 'per_step_layer' (MAML++ LSLR, [K, n_adapted]),
+            'per_element' (Meta-SGD, one tensor per adapted parameter) or
+            'per_step_element' ([K, *shape] per adapted parameter).
+        learn_lr: make the rates ``nn.Parameter``s with requires_grad (in ``self.lrs``)
+            so any optimizer over ``self.parameters()`` trains them; for non-scalar
+            modes without learn_lr they are frozen parameters.
+        loss: 'mse' | 'cross_entropy' | callable loss(pred, y) -> scalar.
+        adapt: names (as in ``model.named_parameters()``) adapted in the inner loop;
+            None = all trainable parameters (ANIL: the head only).
+        msl_weights: MAML++ multi-step-loss weights [K], None = plain MAML.
+        backend: 'auto' | 'reference' (unrolled autograd) | 'cpu' | 'cuda' | 'triton'.
+        task_map: how the generic path maps its tasks: 'vmap', 'loop' (one task after
+            another, or on worker threads) or 'auto' (the loop on CPU for models with a
+            convolution, vmap otherwise).
+        hvp: how per-task Hessian-vector products are taken: 'autograd' (plain
+            autograd; 'auto' = it), 'rev_rev' (torch.func vjp of grad) or 'fwd_rev'
+            (torch.func jvp of grad).
+        hvp_map: the task map of the backward's HVPs only: 'vmap' | 'loop' | 'auto'
+            (the task map, except vmapped HVPs for the loop over small image support sets).
+        task_threads: how many tasks the CPU per-task loop runs at once: 'auto' (on
+            CPU with small per-task inputs, as many as torch's intra-op threads) or an int.
+        graph_memory_mb: memory (MiB) the support graphs of the steps before the last
+            may keep for the backward (per-task loop; 0: recompute them, least memory).
+        fused_batch_norm: in the CPU per-task loop, run batch-statistics BatchNorm by
+            fastmaml's fused kernels (closed-form double backward); False: PyTorch's.
+
+    Every argument stays a settable attribute of the same name (``inner_steps``,
+    ``adapt_names``, ``msl_weights``: resolved forms). ``self(xs, ys, xq, yq)`` returns the
+    meta-loss (0-d) of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq;
+    ``.backward()`` on it fills ``.grad`` of θ and of learned rates; it is
+    once-differentiable on the fast paths. ``self.path`` ('fused_mlp' | 'mlp_layerwise'
+    | 'generic' | 'reference') and ``self.path_reason`` say which implementation runs
+    and why: before the first call, the path for data that fit (``path_reason`` says it
+    is provisional); after a call, the path that ran.
+
+    Example::
+
+        net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+        maml = fastmaml.MAML(net, inner_lr=0.01, inner_steps=5, lr_mode="per_step_layer", learn_lr=True)
+        opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+        for xs, ys, xq, yq in tasks:        # [T, N, 1] each
+            opt.zero_grad()
+            maml(xs, ys, xq, yq).backward()
+            opt.step()
+        fast = maml.adapt(xs, ys)           # per-task adapted parameters
+        pred = maml.predict(fast, xq)
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, first_order: bool = False,
+                 lr_mode: str = "scalar", learn_lr: bool = False, loss: object = "mse",
+                 adapt: Sequence[str] | None = None, msl_weights: object = None, backend: str = "auto", *,
+                 task_map: str = "auto", hvp: str = "auto", hvp_map: str = "auto", task_threads: int | str = "auto",
+                 graph_memory_mb: float = dispatch.GRAPH_MEMORY_MB, fused_batch_norm: bool = True) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_args(inner_steps, first_order, lr_mode, learn_lr, inner_lr, loss)
+        check_knobs(task_map, hvp, hvp_map, task_threads, graph_memory_mb, fused_batch_norm)
+        self.model, self.inner_steps, self.first_order, self.lr_mode = model, inner_steps, first_order, lr_mode
+        self.learn_lr, self.inner_lr, self.loss = learn_lr, float(inner_lr), loss
+        self.backend = functional.check_backend(backend)
+        self.msl_weights = None if msl_weights is None else resolve_msl(msl_weights, inner_steps)
+        self.adapt_names = adapted_names(model, adapt)
+        self.lrs = make_lrs(model, self.adapt_names, lr_mode, self.inner_lr, inner_steps, learn_lr)
+        self.task_map, self.hvp, self.hvp_map, self.task_threads = task_map, hvp, hvp_map, task_threads
+        self.graph_memory_mb, self.fused_batch_norm = graph_memory_mb, fused_batch_norm
+        self.check_model()
+        self._msl_tensor: torch.Tensor | None = None
+        r = self._route(None)[0]
+        self.path, self.path_reason = r.path, r.reason
+
+    def check_model(self) -> None:
+        check_model(self.model)
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _lrs_arg(self) -> object:
+        if self.lr_mode == "scalar":
+            return self.lrs[0] if self.learn_lr else self.inner_lr
+        return self.lrs[0] if self.lr_mode == "per_step_layer" else list(self.lrs)
+
+    def _route(self, data: tuple | None) -> tuple[dispatch.Route, list, list]:
+        key, ws, bs = route_key(self, data)
+        r = functional.route_call(self.model, self._params, self._lrs_arg(), data, steps=self.inner_steps,
+                                  loss=self.loss, msl_weights=self.msl_weights, adapt=self.adapt_names,
+                                  backend=self.backend, task_map=self.task_map, hvp=self.hvp, key=key)
+        return r, ws, bs
+
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+        """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d)."""
+        r, ws, bs = self._route((xs, ys, xq))
+        if self.path is not r.path or self.path_reason is not r.reason:  # nn.Module.__setattr__ is slow
+            self.path, self.path_reason = r.path, r.reason
+        if r.mlp is not None:
+            msl = self._msl_tensor
+            if self.msl_weights is not None and (msl is None or msl.dtype != ws[0].dtype or msl.device != ws[0].device
+                                                 or msl.numel() != len(self.msl_weights)):
+                msl = self._msl_tensor = mlp_path.msl_tensor(self.msl_weights, ws[0])
+            return mlp_path.run(r.mlp, ws, bs, self._lrs_arg(), xs, ys, xq, yq, steps=self.inner_steps,
+                                first_order=self.first_order, loss=self.loss, msl_weights=msl,  # type: ignore[arg-type]
+                                backend=self.backend)
+        self.check_model()
+        versions = [b._version for b in self.model.buffers()]
+        out = functional.run_generic(
+            r, module_fn(self.model), self._params(), self._lrs_arg(), xs, ys, xq, yq, steps=self.inner_steps,
+            first_order=self.first_order, loss=self.loss, msl_weights=self.msl_weights, adapt=self.adapt_names,
+            backend=self.backend, hvp=self.hvp, hvp_map=self.hvp_map, task_threads=self.task_threads,
+            graph_memory_mb=self.graph_memory_mb, fused_batch_norm=self.fused_batch_norm)
+        if [b._version for b in self.model.buffers()] != versions:
+            raise RuntimeError("the model modified one of its buffers in place during forward; MAML needs a model "
+                               "whose forward is a pure function of its parameters and inputs")
+        return out
+
+    def adapt(self, xs: torch.Tensor, ys: torch.Tensor, steps: int | None = None) -> dict[str, torch.Tensor]:
+        """Per-task adapted parameters after ``steps`` (default K) inner steps on the
+        support sets xs [T, N, ...], ys: dict name -> [T, *shape], detached (for
+        evaluation). Per-step learning rates allow only steps == K."""
+        self.check_model()
+        steps = self.inner_steps if steps is None else _checks.positive_int("steps", steps)
+        if self.lr_mode in ("per_step_layer", "per_step_element") and steps != self.inner_steps:
+            raise ValueError(f"lr_mode={self.lr_mode!r} defines rates for {self.inner_steps} steps only; got steps={steps}")
+        return functional.adapt(module_fn(self.model), self._params(), self._lrs_arg(), xs, ys, steps=steps, loss=self.loss,
+                                adapt=self.adapt_names, backend=self.backend, task_map=self._task_map(xs),
+                                task_threads=self.task_threads, fused_batch_norm=self.fused_batch_norm)
+
+    def predict(self, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
+        """Predictions of each task's adapted parameters ``fast`` (from ``adapt``) on
+        xq [T, N, ...]: [T, N, ...]."""
+        check_fast(fast, xq)
+        return functional.predict(module_fn(self.model), fast, xq, task_map=self._task_map(xq),
+                                  task_threads=self.task_threads)
+
+    def _task_map(self, x: object) -> str:
+        device = next(iter(self._params().values())).device
+        return dispatch.choose_task_map(self.task_map, self.model, x if isinstance(x, torch.Tensor) else None, device)
