@@ -426,6 +426,9 @@ class _MamlMlp(torch.autograd.Function):
         ctx.flat_shapes = cfg.shapes
         ctx.lr_shapes = [t.shape for t in inputs[1 + 2 * cfg.L:]] if cfg.n_lr_tensors else []
         ctx.used = False
+        # autograd's contract: a second backward without retain_graph raises, and so does
+        # an input modified in place since the forward (version counters)
+        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
     def backward(ctx, gloss):
@@ -435,6 +438,7 @@ class _MamlMlp(torch.autograd.Function):
             raise RuntimeError(
                 "maml_mlp is once-differentiable: its backward is the fused adjoint recursion, not a graph, "
                 "so double backward (create_graph=True through maml_mlp) is not supported")
+        ctx.saved_tensors  # noqa: B018 - raises after a freed graph or an in-place edit of an input
         cfg = ctx.cfg
         grads = ctx.grads
         if grads is None:

@@ -85,7 +85,6 @@ def run(maml: fastmaml.MAML, data, path: str | None = None):
     return loss.detach(), grads, [v.detach() for v in fast.values()]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 case 7: strided inputs refused on the MLP route before the fix")
 @given(seed=seeds(), T=st.integers(1, 3), Ns=st.integers(1, 5), Nq=st.integers(1, 5), K=st.integers(1, 3),
        dims=st.lists(st.integers(1, 8), min_size=2, max_size=4), act=st.sampled_from(["relu", "tanh"]),
        loss=st.sampled_from(["mse", "cross_entropy"]), dtype=DTYPES, first_order=st.booleans(),

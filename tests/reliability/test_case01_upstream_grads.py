@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastmaml
-from reliab_paths import F64, FAST_PATHS, XFAIL, assert_grads_equal, build, check_path, grads, reference_twin
+from reliab_paths import F64, FAST_PATHS, assert_grads_equal, build, check_path, grads, reference_twin
 
 
 def _encoder(image: bool) -> nn.Module:
@@ -17,7 +17,6 @@ def _encoder(image: bool) -> nn.Module:
     return (nn.Conv2d(1, 1, 1) if image else nn.Linear(1, 1)).to(F64)
 
 
-@XFAIL
 @pytest.mark.parametrize("path", FAST_PATHS)
 def test_encoder_in_front_of_maml_gets_the_reference_gradient(path):
     m, (xs, ys, xq, yq), expected = build(path)
@@ -34,7 +33,6 @@ def test_encoder_in_front_of_maml_gets_the_reference_gradient(path):
     assert_grads_equal("model", grads(m.model), grads(twin.model))
 
 
-@XFAIL
 @pytest.mark.parametrize("path", FAST_PATHS)
 def test_inputs_requiring_grad_get_the_reference_gradient(path):
     m, data, _ = build(path)
@@ -60,7 +58,6 @@ class _Closure(nn.Module):
         return torch.tanh(self.body(x)) @ self.head.T * self.scale
 
 
-@XFAIL
 @pytest.mark.parametrize("attrs", [{}, {"task_map": "loop"}, {"task_map": "loop", "task_threads": 1}])
 def test_closed_over_tensors_get_the_reference_gradient(attrs):
     xs, ys, xq, yq = (torch.randn(3, 5, 1, dtype=F64) for _ in range(4))
@@ -76,7 +73,6 @@ def test_closed_over_tensors_get_the_reference_gradient(attrs):
     assert_grads_equal("closed-over", out["auto"], out["reference"])
 
 
-@XFAIL
 def test_closed_over_tensor_of_a_functional_fn_gets_the_reference_gradient():
     torch.manual_seed(0)
     params = {"w": torch.randn(4, 1, dtype=F64, requires_grad=True), "b": torch.zeros(4, dtype=F64, requires_grad=True)}
@@ -95,7 +91,6 @@ def test_closed_over_tensor_of_a_functional_fn_gets_the_reference_gradient():
     assert_grads_equal("closed-over", out["auto"], out["reference"])
 
 
-@XFAIL
 def test_functional_maml_loss_on_the_fused_route_passes_input_gradients():
     m, data, _ = build("fused_mlp")
     params = dict(m.model.named_parameters())

@@ -7,13 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reliab_paths import FAST_PATHS, PATHS, XFAIL, build
-
-_FAILING = {"fused_mlp", "mlp_layerwise"}
+from reliab_paths import FAST_PATHS, PATHS, build
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("path", [pytest.param(p, marks=XFAIL) if p in _FAILING else p for p in PATHS])
+@pytest.mark.parametrize("path", [p for p in PATHS])
 def test_nonfinite_parameter_is_refused(path, bad):
     m, data, _ = build(path)
     with torch.no_grad():
@@ -24,7 +22,7 @@ def test_nonfinite_parameter_is_refused(path, bad):
         m.adapt(data[0], data[1])
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=XFAIL), "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_relu_kernels_propagate_nan(backend):
     # the op layer has no finiteness check by contract: NaN must come out as NaN (torch.relu(nan) = nan)
     import fastmaml

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reliab_paths import FAST_PATHS, XFAIL, build
+from reliab_paths import FAST_PATHS, build
 
 _FUSED = {"fused_mlp", "mlp_layerwise"}
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=XFAIL) if p in _FUSED else p for p in FAST_PATHS])
+@pytest.mark.parametrize("path", [p for p in FAST_PATHS])
 def test_second_backward_without_retain_graph_raises(path):
     m, data, _ = build(path)
     loss = m(*data)
@@ -22,7 +22,7 @@ def test_second_backward_without_retain_graph_raises(path):
         loss.backward()
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=XFAIL) if p in _FUSED else p for p in FAST_PATHS])
+@pytest.mark.parametrize("path", [p for p in FAST_PATHS])
 def test_in_place_edit_between_forward_and_backward_raises(path):
     m, data, _ = build(path)
     loss = m(*data)

@@ -10,12 +10,11 @@ from torch import nn
 
 import fastmaml
 
-from reliab_paths import F64, XFAIL, build
+from reliab_paths import F64, build
 
 _GENERIC = ["generic_vmap", "generic_loop", "generic_one_task_at_a_time", "generic_conv_bn"]
 
 
-@XFAIL
 @pytest.mark.parametrize("path", _GENERIC)
 def test_retain_graph_backward_twice_accumulates_twice(path):
     m, data, _ = build(path)
@@ -33,7 +32,6 @@ def small_conv_bn() -> nn.Module:
                          nn.Flatten(), nn.Linear(16, 1)).to(F64)
 
 
-@XFAIL
 @pytest.mark.parametrize("task_threads,fast_mode", [("auto", False), (1, True)])
 def test_gradcheck_of_a_conv_net_meta_loss(task_threads, fast_mode):
     # second order: the first-order meta-gradient is by definition not the derivative of M
@@ -45,14 +43,13 @@ def test_gradcheck_of_a_conv_net_meta_loss(task_threads, fast_mode):
     lr = torch.tensor(0.1, dtype=F64, requires_grad=True)
 
     def meta_loss(lr_, *ps):
-        return fastmaml.generic.maml_loss(fastmaml.generic.module_fn(model), dict(zip(names, ps)), lr_, xs, ys, xq, yq,
+        return fastmaml.maml_loss(model, dict(zip(names, ps)), lr_, xs, ys, xq, yq,
                                           steps=2, task_threads=task_threads)
 
     params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
     assert torch.autograd.gradcheck(meta_loss, (lr, *params), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast_mode)
 
 
-@XFAIL
 def test_gradcheck_of_the_maml_module_on_a_conv_net():
     m = fastmaml.MAML(small_conv_bn(), inner_lr=0.1, inner_steps=1, lr_mode="per_step_layer", learn_lr=True)
     _, data, _ = build("generic_conv_bn")

@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reliab_paths import PATHS, XFAIL, build
-
-_FAILING = {"fused_mlp", "mlp_layerwise"}
+from reliab_paths import PATHS, build
 
 
 def _strided(data: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -29,7 +27,7 @@ def _strided(data: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("path", [pytest.param(p, marks=XFAIL) if p in _FAILING else p for p in PATHS])
+@pytest.mark.parametrize("path", [p for p in PATHS])
 def test_strided_inputs_give_bitwise_the_contiguous_results(path, first_order):
     m, data, _ = build(path, first_order=first_order)
     strided = _strided(data)
