@@ -22,9 +22,14 @@ copy_tree() {  # $1: destination
       --exclude=__pycache__ --exclude=.hypothesis --exclude=.pytest_cache -cf - . | tar -C "$1" -xf -
 }
 
-build() {  # $1: tree, $2: sanitizer flags
-  (cd "$1" && FASTMAML_CUDA=0 FASTMAML_CPU_ARCH="" CFLAGS="$2 -fno-omit-frame-pointer -g" LDFLAGS="$2" \
+build() {  # $1: tree, $2: sanitizer flags, $3: a symbol the instrumented module must import
+  # CXXFLAGS for the C++ sources (setuptools compiles them with its C++ compiler line), CFLAGS
+  # for any C source, LDFLAGS for the link (the sanitizer runtime)
+  (cd "$1" && FASTMAML_CUDA=0 FASTMAML_CPU_ARCH="" CFLAGS="$2 -fno-omit-frame-pointer -g" \
+     CXXFLAGS="$2 -fno-omit-frame-pointer -g" LDFLAGS="$2" \
      python setup.py build_ext --inplace -q >"$1/build.log" 2>&1) || { cat "$1/build.log"; exit 1; }
+  # a build that silently dropped the flags would make the stage pass for nothing
+  nm -D "$1"/fastmaml/_C*.so | grep -q "$3" || { echo "sanitizers: $1 is not instrumented ($3 missing)"; exit 1; }
 }
 
 # The tests that reach the C++ kernels: the op tests (tests/ops/ in the per-op layout,
@@ -50,10 +55,12 @@ fi
 asan="$work/asan"
 mkdir -p "$asan"
 copy_tree "$asan"
-build "$asan" "-fsanitize=address,undefined -fno-sanitize-recover=undefined"
+build "$asan" "-fsanitize=address,undefined -fno-sanitize-recover=undefined" __asan_report
 echo "sanitizers: ASan+UBSan build $((SECONDS - t0)) s"
 t1=$SECONDS
-libasan="$(gcc -print-file-name=libasan.so)"
+# libstdc++ is preloaded with libasan: Python does not link it, and ASan's __cxa_throw
+# interceptor must find it at start-up (else the first C++ exception aborts)
+libasan="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libstdc++.so)"
 (
   cd "$asan"
   export PYTHONPATH="$asan" FASTMAML_HYPOTHESIS_PROFILE="${FASTMAML_HYPOTHESIS_PROFILE:-ci}"
@@ -64,32 +71,71 @@ libasan="$(gcc -print-file-name=libasan.so)"
 import fastmaml._C as C, os
 assert C.__file__.startswith(os.environ["PYTHONPATH"]), C.__file__
 PY
-  LD_PRELOAD="$libasan" python -m pytest -q -x -p no:cacheprovider -m "not triton" "${tests[@]}" 2>&1 | tail -n 5
-  exit "${PIPESTATUS[0]}"
+  # -s: a sanitizer report goes to stderr right before the abort; pytest's capture would lose it
+  LD_PRELOAD="$libasan" python -m pytest -q -x -s -p no:cacheprovider -m "not triton" "${tests[@]}" \
+    >"$work/asan.log" 2>&1 || { grep -v '^  File' "$work/asan.log" | tail -n 80; exit 1; }
+  tail -n 1 "$work/asan.log"
 )
 echo "sanitizers: ASan+UBSan tests $((SECONDS - t1)) s"
 
 # --- TSan --------------------------------------------------------------------------------
-# ThreadSanitizer on the OpenMP kernels: libgomp is not instrumented, so TSan cannot see
-# its barriers and would report every write before a parallel region read inside it. The
-# kernels are therefore run by a driver (tsan_driver.py) under OMP with the GOMP barrier
-# replaced by... nothing: we run with OMP_NUM_THREADS=2 and suppress reports whose stack
-# lies in libgomp/libtorch, so what remains are races between two of our own threads.
+# ThreadSanitizer on the OpenMP kernels: a TSan build of the extension, and a driver that
+# runs every OpenMP kernel (sgd_step forward/backward, the MLP loss/grad and HVP, the
+# fused MAML step, the fused BatchNorm through its double backward) with several tasks
+# per call and two OpenMP threads. libgomp and PyTorch are not instrumented; reports whose
+# stack lies in them are suppressed (TSan cannot see libgomp's barriers, so without the
+# suppression it would flag the region's start and end). A race between two of the
+# kernels' own threads on their own data is still reported and fails the stage.
 if [[ "${SKIP_TSAN:-0}" != "1" ]]; then
   t2=$SECONDS
   tsan="$work/tsan"
   mkdir -p "$tsan"
   copy_tree "$tsan"
-  build "$tsan" "-fsanitize=thread"
+  build "$tsan" "-fsanitize=thread" __tsan_
   echo "sanitizers: TSan build $((SECONDS - t2)) s"
-  libtsan="$(gcc -print-file-name=libtsan.so)"
-  printf 'called_from_lib:libgomp.so\ncalled_from_lib:libtorch_cpu.so\ncalled_from_lib:libc10.so\ncalled_from_lib:libpython\n' \
-    >"$tsan/tsan.supp"
+  printf 'called_from_lib:libgomp.so\ncalled_from_lib:libtorch_cpu.so\ncalled_from_lib:libc10.so\n' >"$tsan/tsan.supp"
+  cat >"$tsan/tsan_driver.py" <<'PY'
+"""Drive every OpenMP kernel of the extension with several tasks per call (so the
+parallel regions really split), in both dtypes."""
+import torch
+import fastmaml
+from fastmaml import ops
+
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float64):
+    T = 8
+    p = [torch.randn(T, 300, 70, dtype=dtype), torch.randn(T, 70, dtype=dtype)]
+    g = [torch.randn_like(t) for t in p]
+    for lr in (0.1, torch.tensor(0.1, dtype=dtype), [torch.rand(300, 70, dtype=dtype), torch.rand(70, dtype=dtype)]):
+        ops.sgd_step(p, g, lr, backend="cpu")
+    leaves = [t.clone().requires_grad_(True) for t in p]
+    sum(o.sum() for o in ops.sgd_step(leaves, g, 0.1, backend="cpu")).backward()
+    dims = [3, 16, 16, 2]
+    ws = [torch.randn(T, dims[i + 1], dims[i], dtype=dtype) for i in range(3)]
+    bs = [torch.randn(T, dims[i + 1], dtype=dtype) for i in range(3)]
+    x = torch.randn(T, 10, 3, dtype=dtype)
+    y = torch.randn(T, 10, 2, dtype=dtype)
+    for act in ("relu", "tanh"):
+        ops.mlp_loss_and_grad(ws, bs, x, y, activation=act, backend="cpu")
+        ops.mlp_hvp(ws, bs, x, y, ws, bs, activation=act, backend="cpu")
+        w0 = [w[0].clone().requires_grad_(True) for w in ws]
+        b0 = [b[0].clone().requires_grad_(True) for b in bs]
+        lr = torch.tensor(0.05, dtype=dtype, requires_grad=True)
+        ops.maml_mlp(w0, b0, x, y, x, y, lr, steps=3, activation=act, backend="cpu").backward()
+    bn = fastmaml.ops.batch_norm if hasattr(fastmaml.ops, "batch_norm") else fastmaml.batch_norm.batch_norm
+    xb = torch.randn(16, 8, 6, 6, dtype=dtype, requires_grad=True)
+    wb = torch.rand(8, dtype=dtype, requires_grad=True)
+    bb = torch.rand(8, dtype=dtype, requires_grad=True)
+    out = bn(xb, wb, bb, 1e-5)
+    gx, = torch.autograd.grad(out.square().sum(), xb, create_graph=True)
+    gx.sum().backward()
+print("tsan driver: every OpenMP kernel ran")
+PY
   (
     cd "$tsan"
     export PYTHONPATH="$tsan" OMP_NUM_THREADS=2
     export TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0:suppressions=$tsan/tsan.supp:exitcode=66"
-    LD_PRELOAD="$libtsan" python "$root/.ci/tsan_driver.py"
+    LD_PRELOAD="$(gcc -print-file-name=libtsan.so)" python tsan_driver.py
   )
   echo "sanitizers: TSan run $((SECONDS - t2)) s"
 fi

@@ -7,6 +7,12 @@ The meta-loss is once-differentiable on the fast paths: its backward is the adjo
 recursion (docs/DESIGN.md §1) run without a graph, so ``loss.backward()`` works but
 differentiating the meta-gradient again raises a RuntimeError. Use
 ``backend="reference"`` for higher derivatives.
+
+The fast paths differentiate the parameters and the learning rates. When the meta-loss
+must also carry gradients to the inputs (``xs``... requiring grad: an encoder trained in
+front of MAML) or to tensors ``fn`` closes over, the call runs on the reference path
+instead (:func:`upstream_route`), which differentiates whatever the meta-loss depends
+on: the reference's gradients, at the reference's memory (K steps of graph).
 """
 
 from __future__ import annotations
