@@ -30,6 +30,12 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+# csrc/ holds one folder per op (sgd_step/, mlp/, batch_norm/, multi_tensor/) and
+# common/; every include is relative to csrc/ ("mlp/mlp.h").
+CPP_SOURCES = sorted(CSRC.rglob("*.cpp"))
+# The CUDA sources, in one place: compiled by nvcc when CUDA is used (BuildExt).
+CUDA_SOURCES = sorted(CSRC.rglob("*.cu"))
+HEADERS = sorted([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh")])
 
 
 def _find_cuda() -> tuple[str | None, str | None, str]:
@@ -73,7 +79,7 @@ def _arch_flags() -> list[str]:
 
 
 class BuildExt(build_ext):
-    """Compiles ``csrc/*.cu`` with nvcc (in parallel) and links them with the static
+    """Compiles ``CUDA_SOURCES`` (``csrc/**/*.cu``) with nvcc (in parallel) and links them with the static
     CUDA runtime; copies the built module atomically so running processes that have
     the old one mapped are not disturbed."""
 
@@ -96,7 +102,7 @@ class BuildExt(build_ext):
         stamp.write_text(config)
 
     def _compile_cuda(self, ext: Extension) -> list[str]:
-        sources = sorted(str(p) for p in CSRC.glob("*.cu"))
+        sources = [str(p) for p in CUDA_SOURCES]
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
         py_inc = sysconfig.get_paths()["include"]
@@ -109,8 +115,9 @@ class BuildExt(build_ext):
         ] + _arch_flags() + os.environ.get("FASTMAML_NVCC_FLAGS", "").split()
 
         def one(src: str) -> str:
-            obj = str(out_dir / (Path(src).stem + ".o"))
-            deps = [src] + [str(h) for h in CSRC.glob("*.h")]
+            rel = Path(src).relative_to(CSRC)
+            obj = str(out_dir / (str(rel.with_suffix("")).replace(os.sep, "__") + ".o"))
+            deps = [src] + [str(h) for h in HEADERS]
             if self.force or not os.path.exists(obj) or any(os.path.getmtime(d) > os.path.getmtime(obj) for d in deps):
                 cmd = base + [src, "-o", obj]
                 print(" ".join(cmd), flush=True)
@@ -141,11 +148,11 @@ def _extension() -> Extension:
         macros.append(("FASTMAML_WITH_CUDA", None))
     return Extension(
         "fastmaml._C",
-        sources=sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")),
+        sources=[str(p.relative_to(ROOT)) for p in CPP_SOURCES],
         include_dirs=[str(CSRC), pybind11.get_include()],
         define_macros=macros,
         # nvcc objects are built by BuildExt; list them so a change relinks the module.
-        depends=sorted(str(p.relative_to(ROOT)) for p in [*CSRC.glob("*.cu"), *CSRC.glob("*.h")]),
+        depends=[str(p.relative_to(ROOT)) for p in [*CUDA_SOURCES, *HEADERS]],
         extra_compile_args=cxx,
         extra_link_args=["-fopenmp"],
         language="c++",

@@ -1,4 +1,5 @@
-# Type stub for the compiled extension fastmaml._C (pybind11; csrc/extension.cpp).
+# Type stub for the compiled extension fastmaml._C (pybind11; csrc/extension.cpp calls each
+# op folder's registration, csrc/<op>/bindings.cpp).
 # Pointers, strides and CUDA streams cross the boundary as Python ints.
 
 from collections.abc import Callable
@@ -14,8 +15,9 @@ def openmp_max_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 def cuda_device_count() -> tuple[int, str]: ...
 def cuda_runtime_version() -> int: ...
+def codes() -> dict[str, int]: ...  # csrc/common/codes.h by name; fastmaml/codes.py checks them
 
-# ---- sgd_step (csrc/sgd_step.h) ------------------------------------------------------
+# ---- sgd_step (csrc/sgd_step/) -------------------------------------------------------
 # One entry per tensor in every list. theta[i] points at [N_i] data when shared[i] == 1,
 # else at [T, N_i]; grad/out/v/dgrad at [T, N_i]. dtype: 0 float32, 1 float64.
 # lr_mode: 0 immediate lr_value, 1 lr[i] points at one value, 2 lr[i] points at N_i values.
@@ -28,7 +30,7 @@ def sgd_step_fwd_cpu(
     dtype: int, lr_mode: int, lr_value: float, lr: list[int],
 ) -> None: ...
 # The no-autograd forward of ops.sgd_step for CPU tensors and a Python-float lr
-# (ops/sgd_step.py, _lean_cpu_forward): takes the tensors themselves, checks them
+# (ops/_sgd_step/launch.py, lean_cpu_forward): takes the tensors themselves, checks them
 # (dtype is the torch.dtype, dtype_code its code; requires_grad only when asked),
 # allocates the outputs with empty_like and runs the kernel. None when a check fails or
 # the outputs would take max_out_bytes or more. With out (n tensors, each checked like an
@@ -60,7 +62,15 @@ def multi_tensor_plan(
 # (max tensors per launch, max blocks per launch, threads per block, forward rows per block)
 SGD_STEP_CUDA_TABLE: tuple[int, int, int, int]
 
-# ---- mlp (csrc/mlp.h; fastmaml/ops/mlp.py, fastmaml/ops/maml_mlp.py) ---------------------
+# batch_norm, batch-statistics mode (csrc/batch_norm/); x: contiguous [N, C, L]
+def batch_norm_fwd_cpu(dtype: int, N: int, C: int, L: int, x: int, w: int, b: int, y: int, mean: int, rstd: int,
+                       eps: float, threads: int) -> None: ...
+def batch_norm_bwd_cpu(dtype: int, N: int, C: int, L: int, x: int, w: int, mean: int, rstd: int, gy: int, dx: int,
+                       dw: int, db: int, threads: int) -> None: ...
+def batch_norm_bwd_bwd_cpu(dtype: int, N: int, C: int, L: int, x: int, w: int, mean: int, rstd: int, gy: int, a: int,
+                           bw: int, bb: int, g_gy: int, g_x: int, g_w: int, threads: int) -> None: ...
+
+# ---- mlp (csrc/mlp/; fastmaml/ops/mlp.py, fastmaml/ops/_maml_mlp/) ---------------------
 # dims: [d_0, ..., d_L]; act: 0 relu, 1 tanh; loss: 0 mse, 1 cross_entropy; dtype: 0 f32, 1 f64
 def mlp_loss_and_grad_cpu(dtype: int, dims: list[int], act: int, loss: int, T: int, N: int, x: int, y: int,
                           W: list[int], b: list[int], out_loss: int, gW: list[int], gb: list[int]) -> None: ...

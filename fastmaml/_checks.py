@@ -57,7 +57,7 @@ def finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
+def span(t: torch.Tensor) -> tuple[int, int]:
     """Byte range [lo, hi) that tensor ``t`` can touch in its storage."""
     if t.numel() == 0:
         return (0, 0)
@@ -66,15 +66,15 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return lo, lo + extent * t.element_size()
 
 
-def no_overlap(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    """Raise when ``a`` and ``b`` share memory (a kernel reading one while writing or
-    reading the other through a different view would give wrong results)."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return
-    la, ha = _span(a)
-    lb, hb = _span(b)
-    if la < hb and lb < ha:
-        raise ValueError(f"{name_a} and {name_b} overlap in memory; pass separate tensors (e.g. {name_b}.clone())")
+def lr_tensor(name: str, a: torch.Tensor, dtype: torch.dtype, device: torch.device, strict: bool = True) -> None:
+    """A tensor learning rate: floating point of the call's ``dtype`` on its ``device``;
+    contiguous unless ``strict`` is False (inside torch.func transforms)."""
+    if not a.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of dtype {dtype}, got {a.dtype}")
+    float_dtype(name, a, dtype)
+    same_device(name, a, device)
+    if strict:
+        contiguous(name, a)
 
 
 # Above this an inner learning rate is almost surely a mistake: one SGD step of a loss
@@ -115,7 +115,7 @@ def no_overlap_among(named: Sequence[tuple[str, torch.Tensor]]) -> None:
     for name, t in named:
         if t.numel() == 0:
             continue
-        lo, hi = _span(t)
+        lo, hi = span(t)
         spans.append((t.device, lo, hi, name))
     spans.sort(key=lambda s: (str(s[0]), s[1]))
     for k in range(1, len(spans)):

@@ -1,9 +1,10 @@
 """The backend registry: ``reference``, ``cpu``, ``cuda`` and ``triton``.
 
-Selection order for an op (DESIGN.md §3): the explicit ``backend=`` argument, else the
-``FASTMAML_BACKEND`` environment variable, else automatic: for CUDA tensors the fastest
-GPU backend available for that op (``GPU_PREFERENCE``), for CPU tensors ``cpu`` when the
-extension is built, else ``reference``.
+Selection order for an op (docs/DESIGN.md §3): the explicit ``backend=`` argument, else
+the ``FASTMAML_BACKEND`` environment variable, else automatic: for CUDA tensors the first
+available of ``GPU_PREFERENCE`` (the GPU backends in order of measured speed,
+benchmarks/RESULTS.md), for CPU tensors ``cpu`` when the extension is built, else
+``reference``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from fastmaml import _ext
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# Per op, the GPU backends in order of measured speed (benchmarks/RESULTS.md). Ops not
-# listed use DEFAULT_GPU_PREFERENCE.
-DEFAULT_GPU_PREFERENCE = ("cuda", "triton", "reference")
-GPU_PREFERENCE: dict[str, tuple[str, ...]] = {}
+# The GPU backends in order of measured speed (benchmarks/RESULTS.md), the same for every op.
+GPU_PREFERENCE = ("cuda", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
             raise ValueError(f"{op}: backend {requested!r} cannot run on {device.type} tensors (it takes {st.devices})")
         return requested
     if device.type == "cuda":
-        for name in GPU_PREFERENCE.get(op, DEFAULT_GPU_PREFERENCE):
+        for name in GPU_PREFERENCE:
             if status(name).available:
                 return name
         return "reference"

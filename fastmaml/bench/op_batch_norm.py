@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastmaml import batch_norm as bn
+from fastmaml.ops import _batch_norm as bn
 from fastmaml.bench import measure, report
 
 # (label, shape of the first BN layer's input)

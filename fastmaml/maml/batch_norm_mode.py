@@ -1,5 +1,5 @@
 """Routing a model's batch-statistics ``F.batch_norm`` calls to fastmaml's fused
-BatchNorm (``fastmaml.batch_norm.batch_norm``: C++ kernels for its forward, backward and
+BatchNorm (:func:`fastmaml.ops.batch_norm`: C++ kernels for its forward, backward and
 a closed-form double backward) by a ``TorchFunctionMode``.
 
 The generic MAML path enters :class:`FusedBatchNorm` around each per-task call of the
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fastmaml import batch_norm as _bn  # its argument check and the checked call (looked up per call)
+from fastmaml.ops import _batch_norm as _bn  # its argument check and the checked call (looked up per call)
 
 _F_BATCH_NORM = torch.nn.functional.batch_norm
 
@@ -29,7 +29,7 @@ def _applies(x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any
     ``batch_norm`` accepts."""
     return (training and running_mean is None and running_var is None and isinstance(x, torch.Tensor)
             and x.device.type == "cpu" and not torch._C._are_functorch_transforms_active()
-            and _bn._problem(x, weight, bias, eps) is None)
+            and _bn.problem(x, weight, bias, eps) is None)
 
 
 def _bind(input: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,  # noqa: A002
@@ -49,5 +49,5 @@ class FusedBatchNorm(TorchFunctionMode):
         if func is _F_BATCH_NORM:
             bound = _bind(*args, **kwargs)
             if bound is not None:
-                return _bn._run(*bound)  # _applies has checked the arguments
+                return _bn.run_checked(*bound)  # _applies has checked the arguments
         return func(*args, **kwargs)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fastmaml.maml import mlp_path
-from fastmaml.batch_norm import available as fused_bn_available
+from fastmaml.ops._batch_norm import available as fused_bn_available
 from fastmaml.maml.tasks import TASK_MAPS
 
 PROVISIONAL = "provisional (before the first call, for data that fit): "

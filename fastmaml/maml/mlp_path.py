@@ -6,7 +6,7 @@ model is an ``nn.Sequential`` of ``nn.Linear`` (with bias) and one kind of activ
 adapted in the inner loop (no ANIL subset), the loss is ``"mse"`` or
 ``"cross_entropy"`` by name, and the data are ``[T, N, in]``. Within the route,
 ``maml_mlp`` runs its one-call fused kernel when a task's workspace fits the limits
-(``maml_mlp.fits_fused``) and its layer-wise path (a loop over steps, never over
+(``fastmaml.ops.maml_mlp_fit.fits_fused``) and its layer-wise path (a loop over steps, never over
 tasks) past them. Anything else takes the generic path (:mod:`fastmaml.maml.adjoint`).
 Both give the reference's numbers; :func:`mlp_route` says which applies and why (the
 one router, :func:`fastmaml.maml.dispatch.route`, asks it first).
@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from fastmaml import _checks, _ext
-from fastmaml.ops import maml_mlp as _maml_mlp_op  # the public op (its helpers ride along on it)
-from fastmaml.ops.mlp import _DTYPE_CODE
+from fastmaml import codes
+from fastmaml.codes import DTYPE as _DTYPE_CODE
+from fastmaml.ops import maml_mlp as _maml_mlp_op
+from fastmaml.ops import maml_mlp_fit
 
 FUSED = "fused_mlp"
 LAYERWISE = "mlp_layerwise"
@@ -74,6 +76,34 @@ def mlp_structure(model: object) -> tuple[MlpModel | None, str]:
                     acts.pop() if acts else "relu"), ""
 
 
+def supports(model_or_dims, activation: str | None = None, loss: str = "mse", *, steps: int = 5,
+             n_support: int = 10, n_query: int = 10, dtype=torch.float32, device: torch.device | str = "cpu",
+             lr_learned: bool = False, n_msl: int = 1) -> tuple[bool, str]:
+    """Whether the fused MLP path applies; returns (ok, reason).
+
+    ``model_or_dims``: an MLP module (see :func:`mlp_structure`) or the list of widths
+    ``[d_0, ..., d_L]`` (then ``activation`` names the activation).
+    """
+    dims: list[int]
+    if isinstance(model_or_dims, torch.nn.Module):
+        st, why = mlp_structure(model_or_dims)
+        if st is None:
+            return False, why
+        dims, model_act = list(st.dims), st.activation
+        if activation is not None and activation != model_act:
+            return False, f"activation {activation!r} does not match the model's {model_act!r}"
+        activation = model_act
+    else:
+        dims = [int(d) for d in model_or_dims]
+        activation = activation or "relu"
+    if activation not in codes.ACTIVATION:
+        return False, f"activation {activation!r} is not one of {tuple(codes.ACTIVATION)}"
+    if loss not in codes.LOSS:
+        return False, f"loss {loss!r} is not one of {tuple(codes.LOSS)}"
+    return maml_mlp_fit.fits_fused(dims, steps, n_support, n_query, dtype=dtype, device=device, lr_learned=lr_learned,
+                      n_msl=n_msl)
+
+
 def linear_tensors(model: nn.Sequential) -> tuple[tuple, list, list]:
     """(children, weights, biases) of a Sequential's ``nn.Linear`` layers, read straight
     from the parameter dicts (``Module.__getattr__`` is a Python call per lookup; a
@@ -118,7 +148,7 @@ def mlp_route(
     if data is None:
         if p0.dtype not in _checks.FLOAT_DTYPES:
             return None, f"dtype {p0.dtype} of the parameters (the generic path reports it)", st
-        ok, why = _maml_mlp_op.fits_fused(list(st.dims), steps, 1, 1, dtype=p0.dtype, device=p0.device,
+        ok, why = maml_mlp_fit.fits_fused(list(st.dims), steps, 1, 1, dtype=p0.dtype, device=p0.device,
                                           lr_learned=lr_learned, n_msl=n_msl)
         if ok:  # with a point or two per task: the data's sizes are checked at the call
             return FUSED, f"fused MLP kernel ({dims}, {st.activation}) for [T, N, in] data within its limits", st
@@ -134,7 +164,7 @@ def mlp_route(
         return None, f"data on another device than the parameters ({p0.device}; the generic path reports it)", st
     if p0.dtype not in _checks.FLOAT_DTYPES or xs.dtype != p0.dtype:
         return None, f"dtype {xs.dtype} of xs vs {p0.dtype} of the parameters (the generic path reports it)", st
-    ok, why = _maml_mlp_op.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
+    ok, why = maml_mlp_fit.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
                                       device=p0.device, lr_learned=lr_learned, n_msl=n_msl)
     if ok:
         return FUSED, f"fused MLP kernel ({dims}, {st.activation}): one call per meta-step; {why}", st

@@ -1,10 +1,22 @@
 """The kernel layer: differentiable ops, each with a reference twin of the same
-signature in :mod:`fastmaml.reference` and a ``backend=`` argument."""
+signature in :mod:`fastmaml.reference` and a ``backend=`` argument.
 
-from fastmaml.ops.sgd_step import sgd_step
+Every op has four faces (docs/DESIGN.md §3): kernels (``csrc/<op>/``,
+:mod:`fastmaml.triton`) → launchers → a ``torch.autograd.Function`` → the public
+function exported here. The modules are named so that no function shadows one:
 
-__all__ = ["sgd_step"]
-from fastmaml.ops.mlp import mlp_hvp, mlp_loss_and_grad  # noqa: E402
-from fastmaml.ops.maml_mlp import maml_mlp  # noqa: E402
+- ``_sgd_step/`` (``checks``, ``launch``, ``function``): :func:`sgd_step`;
+- ``mlp``: :func:`mlp_loss_and_grad`, :func:`mlp_hvp`;
+- ``_maml_mlp/`` (``config``, ``fused``, ``layerwise``, ``function``): :func:`maml_mlp`;
+- ``maml_mlp_fit``: whether an MLP fits the fused ``maml_mlp`` kernel
+  (``fused_workspace_bytes``, ``fused_limits``, ``fits_fused``); which *models* take
+  it is the MAML layer's question (:mod:`fastmaml.maml.mlp_path`);
+- ``_batch_norm``: :func:`batch_norm` (batch statistics, closed-form double backward).
+"""
 
-__all__ += ["mlp_loss_and_grad", "mlp_hvp", "maml_mlp"]
+from fastmaml.ops._batch_norm import batch_norm
+from fastmaml.ops._maml_mlp.function import maml_mlp
+from fastmaml.ops._sgd_step.function import sgd_step
+from fastmaml.ops.mlp import mlp_hvp, mlp_loss_and_grad
+
+__all__ = ["sgd_step", "mlp_loss_and_grad", "mlp_hvp", "maml_mlp", "batch_norm"]

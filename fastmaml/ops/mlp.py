@@ -1,4 +1,4 @@
-"""Per-task batched MLP ops: ``mlp_loss_and_grad`` and ``mlp_hvp`` (DESIGN.md §1, §2).
+"""Per-task batched MLP ops: ``mlp_loss_and_grad`` and ``mlp_hvp`` (docs/DESIGN.md §1, §2).
 
 Shapes (the conventions of :mod:`fastmaml.reference.mlp`): ``weights[l]: [T, out_l, in_l]``,
 ``biases[l]: [T, out_l]``, ``x: [T, N, in_1]``; ``y: [T, N, out_L]`` float for
@@ -7,7 +7,7 @@ float64, contiguous, all on one device.
 
 Backends: ``reference`` (autograd), ``cpu`` (C++/OpenMP, one task per thread),
 ``cuda`` (one CTA per task), ``triton`` (:mod:`fastmaml.triton.mlp`). The per-task
-algorithm of the cpu and cuda backends is one template in ``csrc/mlp.h``: forward with
+algorithm of the cpu and cuda backends is one template in ``csrc/mlp/`` (``task.h``): forward with
 stored activations, backward, and the HVP by Pearlmutter's R-operator.
 
 The outputs are not differentiable (as in the reference: they are detached values);
@@ -20,15 +20,12 @@ from collections.abc import Sequence
 
 import torch
 
-from fastmaml import _checks, backends
+from fastmaml import _checks, backends, codes
 from fastmaml import reference as ref
 from fastmaml._ext import ext
 from fastmaml.reference.mlp import ACTIVATIONS, LOSSES
 
-MAX_LAYERS = 8
-_ACT_CODE = {"relu": 0, "tanh": 1}
-_LOSS_CODE = {"mse": 0, "cross_entropy": 1}
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+MAX_LAYERS = codes.MLP_MAX_LAYERS
 
 
 def _stream(device: torch.device) -> int:
@@ -42,7 +39,7 @@ def check_activation_loss(activation: object, loss: object) -> None:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-_FLOATS = (torch.float32, torch.float64)
+_FLOATS = tuple(codes.DTYPE)
 
 
 def _layers_fast(weights, biases, per_task: bool):
@@ -195,7 +192,7 @@ def mlp_loss_and_grad(
     lt = torch.empty(T, dtype=dtype, device=device)
     gw = [torch.empty_like(W) for W in ws]
     gb = [torch.empty_like(b) for b in bs]
-    args = (_DTYPE_CODE[dtype], dims, _ACT_CODE[activation], _LOSS_CODE[loss], T, N, x.data_ptr(), y.data_ptr(),
+    args = (codes.DTYPE[dtype], dims, codes.ACTIVATION[activation], codes.LOSS[loss], T, N, x.data_ptr(), y.data_ptr(),
             _ptrs(ws), _ptrs(bs), lt.data_ptr(), _ptrs(gw), _ptrs(gb))
     if be == "cpu":
         ext().mlp_loss_and_grad_cpu(*args)
@@ -242,7 +239,7 @@ def mlp_hvp(
         return list(hw), list(hb)
     hw = [torch.empty_like(W) for W in ws]
     hb = [torch.empty_like(b) for b in bs]
-    args = (_DTYPE_CODE[dtype], dims, _ACT_CODE[activation], _LOSS_CODE[loss], T, N, x.data_ptr(), y.data_ptr(),
+    args = (codes.DTYPE[dtype], dims, codes.ACTIVATION[activation], codes.LOSS[loss], T, N, x.data_ptr(), y.data_ptr(),
             _ptrs(ws), _ptrs(bs), _ptrs(vw), _ptrs(vb), _ptrs(hw), _ptrs(hb))
     if be == "cpu":
         ext().mlp_hvp_cpu(*args)

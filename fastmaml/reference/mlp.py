@@ -122,7 +122,7 @@ def maml_mlp(
     loss: str = "mse",
     msl_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference MAML meta-loss of an MLP, unrolled with autograd (DESIGN.md §1).
+    """Reference MAML meta-loss of an MLP, unrolled with autograd (docs/DESIGN.md §1).
 
     weights[l]: ``[out_l, in_l]`` and biases[l]: ``[out_l]``, shared by the T tasks;
     xs ``[T, Ns, in]``, xq ``[T, Nq, in]``, ys/yq as in :func:`task_losses`.
@@ -166,7 +166,7 @@ def maml_mlp(
 
 def step_lr(lr, k: int, i: int, shape: torch.Size):
     """The inner learning rate of step ``k`` for flat parameter ``i`` (order W_1, b_1, ...)
-    whose shape is ``shape``, for every granularity of DESIGN.md §1."""
+    whose shape is ``shape``, for every granularity of docs/DESIGN.md §1."""
     if isinstance(lr, (int, float)):
         return lr
     if isinstance(lr, torch.Tensor):

@@ -51,6 +51,7 @@ CPU tensors run only under ``TRITON_INTERPRET=1`` (tests). tanh is written with 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -58,10 +59,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmaml import _checks
+from fastmaml import _checks, codes
 
-ACTIVATIONS = ("relu", "tanh")
-LOSSES = ("mse", "cross_entropy")
+ACTIVATIONS = tuple(codes.ACTIVATION)
+LOSSES = tuple(codes.LOSS)
+# the activation / loss codes (fastmaml.codes) the kernels branch on, as compile-time constants
+_TANH = tl.constexpr(codes.ACTIVATION["tanh"])
+_MSE = tl.constexpr(codes.LOSS["mse"])
 MAX_HEAD_WIDTH = 1024
 
 
@@ -98,7 +102,7 @@ def _tanh(z):
 
 @_device_fn
 def _act(z, ACT: tl.constexpr):
-    if ACT == 1:
+    if ACT == _TANH:
         r = _tanh(z)  # σ(z) = tanh z
     else:
         r = tl.where((z > 0) | (z != z), z, 0.0)  # σ(z) = max(z, 0); NaN stays NaN, as torch.relu
@@ -108,7 +112,7 @@ def _act(z, ACT: tl.constexpr):
 @_device_fn
 def _act_grad(h, ACT: tl.constexpr):
     """σ'(z) from the stored activation h = σ(z)."""
-    if ACT == 1:
+    if ACT == _TANH:
         r = 1.0 - h * h  # tanh' = 1 − tanh²
     else:
         r = (h > 0).to(h.dtype)  # relu' = [z > 0] = [h > 0]
@@ -218,7 +222,7 @@ def _head_bwd(
                 vw = tl.load(vw_ptr + w_off, mask=w_msk, other=0.0)
                 ra = _mm(rd, w, IS_FP64) + _mm(d, vw, IS_FP64)  # R{δ_L} W_L + δ_L R{W_L}
                 rdp = ra * s1
-                if ACT == 1:
+                if ACT == _TANH:
                     rdp += a * (-2.0 * h * s1) * rz  # + (δ_L W_L) ⊙ σ'' ⊙ R{z_{L−1}}, tanh'' = −2 tanh (1 − tanh²)
                 tl.store(rdp_ptr + h_off, rdp.to(rdp_ptr.dtype.element_ty), mask=h_msk)  # R{δ_{L−1}}
 
@@ -243,7 +247,7 @@ def _mlp_head_kernel(
     mask = rmask[:, None] & cmask[None, :]
     z = acc + tl.load(b_ptr + t * C + cols, mask=cmask, other=0.0)[None, :]  # z_L = h_{L−1} W_Lᵀ + b_L
     rz = tl.where(mask, racc + tl.load(vb_ptr + t * C + cols, mask=cmask, other=0.0)[None, :], 0.0)  # R{z_L}
-    if LOSS == 0:
+    if LOSS == _MSE:
         o_off = t * N * C + rows[:, None] * C + cols[None, :]
         diff = tl.where(mask, z - tl.load(y_ptr + o_off, mask=mask, other=0.0), 0.0)  # z − y
         loss = tl.sum(tl.sum(diff * diff, axis=1), axis=0) / (N * C)  # Σ (z − y)² / (N·C), this row block
@@ -362,7 +366,7 @@ def _dprev_tile(
     tl.store(dp_ptr + p_off, (acc * s1).to(dp_ptr.dtype.element_ty), mask=p_msk)  # δ_{l−1} = (δ_l W_l) ⊙ σ'(z_{l−1})
     if HVP:
         rdp = racc * s1  # (R{δ_l} W_l + δ_l R{W_l}) ⊙ σ'(z_{l−1})
-        if ACT == 1:
+        if ACT == _TANH:
             rzp = tl.load(rzp_ptr + p_off, mask=p_msk, other=0.0)
             rdp += acc * (-2.0 * h * s1) * rzp  # + (δ_l W_l) ⊙ σ''(z_{l−1}) ⊙ R{z_{l−1}}, tanh'' = −2 tanh (1 − tanh²)
         tl.store(rdp_ptr + p_off, rdp.to(rdp_ptr.dtype.element_ty), mask=p_msk)  # R{δ_{l−1}} (ReLU: σ'' = 0)
@@ -573,8 +577,8 @@ def _prepare(weights, biases, x, y, activation, loss, v_weights=None, v_biases=N
 
 def _run(ws, bs, x, y, vws, vbs, activation: str, loss: str):
     hvp = vws is not None
-    act = 1 if activation == "tanh" else 0
-    lo = 1 if loss == "cross_entropy" else 0
+    act = codes.ACTIVATION[activation]
+    lo = codes.LOSS[loss]
     L = len(ws)
     if not hvp:
         vws, vbs = [None] * L, [None] * L
@@ -611,7 +615,7 @@ def mlp_loss_and_grad(
     (``2L`` when N exceeds one head row tile).
     """
     ws, bs, x, y, _, _ = _prepare(weights, biases, x, y, activation, loss)
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         return _run(ws, bs, x, y, None, None, activation, loss)
 
 
@@ -634,17 +638,9 @@ def mlp_hvp(
     R-forward share tiles, as do backward and R-backward.
     """
     ws, bs, x, y, vws, vbs = _prepare(weights, biases, x, y, activation, loss, v_weights, v_biases)
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _, hw, hb = _run(ws, bs, x, y, vws, vbs, activation, loss)
     return hw, hb
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["mlp_loss_and_grad", "mlp_hvp", "MAX_HEAD_WIDTH"]

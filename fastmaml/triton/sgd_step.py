@@ -1,5 +1,5 @@
 """Triton kernels of ``sgd_step`` (θ' = θ − α ⊙ g and its backward); see
-:mod:`fastmaml.ops.sgd_step` for the op and ``csrc/sgd_step.h`` for the math.
+:func:`fastmaml.ops.sgd_step` for the op and ``csrc/sgd_step/sgd_step.h`` for the math.
 
 ONE launch covers all tensors of the call (forward: one launch; backward: one launch,
 plus one small deterministic reduction launch when α is one value per tensor or a 0-d
@@ -26,9 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmaml import codes
+
 BLOCK = 256  # columns per program
 ROWS = 16  # tasks per program (forward)
 BLOCK_REDUCE = 256
+
+# the kernels' lr modes (fastmaml.codes), as compile-time constants of the kernels
+_LR_BROADCAST = tl.constexpr(codes.SGD_KERNEL_LR_BROADCAST)
+_LR_ELEMENT = tl.constexpr(codes.SGD_KERNEL_LR_ELEMENT)
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -54,7 +60,7 @@ def _sgd_step_fwd_kernel(
     theta_row = tl.load(tensor_table + i * 6 + 5)
     j = col * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = j < N
-    if LR_MODE == 1:
+    if LR_MODE == _LR_BROADCAST:
         alpha = tl.load(tl.load(tensor_table + i * 6 + 3).to(tl.pointer_type(DT)))
     else:
         alpha = tl.load(tl.load(tensor_table + i * 6 + 3).to(tl.pointer_type(DT)) + j, mask=mask, other=0.0)
@@ -88,7 +94,7 @@ def _sgd_step_bwd_kernel(
     g = tl.load(grad_table + i).to(tl.pointer_type(DT))
     j = col * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = j < N
-    if LR_MODE == 1:
+    if LR_MODE == _LR_BROADCAST:
         alpha = tl.load(tl.load(tensor_table + i * 6 + 3).to(tl.pointer_type(DT)))
     else:
         alpha = tl.load(tl.load(tensor_table + i * 6 + 3).to(tl.pointer_type(DT)) + j, mask=mask, other=0.0)
@@ -103,10 +109,10 @@ def _sgd_step_bwd_kernel(
         sum_gv += gt * vt  # dα = −Σ_t g·v
     if dtheta_addr != 0:
         tl.store(dtheta_addr.to(tl.pointer_type(DT)) + j, sum_v, mask=mask)
-    if LR_MODE == 2:
+    if LR_MODE == _LR_ELEMENT:
         if dlr_addr != 0:
             tl.store(dlr_addr.to(tl.pointer_type(DT)) + j, -sum_gv, mask=mask)
-    if LR_MODE == 1:
+    if LR_MODE == _LR_BROADCAST:
         tl.store(partials + pid, tl.sum(sum_gv, axis=0))
 
 
@@ -141,12 +147,10 @@ def _lr_addrs(spec, lrs: Sequence[torch.Tensor]) -> tuple[list[int], int, list[t
 
     A Python-float α goes through a 1-element tensor of the call's dtype (mode 1):
     Triton passes Python floats as float32 scalars, which would round a float64 α."""
-    from fastmaml.ops.sgd_step import _KERNEL_LR_MODE, LR_VALUE, _lr_ptrs
-
-    if spec.lr_kind == LR_VALUE:
+    if spec.lr_kind == codes.SGD_LR_FLOAT:
         keep = [torch.full((1,), spec.lr_value, dtype=spec.dtype, device=spec.device)]
-        return [keep[0].data_ptr()] * spec.n, 1, keep
-    return _lr_ptrs(spec, list(lrs)), _KERNEL_LR_MODE[spec.lr_kind], []
+        return [keep[0].data_ptr()] * spec.n, codes.SGD_KERNEL_LR_BROADCAST, keep
+    return codes.sgd_lr_pointers(spec.lr_kind, spec.n, list(lrs)), codes.SGD_KERNEL_LR_MODE[spec.lr_kind], []
 
 
 def forward(spec, params, grads, lrs, outs) -> None:
@@ -171,7 +175,7 @@ def backward(spec, v, grads, lrs, dtheta, dgrad, dlr_buffers) -> None:
     """Fills dtheta[i] (shared θ_i; None = skip), dgrad[i] (None = skip) and the dα
     buffers: per element (one per tensor) or one ``[n]`` tensor of per-tensor values."""
     la, mode, _keep = _lr_addrs(spec, lrs)
-    dlr_addr = [b.data_ptr() for b in dlr_buffers] if mode == 2 and dlr_buffers else [0] * spec.n
+    dlr_addr = [b.data_ptr() for b in dlr_buffers] if mode == codes.SGD_KERNEL_LR_ELEMENT and dlr_buffers else [0] * spec.n
     rows = [
         [
             dtheta[i].data_ptr() if (dtheta[i] is not None and spec.shared[i]) else 0,
@@ -193,5 +197,5 @@ def backward(spec, v, grads, lrs, dtheta, dgrad, dlr_buffers) -> None:
             tensor_table, grad_table, blocks, partials, spec.tasks,
             LR_MODE=mode, DT=_TL_DTYPE[spec.dtype], BLOCK=BLOCK,
         )
-    if mode == 1 and dlr_buffers:
+    if mode == codes.SGD_KERNEL_LR_BROADCAST and dlr_buffers:
         _sum_partials_kernel[(spec.n,)](partials, segments, dlr_buffers[0], BLOCK=BLOCK_REDUCE)

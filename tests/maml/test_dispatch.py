@@ -108,7 +108,7 @@ def test_functional_maml_loss_with_a_module_takes_fused_path():
 def test_past_the_fused_limit_takes_the_layerwise_mlp_path(monkeypatch):
     from fastmaml.ops import maml_mlp as op_module  # the function; its module holds the limit
 
-    mod = __import__("importlib").import_module("fastmaml.ops.maml_mlp")
+    from fastmaml.ops import maml_mlp_fit as mod
     monkeypatch.setattr(mod, "FUSED_CPU_MAX_WORKSPACE_BYTES", 1024)
     monkeypatch.setattr(mod, "_FITS_CACHE", {})
     assert op_module is not None

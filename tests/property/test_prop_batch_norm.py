@@ -4,27 +4,13 @@ shapes, channel counts, eps and dtypes; strided inputs give the same result."""
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fastmaml.ops import batch_norm
 from prop_util import DTYPES, assert_all_close, assert_close, randn, seeds, strided_copy, tol
-
-
-def _batch_norm():
-    for name in ("fastmaml.ops.batch_norm", "fastmaml.batch_norm"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        return mod.batch_norm if hasattr(mod, "batch_norm") else mod
-    raise ImportError("fastmaml's batch_norm")
-
-
-batch_norm = _batch_norm()
 
 
 @given(seed=seeds(), N=st.integers(2, 5), C=st.integers(1, 4), spatial=st.lists(st.integers(1, 4), max_size=2),

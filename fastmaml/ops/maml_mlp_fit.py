@@ -1,0 +1,84 @@
+"""Whether an MLP fits the fused ``maml_mlp`` kernel: the op-level fit checks
+(:func:`fused_workspace_bytes`, :func:`fused_limits`, :func:`fits_fused`) and the
+model-level routing helpers the MAML layer asks (:func:`mlp_structure`, :func:`supports`).
+
+The fused kernel runs one task's K inner steps, query losses and adjoint inside one
+workspace: per thread on the CPU (at most ``FUSED_CPU_MAX_WORKSPACE_BYTES``, a few times
+the 1 MiB L2 of the target CPU), in one CTA's shared memory on CUDA (at most the
+device's opt-in shared memory per block). At most ``codes.MLP_MAX_LAYERS`` layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastmaml import codes
+from fastmaml._ext import ext
+
+FUSED_CPU_MAX_WORKSPACE_BYTES = 4 << 20
+
+codes.MLP_LR_SCALAR, codes.MLP_LR_TABLE, codes.MLP_LR_ELEMENT, codes.MLP_LR_STEP_ELEMENT = 0, 1, 2, 3
+
+# ---- op-level fit checks ----------------------------------------------------------------------
+def fused_workspace_bytes(dims: Sequence[int], steps: int, n_support: int, n_query: int, dtype=torch.float32, *,
+                          lr_learned: bool = False, n_msl: int = 1) -> int:
+    """Bytes of the per-task workspace of the fused kernel (CPU: per thread; CUDA: shared
+    memory per CTA). ``lr_learned``: the K support gradients are kept for dα; ``n_msl``:
+    the number of steps with a nonzero multi-step-loss weight (1 for plain MAML)."""
+    L = len(dims) - 1
+    P = sum(dims[l + 1] * dims[l] + dims[l + 1] for l in range(L))
+    sd = sum(dims[1:])
+    PT = P + sum(dims[l + 1] * dims[l] for l in range(L))  # with transposed weight copies
+    n_g = steps if lr_learned else 1
+    # = csrc/mlp/meta_step.h maml_workspace_size
+    elems = (steps * PT + (n_g + n_msl) * P + steps * 3 * n_support * sd
+             + max(3 * n_query * sd, 3 * n_support * sd + n_support * max(dims)) + 2 * PT + 2 * P)
+    return elems * torch.empty((), dtype=dtype).element_size()
+
+
+def _cuda_smem_limit(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    # the launcher adds a 16-element margin to the workspace: keep 256 bytes spare
+    return int(ext().maml_mlp_cuda_smem_limit(idx)) - 256
+
+
+def fused_limits(device: torch.device | str = "cpu") -> dict:
+    """The fused path's limits on ``device``: ``max_layers`` and ``max_workspace_bytes``
+    (per task)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"max_layers": codes.MLP_MAX_LAYERS, "max_workspace_bytes": _cuda_smem_limit(device)}
+    return {"max_layers": codes.MLP_MAX_LAYERS, "max_workspace_bytes": FUSED_CPU_MAX_WORKSPACE_BYTES}
+
+
+def fits_fused(dims: Sequence[int], steps: int, n_support: int, n_query: int, *, dtype=torch.float32,
+               device: torch.device | str = "cpu", lr_learned: bool = False, n_msl: int = 1) -> tuple[bool, str]:
+    """Whether an MLP of widths ``dims`` fits the fused kernel; (ok, reason)."""
+    L = len(dims) - 1
+    lim = fused_limits(device)
+    if L < 1 or L > lim["max_layers"]:
+        return False, f"{L} layers (the fused kernel takes 1..{lim['max_layers']})"
+    need = fused_workspace_bytes(dims, steps, n_support, n_query, dtype, lr_learned=lr_learned, n_msl=n_msl)
+    if need > lim["max_workspace_bytes"]:
+        return False, (f"per-task workspace of {need} bytes exceeds the fused limit of "
+                       f"{lim['max_workspace_bytes']} bytes on {torch.device(device).type}")
+    return True, f"fits: per-task workspace {need} of {lim['max_workspace_bytes']} bytes"
+
+
+_FITS_CACHE: dict = {}
+
+
+def fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl) -> bool:
+    """:func:`fits_fused`'s answer, remembered per configuration (and the CPU limit)."""
+    limit = FUSED_CPU_MAX_WORKSPACE_BYTES if device.type == "cpu" else None
+    key = (tuple(dims), K, Ns, Nq, dtype, device, limit, lr_learned, n_msl)
+    ok = _FITS_CACHE.get(key)
+    if ok is None:
+        ok = fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device, lr_learned=lr_learned, n_msl=n_msl)[0]
+        _FITS_CACHE[key] = ok
+    return ok
+
+
+__all__ = ["FUSED_CPU_MAX_WORKSPACE_BYTES", "fused_workspace_bytes", "fused_limits", "fits_fused", "fits_cached"]
