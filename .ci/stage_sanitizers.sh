@@ -32,24 +32,21 @@ build() {  # $1: tree, $2: sanitizer flags, $3: a symbol the instrumented module
   nm -D "$1"/fastmaml/_C*.so | grep -q "$3" || { echo "sanitizers: $1 is not instrumented ($3 missing)"; exit 1; }
 }
 
-# The tests that reach the C++ kernels: the op tests (tests/ops/ in the per-op layout,
-# else the op test files), the property tests of the ops and the reliability cases
-# that run the fused MLP kernel.
+# The tests that reach the C++ kernels: the op tests (tests/ops, tests/csrc), the
+# property tests of the ops and the reliability cases that run the fused MLP kernel
+# (Triton's are deselected: its interpreter runs no C++ of ours and is slow).
 if [[ -n "${SANITIZER_TESTS:-}" ]]; then
   read -r -a tests <<<"$SANITIZER_TESTS"
 else
-  tests=()
-  if [[ -d "$root/tests/ops" ]]; then
-    tests+=(tests/ops)
-  else
-    for f in test_sgd_step.py test_mlp_ops.py test_maml_mlp.py test_batch_norm.py test_maml_dispatch.py; do
-      [[ -f "$root/tests/$f" ]] && tests+=("tests/$f")
-    done
-  fi
-  tests+=(tests/property/test_prop_sgd_step.py tests/property/test_prop_mlp_ops.py
-          tests/property/test_prop_batch_norm.py tests/reliability/test_case03_nonfinite_params.py
-          tests/reliability/test_case05_fused_autograd_contract.py tests/reliability/test_case07_strided_inputs.py)
+  tests=(tests/ops tests/csrc
+         tests/property/test_prop_sgd_step.py tests/property/test_prop_mlp_ops.py tests/property/test_prop_batch_norm.py
+         tests/reliability/test_case03_nonfinite_params.py tests/reliability/test_case05_fused_autograd_contract.py
+         tests/reliability/test_case07_strided_inputs.py)
 fi
+
+# The build's own requirements (pip's isolated build environment does not leave them in
+# the CI venv)
+python -c "import pybind11, setuptools" 2>/dev/null || pip install -q "setuptools>=64" "pybind11>=2.11"
 
 # --- ASan + UBSan ------------------------------------------------------------------------
 asan="$work/asan"
