@@ -89,8 +89,8 @@ def inner_lr(name: str, v: object) -> float:
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
     if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be > 0 and finite, got {v!r} (0 would not adapt; a negative rate ascends the "
-                         "support loss)")
+        raise ValueError(f"{name} must be a finite float > 0, got {v!r} (0 would not adapt; a negative rate ascends "
+                         "the support loss)")
     if v > HUGE_LR:
         warnings.warn(f"{name}={v!r} is very large (> {HUGE_LR:g}): the inner SGD steps will most likely diverge "
                       "and the meta-loss become Inf or NaN", UserWarning, stacklevel=3)

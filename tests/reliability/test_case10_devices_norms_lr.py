@@ -51,7 +51,7 @@ def test_instance_norm_in_eval_mode_or_without_stats_is_fine():
 
 @pytest.mark.parametrize("lr", [-0.1, 0.0])
 def test_non_positive_inner_lr_is_refused(lr):
-    with pytest.raises(ValueError, match=r"inner_lr must be > 0"):
+    with pytest.raises(ValueError, match=r"inner_lr must be a finite float > 0"):
         build("fused_mlp", inner_lr=lr)
 
 
