@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.small:
-        sin_steps, omni_steps, hidden, omni_shape, omni_K = 2000, 40, 16, (4, 5, 15), 2
+        sin_steps, omni_steps, hidden, omni_shape, omni_K = 1000, 30, 16, (4, 5, 15), 2
     else:
         sin_steps, omni_steps, hidden, omni_shape, omni_K = 10_000, 500, 64, (32, 5, 75), 5
     print(f"soak ({'small' if args.small else 'full'} size), torch {torch.__version__}, "
