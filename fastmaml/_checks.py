@@ -5,6 +5,8 @@ these have passed."""
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -36,7 +38,8 @@ def float_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) ->
 
 def same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
-        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device} "
+                         f"(device mismatch: expected device {device}, got device {t.device})")
 
 
 def contiguous(name: str, t: torch.Tensor) -> None:
@@ -75,6 +78,26 @@ def lr_tensor(name: str, a: torch.Tensor, dtype: torch.dtype, device: torch.devi
     same_device(name, a, device)
     if strict:
         contiguous(name, a)
+
+
+# Above this an inner learning rate is almost surely a mistake: one SGD step of a loss
+# with curvature of order 1 already diverges past lr = 2.
+HUGE_LR = 1e3
+
+
+def inner_lr(name: str, v: object) -> float:
+    """A fixed inner learning rate: a finite float > 0 (0 would not adapt at all, a
+    negative rate ascends the support loss); a warning above ``HUGE_LR``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite float > 0, got {v!r} (0 would not adapt; a negative rate ascends "
+                         "the support loss)")
+    if v > HUGE_LR:
+        warnings.warn(f"{name}={v!r} is very large (> {HUGE_LR:g}): the inner SGD steps will most likely diverge "
+                      "and the meta-loss become Inf or NaN", UserWarning, stacklevel=3)
+    return v
 
 
 def positive_int(name: str, v: object, *, minimum: int = 1) -> int:

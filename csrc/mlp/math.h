@@ -16,7 +16,7 @@ FM_HD double fm_log(double x) { return log(x); }
 
 template <class S>
 FM_HD S act_fwd(int act, S z) {
-  return act == kRelu ? (z > S(0) ? z : S(0)) : fm_tanh(z);
+  return act == kRelu ? ((z > S(0) || z != z) ? z : S(0)) : fm_tanh(z);  // relu(NaN) = NaN, as torch.relu
 }
 // σ'(z) and σ''(z) written in terms of h = σ(z) (what is stored).
 template <class S>

@@ -247,12 +247,13 @@ void maml_impl(const Shape& s, int64_t T, int K, int Ns, int Nq, const std::vect
   if (need_grad) {
     for (int j = 0; j < 2 * s.L + 1; ++j) {
       const int64_t i0 = j < 2 * s.L ? seg[j] : P, i1 = j < 2 * s.L ? seg[j + 1] : P + a.n_lr;
-      S* out = j < 2 * s.L ? dst[j] - i0 : dlr - P;
-      for (int64_t i = i0; i < i1; ++i) out[i] = parts[1 + i];
+      if (i1 == i0) continue;  // no lr gradient: dlr may be null (no pointer arithmetic on it)
+      S* out = j < 2 * s.L ? dst[j] : dlr;  // out[i - i0] is element i of the flat gradient
+      for (int64_t i = i0; i < i1; ++i) out[i - i0] = parts[1 + i];
       for (int64_t c = 1; c < nchunks; ++c) {
         const S* pc = parts + c * stride + 1;
 #pragma omp simd
-        for (int64_t i = i0; i < i1; ++i) out[i] += pc[i];
+        for (int64_t i = i0; i < i1; ++i) out[i - i0] += pc[i];
       }
     }
   }

@@ -41,7 +41,8 @@ a graph; a double backward through it raises a RuntimeError.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,12 +225,7 @@ class MetaStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, plan: Plan, *flat: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        prob = plan.prob
-        na, nf = len(prob.adapted), len(prob.fixed)
-        theta_a = tuple(flat[:na])
-        phi = tuple(flat[na:na + nf])
-        lr_t = list(flat[na + nf:na + nf + plan.n_lr])
-        xs, ys, xq, yq = flat[na + nf + plan.n_lr:]
+        na, nf = len(plan.prob.adapted), len(plan.prob.fixed)
         # Under torch.no_grad() (evaluation) needs_input_grad still says True: the
         # plan records the caller's grad mode so no meta-gradient work is done then.
         grad_on = plan.grad_enabled
@@ -237,25 +233,19 @@ class MetaStep(torch.autograd.Function):
         need_f = grad_on and any(ctx.needs_input_grad[1 + na:1 + na + nf])
         need_lr = grad_on and any(ctx.needs_input_grad[1 + na + nf:1 + na + nf + plan.n_lr])
         flags = (need_a, need_f, need_lr)
-        need_any = need_a or need_f or need_lr
-        T = prob.T
-        ctx.pre = None
-        if need_any and plan.per_task and T > 1:
-            total = torch.zeros((), dtype=xs.dtype, device=xs.device)
-            grads = None
-            for t in range(T):
-                s = slice(t, t + 1)
-                tot_t, st = _forward_pass(plan, theta_a, phi, lr_t, xs[s], ys[s], xq[s], yq[s], flags)
-                total = total + tot_t / T
-                dt, df, dl = _adjoint(plan, st, 1.0 / T, flags)
-                del st
-                grads = _add(grads, [*dt, *df, *dl])
-            ctx.pre = grads
-        else:
-            total, st = _forward_pass(plan, theta_a, phi, lr_t, xs, ys, xq, yq, flags)
-            if need_any:
-                ctx.st = st
-        if need_any:
+        device = flat[-1].device
+        ctx.rng = rng_state(device)
+        total, ctx.st, ctx.pre = _run(plan, flat, flags)
+        if (any(flags) and not plan.prob.first_order and plan.task_map == "loop" and plan.graph_budget < KEEP_ALL
+                and not torch.equal(ctx.rng, rng_state(device))):
+            # fn drew random numbers (F.dropout, randn_like): a backward that recomputed an
+            # inner step would draw new ones and differentiate another function. Keep
+            # every step's graph instead, so the backward uses the forward's draws, and run
+            # the tasks in order (the draws then depend on the generator's state only).
+            plan = dataclasses.replace(plan, graph_budget=KEEP_ALL, workers=1)
+            ctx.rng = rng_state(device)
+            total, ctx.st, ctx.pre = _run(plan, flat, flags)
+        if any(flags):
             ctx.plan = plan
             ctx.flags = flags
             ctx.save_for_backward(*flat)  # version counters catch in-place edits of the inputs
@@ -265,7 +255,18 @@ class MetaStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:  # type: ignore[override]
         plan: Plan = ctx.plan
-        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since the forward
+        flat = ctx.saved_tensors  # raises if an input was modified in place, or the graph was freed
+        if ctx.pre is None and ctx.st is None:
+            # a second backward through a retained graph: the first one consumed the
+            # forward's products (θ_k, kept graphs), so they are recomputed, from the
+            # generator state the forward started from (the same random draws)
+            device = flat[-1].device
+            now = rng_state(device)
+            set_rng_state(device, ctx.rng)
+            try:
+                _, ctx.st, ctx.pre = _run(plan, flat, ctx.flags)
+            finally:
+                set_rng_state(device, now)
         if ctx.pre is not None:
             grads = [None if g is None else g * grad_out for g in ctx.pre]
             ctx.pre = None
@@ -274,3 +275,62 @@ class MetaStep(torch.autograd.Function):
             ctx.st = None
             grads = [*dt, *df, *dl]
         return (None, *grads, None, None, None, None)
+
+
+KEEP_ALL = 1 << 62  # a graph budget that keeps every inner step's support graph
+
+
+def _run(plan: Plan, flat: Sequence[torch.Tensor], flags: tuple[bool, bool, bool]) -> tuple:
+    """The meta-step's forward: (M, the pass the adjoint needs or None, the meta-gradient
+    already computed one task at a time or None)."""
+    prob = plan.prob
+    na, nf = len(prob.adapted), len(prob.fixed)
+    theta_a = tuple(flat[:na])
+    phi = tuple(flat[na:na + nf])
+    lr_t = list(flat[na + nf:na + nf + plan.n_lr])
+    xs, ys, xq, yq = flat[na + nf + plan.n_lr:]
+    need_any = any(flags)
+    T = prob.T
+    if need_any and plan.per_task and T > 1:
+        total = torch.zeros((), dtype=xs.dtype, device=xs.device)
+        grads = None
+        for t in range(T):
+            s = slice(t, t + 1)
+            tot_t, st = _forward_pass(plan, theta_a, phi, lr_t, xs[s], ys[s], xq[s], yq[s], flags)
+            total = total + tot_t / T
+            dt, df, dl = _adjoint(plan, st, 1.0 / T, flags)
+            del st
+            grads = _add(grads, [*dt, *df, *dl])
+        return total, None, grads
+    total, st = _forward_pass(plan, theta_a, phi, lr_t, xs, ys, xq, yq, flags)
+    return total, (st if need_any else None), None
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the default generator that ``fn``'s random ops on ``device`` draw from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.default_generator.get_state()
+
+
+def set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.default_generator.set_state(state)
+
+
+_VMAP_HINT = ("fn cannot run under vmap over tasks ({}): set task_map='loop' (on a MAML module: "
+              "maml.task_map = 'loop'), which maps tasks by a Python loop and, for random ops, keeps every inner "
+              "step's graph so the backward sees the forward's draws; or use backend='reference'")
+
+
+def vmap_error(e: RuntimeError) -> ValueError | None:
+    """A ValueError naming the fix for vmap's refusals of random ops and of control
+    flow that depends on tensor values in ``fn``; None for any other error."""
+    msg = str(e)
+    if "vmap" not in msg:
+        return None
+    if "random" in msg:
+        return ValueError(_VMAP_HINT.format("it calls a random operation such as F.dropout or torch.randn_like"))
+    if "data-dependent control flow" in msg or ".item()" in msg:
+        return ValueError(_VMAP_HINT.format("its control flow depends on tensor values"))
+    return None

@@ -3,7 +3,9 @@
 Both front ends — the ``MAML`` module and the functional ``maml_loss`` — call
 :func:`route`, so they take the same path for the same model and data:
 
-* ``"reference"``: ``backend='reference'``, unrolled autograd over a loop of tasks;
+* ``"reference"``: ``backend='reference'``, unrolled autograd over a loop of tasks
+  (also taken when inputs or closed-over tensors need gradients:
+  :func:`fastmaml.maml.functional.upstream_route`);
 * ``"fused_mlp"`` / ``"mlp_layerwise"``: an ``nn.Sequential`` MLP that the fused MLP op
   takes (:mod:`fastmaml.maml.mlp_path`), within or past its fused limits;
 * ``"generic"``: the adjoint meta-step (:mod:`fastmaml.maml.adjoint`) for any model

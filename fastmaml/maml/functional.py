@@ -7,6 +7,12 @@ The meta-loss is once-differentiable on the fast paths: its backward is the adjo
 recursion (docs/DESIGN.md §1) run without a graph, so ``loss.backward()`` works but
 differentiating the meta-gradient again raises a RuntimeError. Use
 ``backend="reference"`` for higher derivatives.
+
+The fast paths differentiate the parameters and the learning rates. When the meta-loss
+must also carry gradients to the inputs (``xs``... requiring grad: an encoder trained in
+front of MAML) or to tensors ``fn`` closes over, the call runs on the reference path
+instead (:func:`upstream_route`), which differentiates whatever the meta-loss depends
+on: the reference's gradients, at the reference's memory (K steps of graph).
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ from torch import nn
 
 from fastmaml.reference import maml as ref
 from fastmaml.maml import dispatch, mlp_path, modes
-from fastmaml.maml.adjoint import MetaStep, inner_update
+from fastmaml.maml.adjoint import MetaStep, inner_update, vmap_error
 from fastmaml.maml.hvp import choose_hvp
 from fastmaml.maml.plan import Plan
-from fastmaml.maml.problem import PureFn, check_problem, resolve_msl
+from fastmaml.maml.problem import PureFn, check_model, check_problem, resolve_msl
 from fastmaml.maml.tasks import choose_workers, map_tasks
 
 MAML_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -102,12 +108,15 @@ def maml_loss(
     modes.check_no_transform("fastmaml.maml_loss", backend)
     backend = check_backend(backend)
     module = fn if isinstance(fn, nn.Module) else None
+    if module is not None:
+        check_model(module)
     call = as_fn(module) if module is not None else fn
     if not isinstance(params, Mapping):
         check_problem(call, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,
                       msl_weights=msl_weights, adapt=adapt)  # raises: params must be a dict
     r = route_call(fn, params, lrs, (xs, ys, xq), steps=steps, loss=loss, msl_weights=msl_weights, adapt=adapt,
                    backend=backend, task_map=task_map, hvp=hvp)
+    r = upstream_route(r, call, params, (xs, ys, xq, yq))
     if r.mlp is not None:
         st = r.mlp
         msl = mlp_path.msl_tensor(resolve_msl(msl_weights, steps) if msl_weights is not None else None,
@@ -138,7 +147,47 @@ def run_generic(r: dispatch.Route, fn: PureFn, params: Mapping[str, torch.Tensor
                 graph_budget=dispatch.graph_budget(graph_memory_mb),
                 fused_bn=dispatch.choose_fused_bn(fused_batch_norm, tm, xs), step_hook=step_hook)
     flat = [params[n] for n in prob.adapted] + [params[n] for n in prob.fixed] + list(prob.lr.tensors)
-    return MetaStep.apply(plan, *flat, xs, ys, xq, yq)
+    try:
+        return MetaStep.apply(plan, *flat, xs, ys, xq, yq)
+    except RuntimeError as e:
+        err = vmap_error(e)
+        if err is None:
+            raise
+        raise err from e
+
+
+def upstream_route(r: dispatch.Route, fn: object, params: object, data: tuple | None) -> dispatch.Route:
+    """``r``, or the reference path when the meta-step must also differentiate something
+    outside ``params`` (see :func:`upstream_grads`): unrolled autograd differentiates
+    whatever the meta-loss depends on. ``params``: the dict, or a function giving it."""
+    if r.path == "reference" or data is None or not torch.is_grad_enabled():
+        return r
+    names = [nm for nm, t in zip(("xs", "ys", "xq", "yq"), data) if isinstance(t, torch.Tensor) and t.requires_grad]
+    why = f"{', '.join(names)} require grad" if names else None
+    if why is None and r.mlp is None:  # an nn.Sequential MLP closes over nothing
+        why = upstream_grads(as_fn(fn) if isinstance(fn, nn.Module) else fn,
+                             params() if callable(params) and not isinstance(params, Mapping) else params, data[0])
+    if why is None:
+        return r
+    return dispatch.Route("reference", f"{why}: the reference backend (unrolled autograd) computes those gradients "
+                          "too; the fast paths differentiate the parameters and rates only")
+
+
+def upstream_grads(fn: object, params: object, xs: object) -> str | None:
+    """Why ``fn`` needs gradients beyond ``params``: it depends on a tensor that requires
+    grad and is not in ``params`` (a closed-over tensor, another module's parameter),
+    found by one evaluation on the first task's support set with detached parameters;
+    else None."""
+    if not (callable(fn) and isinstance(params, Mapping) and isinstance(xs, torch.Tensor) and xs.dim() >= 3
+            and xs.shape[0] > 0 and all(isinstance(p, torch.Tensor) for p in params.values())):
+        return None  # the checks report it
+    try:
+        out = fn({n: p.detach() for n, p in params.items()}, xs[0].detach())
+    except Exception:  # noqa: BLE001 - the meta-step itself reports a failing fn
+        return None
+    if isinstance(out, torch.Tensor) and out.requires_grad:
+        return "fn depends on a tensor outside params that requires grad (a closed-over tensor or module)"
+    return None
 
 
 def route_call(fn: object, params: Mapping[str, torch.Tensor], lrs: object, data: tuple | None, *, steps: object,
@@ -191,11 +240,17 @@ def adapt(
         pa = tuple(params[n].detach() for n in prob.adapted)
         phi = tuple(params[n].detach() for n in prob.fixed)
         lr_t = [t.detach() for t in prob.lr.tensors]
-        for k in range(prob.steps):
-            if step_hook is not None:
-                step_hook(k, False)
-            g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
-            pa = inner_update(pa, g, prob.lr.sgd_lr(k, lr_t), plan.sgd_backend)
+        try:
+            for k in range(prob.steps):
+                if step_hook is not None:
+                    step_hook(k, False)
+                g = plan.support_grads(pa, phi, xs, ys, shared=(k == 0))
+                pa = inner_update(pa, g, prob.lr.sgd_lr(k, lr_t), plan.sgd_backend)
+        except RuntimeError as e:
+            err = vmap_error(e)
+            if err is None:
+                raise
+            raise err from e
     out = dict(zip(prob.adapted, pa))
     out.update({n: p.expand(prob.T, *p.shape) for n, p in zip(prob.fixed, phi)})
     return {n: out[n] for n in prob.names}

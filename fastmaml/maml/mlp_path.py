@@ -162,6 +162,8 @@ def mlp_route(
     if xs.dim() != 3 or xq.dim() != 3 or ys.dim() != want_y:
         return None, (f"data are not [T, N, in] with {'[T, N, out]' if loss == 'mse' else '[T, N] labels'} targets "
                       f"(xs {tuple(xs.shape)}, ys {tuple(ys.shape)})"), st
+    if any(t.device != p0.device for t in (xs, ys, xq)):
+        return None, f"data on another device than the parameters ({p0.device}; the generic path reports it)", st
     if p0.dtype not in _checks.FLOAT_DTYPES or xs.dtype != p0.dtype:
         return None, f"dtype {xs.dtype} of xs vs {p0.dtype} of the parameters (the generic path reports it)", st
     ok, why = maml_mlp_fit.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
@@ -199,7 +201,7 @@ def finite_inputs(**tensors: torch.Tensor) -> None:
             return
         floats = [floats[i]]
     for name, t in floats:
-        if not math.isfinite(float(t.sum())):
+        if not math.isfinite(float(t.detach().sum())):
             _checks.finite(name, t)  # raises for NaN/Inf
             raise ValueError(f"{name} holds values so large that their sum overflows ({t.dtype}); rescale the data")
 
@@ -221,9 +223,24 @@ def run(
     backend: str,
 ) -> torch.Tensor:
     """The meta-loss by ``ops.maml_mlp`` (fused kernel or its layer-wise path).
-    ``weights``/``biases`` in layer order (``st.weight_names``/``st.bias_names``)."""
-    if not torch.compiler.is_compiling():  # compiled: fastmaml::maml_mlp checks them inside the graph
-        finite_inputs(xs=xs, ys=ys, xq=xq, yq=yq)
+    ``weights``/``biases`` in layer order (``st.weight_names``/``st.bias_names``).
+
+    The MAML layer's contract, the same as on the other paths: data on the parameters'
+    device; strided data compacted first (the kernels read contiguous memory; a copy
+    gives bitwise the same numbers); NaN/Inf in the data, the parameters or the rates
+    refused up front (the kernels would propagate them); a fixed rate > 0. Compiled, the
+    data's finiteness is checked inside the graph by ``fastmaml::maml_mlp``."""
+    for name, t in (("xs", xs), ("ys", ys), ("xq", xq), ("yq", yq)):
+        _checks.same_device(name, t, weights[0].device)
+    xs, ys, xq, yq = (t if t.is_contiguous() else t.contiguous() for t in (xs, ys, xq, yq))
+    if isinstance(lrs, (int, float)):
+        _checks.inner_lr("lrs (a fixed inner learning rate)", lrs)
+    lr_ts = [lrs] if isinstance(lrs, torch.Tensor) else list(lrs.values()) if isinstance(lrs, Mapping) else (
+        list(lrs) if isinstance(lrs, (list, tuple)) else [])
+    if not torch.compiler.is_compiling():
+        named = zip((*st.weight_names, *st.bias_names), (*weights, *biases))
+        finite_inputs(xs=xs, ys=ys, xq=xq, yq=yq, **{f"params[{n!r}]": p for n, p in named},
+                      **{f"lrs[{i}]": t for i, t in enumerate(lr_ts) if isinstance(t, torch.Tensor)})
     if isinstance(lrs, (torch.Tensor, Mapping)):
         lrs = mlp_lr(lrs, [n for pair in zip(st.weight_names, st.bias_names) for n in pair], steps)
     return _maml_mlp_op(list(weights), list(biases), xs, ys, xq, yq, lrs, steps=steps,

@@ -6,7 +6,6 @@ answer (:func:`fastmaml.maml.dispatch.route`), the same one ``maml_loss`` gets.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -16,32 +15,11 @@ from fastmaml import _checks
 from fastmaml.maml import dispatch, functional, mlp_path, modes
 from fastmaml.maml.annealing import MetaState
 from fastmaml.maml.hvp import HVPS
-from fastmaml.maml.problem import resolve_loss, resolve_msl
+from fastmaml.maml.problem import check_model, resolve_loss, resolve_msl
 from fastmaml.maml.tasks import TASK_MAPS, module_fn
 from fastmaml.reference import per_step_bn
 
 LR_MODES = ("scalar", "per_step_layer", "per_element", "per_step_element")
-
-
-def check_model(model: nn.Module) -> None:
-    """Raise ValueError for model states the meta-step cannot handle: BatchNorm that
-    would update running statistics (training mode with track_running_stats=True) and
-    active dropout (random masks differ between the inner loop, the query loss and the
-    backward's recomputation)."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-            raise ValueError(
-                f"BatchNorm layer {name!r} is in training mode with track_running_stats=True: it would update "
-                "its running statistics (buffers) in place inside the inner loop. Build it with "
-                "track_running_stats=False (batch statistics, as the original MAML code), or call "
-                "model.eval() to use its fixed running statistics."
-            )
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
-            raise ValueError(
-                f"Dropout layer {name!r} is active (training mode, p={m.p}): its random masks would differ "
-                "between the inner steps, the query loss and the backward pass. Call model.eval() on the "
-                "dropout layers or use p=0."
-            )
 
 
 def check_knobs(task_map: object, hvp: object, hvp_map: object, task_threads: object, graph_memory_mb: object,
@@ -100,8 +78,7 @@ def check_args(inner_steps: object, first_order: object, lr_mode: object, learn_
             raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
     if lr_mode not in LR_MODES:
         raise ValueError(f"lr_mode must be one of {LR_MODES}, got {lr_mode!r}")
-    if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not math.isfinite(inner_lr):
-        raise ValueError(f"inner_lr must be a finite float, got {inner_lr!r}")
+    _checks.inner_lr("inner_lr", inner_lr)
     resolve_loss(loss)
 
 
@@ -117,6 +94,38 @@ def check_fast(fast: object, xq: object) -> None:
             raise ValueError(f"fast[{n!r}] must be [T={xq.shape[0]}, ...] like xq, got shape {tuple(p.shape)}")
 
 
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model has no trainable parameters (requires_grad=True): every parameter is frozen")
+    return params
+
+
+def current_adapt(m: MAML) -> dict:
+    """``params``, ``lrs`` and ``adapt`` of a call, from the parameters trainable *now*:
+    a parameter frozen after ``MAML`` was built is held fixed (its rates dropped) when the
+    user did not name it in ``adapt``; one named in ``adapt`` is an error; one made
+    trainable since is adapted with a scalar rate, an error with per-tensor rates."""
+    params, names, lrs = trainable(m.model), m.adapt_names, m._lrs_arg()
+    if all(n in params for n in names) and (m._adapt_given or len(params) == len(names)):
+        return dict(params=params, lrs=lrs, adapt=names)
+    frozen = [n for n in names if n not in params]
+    if frozen and m._adapt_given:
+        raise ValueError(f"adapt names {frozen}, frozen (requires_grad=False) after MAML was built; unfreeze them "
+                         "or build MAML again with the new adapt list")
+    new = [] if m._adapt_given else [n for n in params if n not in names]
+    if new and m.lr_mode != "scalar":
+        raise ValueError(f"parameters {new} became trainable after MAML was built; lr_mode={m.lr_mode!r} has no "
+                         "rate for them: build MAML again")
+    keep = [i for i, n in enumerate(names) if n in params]
+    if m.lr_mode == "per_step_layer":
+        lrs = m.lrs[0][:, keep]
+    elif m.lr_mode != "scalar":
+        lrs = [m.lrs[i] for i in keep]
+    adapted = {names[i] for i in keep} | set(new)
+    return dict(params=params, lrs=lrs, adapt=[n for n in params if n in adapted])
+
+
 def route_key(m: MAML, data: tuple | None) -> tuple[tuple | None, list, list]:
     """(cache key, Linear weights, biases) of a call of ``m``: for an ``nn.Sequential``
     everything the route depends on, with the Linear weights read without walking the
@@ -129,7 +138,7 @@ def route_key(m: MAML, data: tuple | None) -> tuple[tuple | None, list, list]:
     if not all(isinstance(v, str) for v in knobs):
         return None, ws, bs  # not cached (ill-typed knobs: the router reports them)
     w0 = ws[0] if ws else None
-    xs, ys, xq = data
+    xs, ys, xq = data[:3]
     loss, msl = d["loss"], d["msl_weights"]
     key = (mods, tuple(w.requires_grad for w in ws) + tuple(b is not None and b.requires_grad for b in bs),
            xs.shape, ys.shape, xq.shape, xs.dtype, xs.device, None if w0 is None else (w0.dtype, w0.device),
@@ -220,7 +229,7 @@ class MAML(nn.Module):
         self.learn_lr, self.inner_lr, self.loss = learn_lr, float(inner_lr), loss
         self.backend = functional.check_backend(backend)
         self.msl_weights = None if msl_weights is None else resolve_msl(msl_weights, inner_steps)
-        self.adapt_names = adapted_names(model, adapt)
+        self.adapt_names, self._adapt_given = adapted_names(model, adapt), adapt is not None
         self.lrs = make_lrs(model, self.adapt_names, lr_mode, self.inner_lr, inner_steps, learn_lr)
         self.task_map, self.hvp, self.hvp_map, self.task_threads = task_map, hvp, hvp_map, task_threads
         self.graph_memory_mb, self.fused_batch_norm = graph_memory_mb, fused_batch_norm
@@ -237,7 +246,7 @@ class MAML(nn.Module):
     outer_steps = property(lambda self: self._meta.order.outer_steps, lambda self, n: self._meta.set_outer_steps(n))
 
     def _params(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return trainable(self.model)
 
     def _lrs_arg(self) -> object:
         if self.lr_mode == "scalar":
@@ -246,10 +255,10 @@ class MAML(nn.Module):
 
     def _route(self, data: tuple | None) -> tuple[dispatch.Route, list, list]:
         key, ws, bs = route_key(self, data)
-        r = functional.route_call(self.model, self._params, self._lrs_arg(), data, steps=self.inner_steps,
+        r = functional.route_call(self.model, self._params, self._lrs_arg(), data and data[:3], steps=self.inner_steps,
                                   loss=self.loss, msl_weights=self.msl_weights, adapt=self.adapt_names,
                                   backend=self.backend, task_map=self.task_map, hvp=self.hvp, key=key)
-        return r, ws, bs
+        return functional.upstream_route(r, self.model, self._params, data), ws, bs
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
         """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d).
@@ -274,7 +283,7 @@ class MAML(nn.Module):
 
 
 def _forward(m: MAML, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
-    r, ws, bs = m._route((xs, ys, xq))
+    r, ws, bs = m._route((xs, ys, xq, yq))
     fo, record, r, hook = m._meta.begin(m.first_order, m.training, r)
     # (not while Dynamo traces: the changed attribute would cost a recompile; eager calls set it)
     if (m.path is not r.path or m.path_reason is not r.reason) and not torch.compiler.is_compiling():
@@ -293,8 +302,8 @@ def _adapt(m: MAML, xs: torch.Tensor, ys: torch.Tensor, steps: int | None) -> di
     steps = m.inner_steps if steps is None else _checks.positive_int("steps", steps)
     if m.lr_mode in ("per_step_layer", "per_step_element") and steps != m.inner_steps:
         raise ValueError(f"lr_mode={m.lr_mode!r} defines rates for {m.inner_steps} steps only; got steps={steps}")
-    return functional.adapt(module_fn(m.model), m._params(), m._lrs_arg(), xs, ys, steps=steps, loss=m.loss,
-                            adapt=m.adapt_names, backend=m.backend, task_map=m._task_map(xs),
+    return functional.adapt(module_fn(m.model), xs=xs, ys=ys, **current_adapt(m), steps=steps, loss=m.loss,
+                            backend=m.backend, task_map=m._task_map(xs),
                             task_threads=m.task_threads, fused_batch_norm=m.fused_batch_norm,
                             step_hook=m._meta.layers.hook(False) if m._meta.layers else None)
 
@@ -320,12 +329,13 @@ def _run_generic(m: MAML, r: dispatch.Route, first_order: bool, record: bool, ho
                  data: tuple) -> torch.Tensor:
     """The meta-loss on the generic or reference path; a model with per-step layers
     (``hook``) takes their reference on the reference path."""
+    ca = current_adapt(m)
     kw = dict(steps=m.inner_steps, first_order=first_order, loss=m.loss, msl_weights=m.msl_weights,
-              adapt=m.adapt_names)
+              adapt=ca["adapt"])
     if r.path == "reference" and hook is not None:
-        return per_step_bn.maml_loss(m.model, m._params(), m._lrs_arg(), *data, update_running_stats=record,
+        return per_step_bn.maml_loss(m.model, ca["params"], ca["lrs"], *data, update_running_stats=record,
                                      **kw)  # type: ignore[arg-type]
-    return functional.run_generic(r, module_fn(m.model), m._params(), m._lrs_arg(), *data, backend=m.backend,
+    return functional.run_generic(r, module_fn(m.model), ca["params"], ca["lrs"], *data, backend=m.backend,
                                   hvp=m.hvp, hvp_map=m.hvp_map, task_threads=m.task_threads,
                                   graph_memory_mb=m.graph_memory_mb, fused_batch_norm=m.fused_batch_norm,
                                   step_hook=hook, **kw)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastmaml import _checks
 
@@ -47,8 +48,23 @@ def resolve_loss(loss: object) -> tuple[str, LossFn]:
             return "cross_entropy", cross_entropy
         raise ValueError(f"loss must be one of {LOSS_NAMES} or a callable loss(pred, y), got {loss!r}")
     if callable(loss):
-        return "callable", loss  # type: ignore[return-value]
+        return "callable", _scalar_loss(loss)  # type: ignore[arg-type]
     raise TypeError(f"loss must be one of {LOSS_NAMES} or a callable loss(pred, y), got {type(loss).__name__}")
+
+
+def _scalar_loss(loss: LossFn) -> LossFn:
+    """``loss`` checked to return a scalar (0-d) on each call. A per-point loss would be
+    silently wrong: the inner steps would differentiate its sum, the value report its
+    mean. Under vmap the check sees one task's value, as it should."""
+
+    def checked(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = loss(pred, y)
+        if not isinstance(out, torch.Tensor) or out.dim() != 0:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"loss must return a scalar (a 0-d tensor, e.g. reduced by .mean()), got {shape}")
+        return out
+
+    return checked
 
 
 @dataclass
@@ -124,9 +140,7 @@ def resolve_lr(lrs: object, shapes: Sequence[torch.Size], names: Sequence[str], 
     if isinstance(lrs, bool):
         raise TypeError("lrs must be a float, a tensor or a sequence/dict of tensors, got bool")
     if isinstance(lrs, (int, float)):
-        if not math.isfinite(float(lrs)):
-            raise ValueError(f"inner learning rate must be finite, got {lrs}")
-        return LRSpec("fixed", [], float(lrs))
+        return LRSpec("fixed", [], _checks.inner_lr("lrs (a fixed inner learning rate)", lrs))
     if isinstance(lrs, torch.Tensor):
         _check_lr_tensor("lrs", lrs, dtype, device)
         if lrs.dim() == 0:
@@ -204,6 +218,13 @@ def check_meta_batch(xs: object, ys: object, xq: object, yq: object, *, loss_nam
 
     xs [T, Ns, ...], ys [T, Ns, ...], xq [T, Nq, ...], yq [T, Nq, ...]; the x's have
     the parameters' float dtype; labels are float (mse) or int64 (cross_entropy)."""
+    for nm, t in (("xs", xs), ("xq", xq)):
+        _checks.tensor(nm, t)
+        if t.dim() < 3:  # type: ignore[union-attr]
+            raise ValueError(
+                f"{nm} must be [T, N, ...] (tasks, points, point features), got shape {tuple(t.shape)}: "  # type: ignore[union-attr]
+                f"{t.dim()} dims, a task dimension is missing? For one task pass {nm}.unsqueeze(0) (and the "  # type: ignore[union-attr]
+                "labels likewise); points need at least one feature dim ([T, N] scalars: unsqueeze(-1))")
     for nm, t in (("xs", xs), ("ys", ys), ("xq", xq), ("yq", yq)):
         _checks.tensor(nm, t)
         if t.dim() < 2:  # type: ignore[union-attr]
@@ -300,3 +321,24 @@ def check_problem(fn: object, params: object, lrs: object, xs: object, ys: objec
     lr = resolve_lr(lrs, [params[nm].shape for nm in adapted], adapted, K, dtype, device)  # type: ignore[index]
     msl = resolve_msl(msl_weights, K)
     return MetaProblem(names, adapted, fixed, lr, K, first_order, msl, loss_name, loss_fn, T)
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise ValueError for model states the meta-step cannot handle, naming the layer:
+    a norm layer (BatchNorm, InstanceNorm) that would update running statistics
+    (training mode with track_running_stats=True) and active dropout (random masks
+    differ between the inner loop, the query loss and the backward's recomputation)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+            raise ValueError(
+                f"{type(m).__name__} layer {name!r} is in training mode with track_running_stats=True: it would update "
+                "its running statistics (buffers) in place inside the inner loop. Build it with "
+                "track_running_stats=False (batch statistics, as the original MAML code), or call "
+                "model.eval() to use its fixed running statistics."
+            )
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(
+                f"Dropout layer {name!r} is active (training mode, p={m.p}): its random masks would differ "
+                "between the inner steps, the query loss and the backward pass. Call model.eval() on the "
+                "dropout layers or use p=0."
+            )

@@ -82,6 +82,8 @@ def fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, backend="cpu"
     if ok is None:
         ok = fits_fused(dims, K, Ns, Nq, dtype=dtype, device=device, lr_learned=lr_learned, n_msl=n_msl,
                         backend=backend)[0]
+        if len(_FITS_CACHE) >= 256:  # bounded: a meta-batch whose sizes change every step adds a key per step
+            _FITS_CACHE.clear()
         _FITS_CACHE[key] = ok
     return ok
 

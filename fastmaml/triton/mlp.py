@@ -105,7 +105,7 @@ def _act(z, ACT: tl.constexpr):
     if ACT == _TANH:
         r = _tanh(z)  # σ(z) = tanh z
     else:
-        r = tl.maximum(z, 0.0)  # σ(z) = max(z, 0)
+        r = tl.where((z > 0) | (z != z), z, 0.0)  # σ(z) = max(z, 0); NaN stays NaN, as torch.relu
     return r
 
 

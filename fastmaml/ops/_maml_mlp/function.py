@@ -90,6 +90,9 @@ class _MamlMlp(torch.autograd.Function):
         ctx.flat_shapes = cfg.shapes
         ctx.lr_shapes = [t.shape for t in inputs[1 + 2 * cfg.L:]] if cfg.n_lr_tensors else []
         ctx.used = False
+        # autograd's contract: a second backward without retain_graph raises, and so does
+        # an input modified in place since the forward (version counters)
+        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
     def backward(ctx, gloss):
@@ -100,6 +103,7 @@ class _MamlMlp(torch.autograd.Function):
                 "maml_mlp is once-differentiable: its backward is the fused adjoint recursion, not a graph, "
                 "so double backward (create_graph=True through maml_mlp) is not supported")
         cfg = ctx.cfg
+        ctx.saved_tensors  # noqa: B018 - raises after a freed graph or an in-place edit of an input
         grads = ctx.grads
         if grads is None:
             raise RuntimeError("maml_mlp: the forward ran without a gradient (no input required grad)")
