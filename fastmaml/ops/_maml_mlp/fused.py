@@ -8,11 +8,14 @@ from fastmaml import codes
 from fastmaml._ext import cuda_launch, ext
 from fastmaml.ops._maml_mlp.config import Cfg, pack_lr
 
-def run_fused(cfg: Cfg, ws, bs, lrs):
+def run_fused(cfg: Cfg, ws, bs, lrs, lr_learned: bool | None = None):
     lr_mode, lr_t, _ = pack_lr(cfg, lrs, cfg.shapes)
     # the K support gradients are kept (and dα computed) only for an lr that requires grad:
-    # the same condition as the fit check (maml_mlp_fit.fused_workspace_bytes' lr_learned)
-    lr_learned = cfg.need_grad and any(t.requires_grad for t in lrs)
+    # the same condition as the fit check (maml_mlp_fit.fused_workspace_bytes' lr_learned).
+    # Inside the custom op fastmaml::maml_mlp no input requires grad: it passes the flag.
+    if lr_learned is None:
+        lr_learned = any(t.requires_grad for t in lrs)
+    lr_learned = cfg.need_grad and lr_learned
     n_lr = lr_t.numel() if (lr_learned and lr_t is not None) else 0
     dtype, device = cfg.dtype, cfg.device
     loss = torch.empty((), dtype=dtype, device=device)

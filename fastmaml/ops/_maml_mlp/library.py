@@ -93,7 +93,7 @@ def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Ten
                                                                     n_msl)
     cfg = Cfg(dims, L, T, steps, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
               lr_value, len(lrs), bool(first_order), bool(need_grad), backend, fused, n_msl, shapes)
-    out, grads, dlr = (run_fused if fused else run_layerwise)(cfg, ws, bs, lrs)
+    out, grads, dlr = run_fused(cfg, ws, bs, lrs, lr_learned) if fused else run_layerwise(cfg, ws, bs, lrs)
     grads_out = [g.contiguous() for g in grads] if need_grad and grads is not None else []
     dlr_out: list[Tensor] = []
     if _has_dlr(lr_kind, lrs, need_grad):
