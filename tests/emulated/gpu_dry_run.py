@@ -187,6 +187,10 @@ def _install() -> None:
     c.manual_seed = lambda seed: None
     c.manual_seed_all = lambda seed: None
     c.empty_cache = lambda: None
+    # "cuda" tensors are CPU memory here, so their random stream is the CPU generator's
+    # (the generic meta-step saves and restores it for a second backward)
+    c.get_rng_state = lambda device="cuda": torch.default_generator.get_state()
+    c.set_rng_state = lambda state, device="cuda": torch.default_generator.set_state(state)
     _CudaToFake().__enter__()  # for the whole session (this thread)
 
 
