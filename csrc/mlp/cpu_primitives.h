@@ -24,19 +24,31 @@ namespace mlp {
 // accumulators stay in vector registers for the whole reduction over r; each loaded
 // row of b is reused MR times. GCC/Clang vector extensions (no intrinsics): the same
 // source vectorises for whatever -march allows.
-template <class S>
+//
+// The vector width: 64 bytes (16 floats / 8 doubles) where the target has AVX-512, else 32.
+// The register tiles use the wide vectors (AVX-512 has 32 vector registers: up to 24
+// accumulators per tile instead of 12), with one 32-byte block for a leftover half
+// vector of columns (a 40-wide float row: 32 + 8); the transposes and the ragged
+// reductions keep 32-byte vectors. A column's sum runs over r in the same order for any
+// width, so the results do not depend on it.
+#if defined(__AVX512F__)
+#define FM_VEC_BYTES 64
+#else
+#define FM_VEC_BYTES 32
+#endif
+template <class S, int B = FM_VEC_BYTES>
 struct Vec {
-  typedef S type __attribute__((vector_size(32)));
-  static constexpr int n = int(32 / sizeof(S));
+  typedef S type __attribute__((vector_size(B)));
+  static constexpr int n = int(B / sizeof(S));
 };
-template <class S>
-inline typename Vec<S>::type vload(const S* p) {
-  typename Vec<S>::type v;
+template <class S, int B = FM_VEC_BYTES>
+inline typename Vec<S, B>::type vload(const S* p) {
+  typename Vec<S, B>::type v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
-template <class S>
-inline void vstore(S* p, typename Vec<S>::type v) {
+template <class S, int B = FM_VEC_BYTES>
+inline void vstore(S* p, typename Vec<S, B>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
@@ -51,18 +63,19 @@ struct Term {
   int64_t bs;
 };
 
-template <class S, int MR, int NV>
+template <class S, int MR, int NV, int B>
 inline void tile(const Term<S>& x, const Term<S>& y, int64_t i0, int q0, S* out, int64_t ldo, bool acc,
                  const S* bias) {
-  using v = typename Vec<S>::type;
-  constexpr int n = Vec<S>::n;
+  using v = typename Vec<S, B>::type;
+  constexpr int n = Vec<S, B>::n;
   v c[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j)
-      c[i][j] = acc ? vload(out + (i0 + i) * ldo + q0 + j * n) : (bias ? vload(bias + q0 + j * n) : v{});
+      c[i][j] = acc ? vload<S, B>(out + (i0 + i) * ldo + q0 + j * n)
+                    : (bias ? vload<S, B>(bias + q0 + j * n) : v{});
   for (int r = 0; r < x.R; ++r) {
     v bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = vload(x.b + r * x.bs + q0 + j * n);
+    for (int j = 0; j < NV; ++j) bv[j] = vload<S, B>(x.b + r * x.bs + q0 + j * n);
     for (int i = 0; i < MR; ++i) {
       const S s = x.a[(i0 + i) * x.ai + r * x.ar];
       for (int j = 0; j < NV; ++j) c[i][j] += s * bv[j];
@@ -70,14 +83,14 @@ inline void tile(const Term<S>& x, const Term<S>& y, int64_t i0, int q0, S* out,
   }
   for (int r = 0; r < y.R; ++r) {
     v bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = vload(y.b + r * y.bs + q0 + j * n);
+    for (int j = 0; j < NV; ++j) bv[j] = vload<S, B>(y.b + r * y.bs + q0 + j * n);
     for (int i = 0; i < MR; ++i) {
       const S s = y.a[(i0 + i) * y.ai + r * y.ar];
       for (int j = 0; j < NV; ++j) c[i][j] += s * bv[j];
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) vstore(out + (i0 + i) * ldo + q0 + j * n, c[i][j]);
+    for (int j = 0; j < NV; ++j) vstore<S, B>(out + (i0 + i) * ldo + q0 + j * n, c[i][j]);
 }
 
 // out[i][q] += Σ_r x.a(i, r) x.b(r, q) for one ragged column q, vectorised over
@@ -94,8 +107,8 @@ inline void ragged_column(int Mo, const Term<S>& x, int q, S* out, int64_t ldo) 
     }
   } else if (x.ar == 1 && x.bs == 1) {  // e.g. a 1-output layer: out[i] += Σ_r a[i·ai + r] b[r]
     // four rows at a time: four independent vector accumulators share each load of b
-    using v = typename Vec<S>::type;
-    constexpr int n = Vec<S>::n;
+    using v = typename Vec<S, 32>::type;
+    constexpr int n = Vec<S, 32>::n;
     int i0 = 0;
     for (; i0 + 4 <= Mo; i0 += 4) {
       const S* a0 = x.a + i0 * x.ai;
@@ -105,11 +118,11 @@ inline void ragged_column(int Mo, const Term<S>& x, int q, S* out, int64_t ldo) 
       v c0{}, c1{}, c2{}, c3{};
       int r = 0;
       for (; r + n <= x.R; r += n) {
-        const v bb = vload(x.b + r + q);
-        c0 += vload(a0 + r) * bb;
-        c1 += vload(a1 + r) * bb;
-        c2 += vload(a2 + r) * bb;
-        c3 += vload(a3 + r) * bb;
+        const v bb = vload<S, 32>(x.b + r + q);
+        c0 += vload<S, 32>(a0 + r) * bb;
+        c1 += vload<S, 32>(a1 + r) * bb;
+        c2 += vload<S, 32>(a2 + r) * bb;
+        c3 += vload<S, 32>(a3 + r) * bb;
       }
       S t0 = S(0), t1 = S(0), t2 = S(0), t3 = S(0);
       for (int k = 0; k < n; ++k) {
@@ -147,23 +160,24 @@ inline void ragged_column(int Mo, const Term<S>& x, int q, S* out, int64_t ldo) 
 }
 
 // One column block of NV vectors at q, rows 0 <= i < Mo, in register tiles of at most
-// 12 accumulators (MR·NV <= 12 of the 16 vector registers): ceil(Mo / MRmax) tiles with
+// 12 accumulators (MR·NV <= 12 of the 16 vector registers; 24 of AVX-512's 32 for 64-byte
+// vectors): ceil(Mo / MRmax) tiles with
 // the rows spread evenly over them (10 rows: one 10 × 1 or two 5 × 2 tiles, not a 6-row
 // and a 4-row one), so that every tile has as many independent FMA chains as the block
 // allows (the FMA latency is hidden from ~8-10 chains on two pipes).
-template <class S, int NV, int MR>
+template <class S, int NV, int B, int MR>
 inline void row_tiles(int ntiles, int nbig, int i, const Term<S>& x, const Term<S>& y, int q, S* out, int64_t ldo,
                       bool acc, const S* bias) {
   // nbig tiles of MR rows, then ntiles − nbig tiles of MR − 1 rows
-  for (int t = 0; t < nbig; ++t, i += MR) tile<S, MR, NV>(x, y, i, q, out, ldo, acc, bias);
+  for (int t = 0; t < nbig; ++t, i += MR) tile<S, MR, NV, B>(x, y, i, q, out, ldo, acc, bias);
   if constexpr (MR > 1)
-    for (int t = nbig; t < ntiles; ++t, i += MR - 1) tile<S, MR - 1, NV>(x, y, i, q, out, ldo, acc, bias);
+    for (int t = nbig; t < ntiles; ++t, i += MR - 1) tile<S, MR - 1, NV, B>(x, y, i, q, out, ldo, acc, bias);
 }
 
-template <class S, int NV>
+template <class S, int NV, int B = FM_VEC_BYTES>
 inline void col_block(int Mo, const Term<S>& x, const Term<S>& y, int q, S* out, int64_t ldo, bool acc,
                       const S* bias) {
-  constexpr int kMaxRows = 12 / NV;
+  constexpr int kMaxRows = (B == 64 ? 24 : 12) / NV;
   if (Mo <= 0) return;
   const int ntiles = (Mo + kMaxRows - 1) / kMaxRows;
   const int rows = (Mo + ntiles - 1) / ntiles;   // the larger tile height, <= kMaxRows
@@ -171,10 +185,12 @@ inline void col_block(int Mo, const Term<S>& x, const Term<S>& y, int q, S* out,
   switch (rows) {
 #define FM_ROWS(R)                                                                   \
   case R:                                                                            \
-    if constexpr (R <= kMaxRows) row_tiles<S, NV, R>(ntiles, nbig, 0, x, y, q, out, ldo, acc, bias); \
+    if constexpr (R <= kMaxRows) row_tiles<S, NV, B, R>(ntiles, nbig, 0, x, y, q, out, ldo, acc, bias); \
     break;
     FM_ROWS(1) FM_ROWS(2) FM_ROWS(3) FM_ROWS(4) FM_ROWS(5) FM_ROWS(6)
     FM_ROWS(7) FM_ROWS(8) FM_ROWS(9) FM_ROWS(10) FM_ROWS(11) FM_ROWS(12)
+    FM_ROWS(13) FM_ROWS(14) FM_ROWS(15) FM_ROWS(16) FM_ROWS(17) FM_ROWS(18)
+    FM_ROWS(19) FM_ROWS(20) FM_ROWS(21) FM_ROWS(22) FM_ROWS(23) FM_ROWS(24)
 #undef FM_ROWS
     default: break;
   }
@@ -196,6 +212,12 @@ inline void rc_gemm2(int Mo, int Q, const Term<S>& x, const Term<S>& y, S* out, 
     col_block<S, 1>(Mo, x, y, q, out, ldo, acc, bias);
     q += n;
   }
+  if constexpr (FM_VEC_BYTES == 64) {  // a leftover half vector of columns: one 32-byte block
+    if (q + Vec<S, 32>::n <= Q) {
+      col_block<S, 1, 32>(Mo, x, y, q, out, ldo, acc, bias);
+      q += Vec<S, 32>::n;
+    }
+  }
   for (; q < Q; ++q) {
     if (!acc)
       for (int i = 0; i < Mo; ++i) out[i * ldo + q] = bias ? bias[q] : S(0);
@@ -206,9 +228,9 @@ inline void rc_gemm2(int Mo, int Q, const Term<S>& x, const Term<S>& y, S* out, 
 
 // n × n in-register transposes (the unpack / shuffle / lane-permute network of AVX).
 inline void transpose_block(const float* in, int64_t ldi, float* out, int64_t ldo) {
-  using v = Vec<float>::type;
+  using v = Vec<float, 32>::type;
   v r[8], t[8], u[8];
-  for (int i = 0; i < 8; ++i) r[i] = vload(in + i * ldi);
+  for (int i = 0; i < 8; ++i) r[i] = vload<float, 32>(in + i * ldi);
   for (int i = 0; i < 8; i += 2) {
     t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
     t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -220,19 +242,20 @@ inline void transpose_block(const float* in, int64_t ldi, float* out, int64_t ld
     u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
   }
   for (int i = 0; i < 4; ++i) {
-    vstore(out + i * ldo, __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
-    vstore(out + (i + 4) * ldo, __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+    vstore<float, 32>(out + i * ldo, __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    vstore<float, 32>(out + (i + 4) * ldo, __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
   }
 }
 inline void transpose_block(const double* in, int64_t ldi, double* out, int64_t ldo) {
-  using v = Vec<double>::type;
-  const v r0 = vload(in), r1 = vload(in + ldi), r2 = vload(in + 2 * ldi), r3 = vload(in + 3 * ldi);
+  using v = Vec<double, 32>::type;
+  const v r0 = vload<double, 32>(in), r1 = vload<double, 32>(in + ldi);
+  const v r2 = vload<double, 32>(in + 2 * ldi), r3 = vload<double, 32>(in + 3 * ldi);
   const v t0 = __builtin_shufflevector(r0, r1, 0, 4, 2, 6), t1 = __builtin_shufflevector(r0, r1, 1, 5, 3, 7);
   const v t2 = __builtin_shufflevector(r2, r3, 0, 4, 2, 6), t3 = __builtin_shufflevector(r2, r3, 1, 5, 3, 7);
-  vstore(out, __builtin_shufflevector(t0, t2, 0, 1, 4, 5));
-  vstore(out + ldo, __builtin_shufflevector(t1, t3, 0, 1, 4, 5));
-  vstore(out + 2 * ldo, __builtin_shufflevector(t0, t2, 2, 3, 6, 7));
-  vstore(out + 3 * ldo, __builtin_shufflevector(t1, t3, 2, 3, 6, 7));
+  vstore<double, 32>(out, __builtin_shufflevector(t0, t2, 0, 1, 4, 5));
+  vstore<double, 32>(out + ldo, __builtin_shufflevector(t1, t3, 0, 1, 4, 5));
+  vstore<double, 32>(out + 2 * ldo, __builtin_shufflevector(t0, t2, 2, 3, 6, 7));
+  vstore<double, 32>(out + 3 * ldo, __builtin_shufflevector(t1, t3, 2, 3, 6, 7));
 }
 
 // out[c][r] = in[r][c] for an R × C matrix.
@@ -242,7 +265,7 @@ inline void transpose(SerialGroup, int R, int C, const S* in, S* out) {
     for (int i = 0; i < R * C; ++i) out[i] = in[i];
     return;
   }
-  constexpr int n = Vec<S>::n;
+  constexpr int n = Vec<S, 32>::n;
   const int R8 = R - R % n, C8 = C - C % n;
   for (int r0 = 0; r0 < R8; r0 += n)
     for (int c0 = 0; c0 < C8; c0 += n) transpose_block(in + int64_t(r0) * C + c0, C, out + int64_t(c0) * R + r0, R);
