@@ -103,6 +103,7 @@ def choose_workers(task_threads: int | str, task_map: str, fn: PureFn, *xs: torc
 
 
 _USABLE_CORES: int | None = None  # measured at the first use of task_threads="auto"
+_PROC_LOADAVG, _PROC_TASKS = "/proc/loadavg", "/proc/self/task"  # Linux's load figures
 
 
 def usable_cores() -> int:
@@ -131,12 +132,12 @@ def usable_cores() -> int:
     now: int | None = None
     try:
         for _ in range(5):
-            with open("/proc/loadavg") as f:
+            with open(_PROC_LOADAVG) as f:
                 running = int(f.read().split()[3].split("/")[0])
             own = 0
-            for tid in os.listdir("/proc/self/task"):
+            for tid in os.listdir(_PROC_TASKS):
                 try:
-                    with open(f"/proc/self/task/{tid}/stat") as f:
+                    with open(os.path.join(_PROC_TASKS, tid, "stat")) as f:
                         own += f.read().rsplit(")", 1)[1].split()[0] == "R"
                 except OSError:  # the thread ended meanwhile
                     pass
