@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load", action="store_true",
                    help="run a CPU-bound competitor process (one thread of torch.mm in a loop) during the "
                         "measurements; the tables and JSON say so")
+    p.add_argument("--load-settle", type=float, default=60.0, metavar="SECONDS",
+                   help="with --load: wait up to this long after starting the competitor until the 1-minute "
+                        "load average shows it (default 60)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per method after the first")
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out/)")
     p.add_argument("--results-md", default=None,
@@ -217,7 +220,7 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     progress = _Progress(total, not args.no_progress)
     results: list[ConfigResult] = []
     rates = {"at the start": measure.machine_rate()}
-    competitor = load.Competitor() if args.load else None
+    competitor = load.Competitor(settle_s=max(0.0, args.load_settle)) if args.load else None
     load_info: dict = {"on": False}
     try:
         if competitor is not None:

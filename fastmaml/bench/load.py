@@ -4,7 +4,8 @@ The competitor is a child process (``python -m fastmaml.bench.load``) that multi
 256×256 float32 matrices with ``torch.mm`` on ONE thread (``torch.set_num_threads(1)``,
 ``OMP_NUM_THREADS=MKL_NUM_THREADS=1``) in an endless loop: it keeps one core busy, the way
 a second training job or a data loader does on a shared machine. ``Competitor`` starts it
-(and waits until its loop runs), and stops it: SIGTERM, then SIGKILL to its process group
+(waits until its loop runs, then up to ``settle_s`` until the load average shows it), and
+stops it: SIGTERM, then SIGKILL to its process group
 after 5 s. ``python -m fastmaml.bench --load`` starts it after measuring the idle sgemm
 rate and stops it after the last measurement, in a ``finally`` (an error, Ctrl-C). If the
 benchmark process itself is killed, the competitor gets SIGTERM from the kernel
@@ -43,10 +44,12 @@ def _cpu_seconds(pid: int) -> float | None:
 class Competitor:
     """One competitor process: ``start()``, ``stop() -> dict``; a context manager."""
 
-    def __init__(self, ready_timeout_s: float = 120.0):
+    def __init__(self, ready_timeout_s: float = 120.0, settle_s: float = 0.0):
         self.ready_timeout_s = ready_timeout_s
+        self.settle_s = settle_s
         self.proc: subprocess.Popen | None = None
         self.t0 = 0.0
+        self.settled_s = 0.0
 
     def start(self) -> "Competitor":
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
@@ -62,7 +65,22 @@ class Competitor:
             self.stop()
             raise RuntimeError(f"the --load competitor did not start within {self.ready_timeout_s:g} s "
                                f"(exit code {code}, said {line[:200]!r})")
+        self.settled_s = self._settle()
         return self
+
+    def _settle(self) -> float:
+        """Wait (at most ``settle_s``) until the 1-minute load average has risen by 0.5:
+        about 42 s on an idle machine. A process that sizes its thread pool by the load
+        at its start (``task_threads="auto"``: fastmaml.maml.tasks.usable_cores) then
+        sees the competitor from the first measurement on."""
+        t0 = time.perf_counter()
+        try:
+            base = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+        while time.perf_counter() - t0 < self.settle_s and os.getloadavg()[0] < base + 0.5 and self.alive():
+            time.sleep(1.0)
+        return time.perf_counter() - t0
 
     @property
     def pid(self) -> int | None:
@@ -90,7 +108,8 @@ class Competitor:
                 continue
         if proc.stdout is not None:
             proc.stdout.close()
-        return {"on": True, "kind": KIND, "pid": proc.pid, "wall_s": wall, "cpu_s": cpu,
+        return {"on": True, "kind": KIND, "pid": proc.pid, "wall_s": wall, "settled_s": self.settled_s,
+                "cpu_s": cpu,
                 "busy_fraction": None if cpu is None or wall <= 0 else cpu / wall}
 
     def __enter__(self) -> "Competitor":

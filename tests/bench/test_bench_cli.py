@@ -71,7 +71,8 @@ def test_cli_load_rounds_and_machine_rate(tmp_path, capsys):
     from fastmaml.bench.__main__ import run
 
     argv = ["--suite", "sinusoid", "--tasks", "2", "--steps", "1", "--order", "first", "--peers", "fastmaml,loop",
-            "--reps", "2", "--calls", "2", "--load", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
+            "--reps", "2", "--calls", "2", "--load", "--load-settle", "0", "--out", str(tmp_path), "--no-progress",
+            "--device", "cpu"]
     results, meta, paths = run(argv)
     printed = capsys.readouterr().out
     assert "load: ON, a competitor process" in printed and "[--load:" in printed

@@ -63,3 +63,18 @@ def test_matmul_rate_restores_threads_and_checks_arguments():
     m = measure.machine_rate(n=64, reps=2)
     assert m["threads_all"] == measure.usable_cores() == len(os.sched_getaffinity(0))
     assert m["gflops_1thread"] > 0 and m["gflops_all"] > 0 and m["n"] == 64
+
+
+def test_competitor_waits_until_the_load_average_shows_it(monkeypatch):
+    seq = iter([0.2, 0.3, 0.8])  # the base, then rising past base + 0.5
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (next(seq, 0.8), 0.0, 0.0))
+    c = load.Competitor(settle_s=30.0).start()
+    try:
+        assert 0.9 < c.settled_s < 10, "one 1-s poll below base + 0.5, then done"
+    finally:
+        info = c.stop()
+    assert info["settled_s"] == c.settled_s
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))  # never rises: bounded by settle_s
+    with load.Competitor(settle_s=1.5) as c2:
+        assert 1.5 <= c2.settled_s < 4
