@@ -269,8 +269,16 @@ def start_method(method: str, problem: peers.Problem, s: Settings, ref: list[tor
             on_stage("warmup", dict(peak_bytes=row.peak_bytes, memory_kind=row.memory_kind))
     except Exception as exc:  # noqa: BLE001
         _failed(row, exc)
+        _info(row, prepared)
         return row, None
     return row, live
+
+
+def _info(row: Row, prepared: peers.Prepared) -> None:
+    try:
+        row.info.update(prepared.info())
+    except Exception as exc:  # noqa: BLE001
+        row.info["info_error"] = str(exc)
 
 
 def _failed(row: Row, exc: Exception) -> None:
@@ -300,6 +308,7 @@ def time_round(row: Row, live: Live, problem: peers.Problem, s: Settings) -> boo
             rep += 1
     except Exception as exc:  # noqa: BLE001
         _failed(row, exc)
+        _info(row, p)
         return False
     finally:
         row.times_s += times
@@ -311,10 +320,7 @@ def time_round(row: Row, live: Live, problem: peers.Problem, s: Settings) -> boo
 def finish_method(row: Row, live: Live | None, cfg: Config) -> Row:
     """The row's statistics over every timed call, and the method's own info."""
     if live is not None:
-        try:
-            row.info.update(live.prepared.info())
-        except Exception as exc:  # noqa: BLE001
-            row.info["info_error"] = str(exc)
+        _info(row, live.prepared)
     if row.times_s:
         ts = row.times_s
         row.median_s = statistics.median(ts)

@@ -79,3 +79,29 @@ def test_rounds_interleave_across_child_processes():
     if res.rows[0].status == "ok":
         assert len(loop.round_speedups) == 2 and loop.speedup == pytest.approx(sum(loop.round_speedups) / 2)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("fastmaml-bench")]
+
+
+def test_a_method_failing_in_a_round_stops_and_gets_no_speedup(monkeypatch):
+    calls = {"fastmaml": 0, "flaky": 0}
+
+    def fake_make(method, p, backend="auto"):
+        model = configs.build_model(CFG.family).to(p.device)
+
+        def step(i):
+            calls[method] += 1
+            if method == "flaky" and calls[method] == 5:  # first call, warm-up, round 1 (2 calls), then fails
+                raise RuntimeError("out of memory in round 2")
+            return peers.loop_meta_grad(model, p.batches[i], CFG)
+
+        return peers.Prepared(step, list, lambda o: None, info=lambda: {"path": "flaky-path"})
+
+    monkeypatch.setattr(peers, "make", fake_make)
+    s = runner.Settings(device=torch.device("cpu"), warmup=1, reps=2, min_reps=2, memory=False, check=True,
+                        n_batches=2, rounds=3)
+    res = harness.run_config(CFG, ["fastmaml", "flaky"], s)
+    fast, flaky = res.rows
+    assert calls == {"fastmaml": 8, "flaky": 5}, "no round after the failing one"
+    assert flaky.status == "failed" and "out of memory in round 2" in flaky.reason
+    assert flaky.round_medians_s and len(flaky.times_s) == 2 and flaky.info["path"] == "flaky-path"
+    assert fast.agrees is True and flaky.agrees is True and fast.speedup == 1.0
+    assert flaky.speedup is None and "flaky failed" in flaky.speedup_note
