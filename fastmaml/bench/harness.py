@@ -58,19 +58,23 @@ def _interleaved(problem, methods: list[str], s: Settings, ref, tol_rel, digest:
     In-process, or with ``s.method_timeout_s`` each method in its own capped child."""
     name = problem.cfg.name
     if s.method_timeout_s:
-        children = []
-        for m in methods:
-            if progress:
-                progress(f"{name}: {m}")
-            child = Isolated(problem.cfg, m, s, ref, tol_rel, digest)
-            child.prepare()
-            children.append(child)
-        for r in range(s.rounds):
-            if progress and s.rounds > 1:
-                progress(f"{name}: round {r + 1}/{s.rounds}")
+        children: list[Isolated] = []
+        try:
+            for m in methods:
+                if progress:
+                    progress(f"{name}: {m}")
+                children.append(Isolated(problem.cfg, m, s, ref, tol_rel, digest))
+                children[-1].prepare()
+            for r in range(s.rounds):
+                if progress and s.rounds > 1:
+                    progress(f"{name}: round {r + 1}/{s.rounds}")
+                for child in children:
+                    child.round(r)
+            return [child.finish() for child in children]
+        except BaseException:  # Ctrl-C or an error here: no child outlives the run
             for child in children:
-                child.round(r)
-        return [child.finish() for child in children]
+                child.kill()
+            raise
     started = []
     for m in methods:
         if progress:

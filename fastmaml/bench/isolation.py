@@ -184,7 +184,7 @@ class Isolated:
         except (OSError, BrokenPipeError):
             self._end()
             return
-        got = self._wait(f"round {r + 1}", ("round",))
+        got = self._wait(f"round {r + 1} of {self.s.rounds} of the timed repetitions", ("round",))
         if got is None:
             self._end()
             return
@@ -197,11 +197,15 @@ class Isolated:
         if not self.done:
             try:
                 self.conn.send(("finish",))
-                got = self._wait("finish", ("row",))
+                got = self._wait("the final report", ("row",))
             except (OSError, BrokenPipeError):
                 got = None
             self._end(got[1] if got is not None else None)  # type: ignore[arg-type]
         return self.row  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        """Kill the child and its process group now (the parent is stopping)."""
+        _kill_group(self.proc)
 
     def _end(self, row: Row | None = None) -> None:
         wall = time.perf_counter() - self.t0
@@ -239,11 +243,8 @@ class Isolated:
                 how = "first call, compile included, not finished"
             elif warm is None:
                 how = f"first call took {row.first_s:.3g} s; warm-up not finished"
-            elif self.timed_out.startswith("round"):
-                how = (f"first call took {row.first_s:.3g} s; {self.timed_out} of {self.s.rounds} of timed "
-                       f"repetitions not finished")
-            else:
-                how = f"first call took {row.first_s:.3g} s; timed repetitions not finished"
+            else:  # a round of timed repetitions (or the final report)
+                how = f"first call took {row.first_s:.3g} s; {self.timed_out} not finished"
             row.reason = f"no result within {self.cap:g} s ({how})"
         else:
             row.status = "failed"
