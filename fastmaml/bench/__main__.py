@@ -235,12 +235,13 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
             res = harness.run_config(u.cfg, u.methods, u.settings, u.suite, progress)
             for m, why in u.skipped.items():
                 res.rows.append(Row(m, METHODS.get(m, m), status="skipped", reason=why))
-            res.load = competitor is not None
             results.append(res)
     finally:
         progress.close()
         if competitor is not None:
             load_info = competitor.stop()
+    for res in results:
+        res.load = competitor is not None
     rates["at the end"] = measure.machine_rate()
     meta = report.machine_info(device)
     meta.update(matmul=rates, load=load_info, rounds=base.rounds)
