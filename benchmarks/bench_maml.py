@@ -8,7 +8,7 @@ float64 reference.
 
     python benchmarks/bench_maml.py [more options of python -m fastmaml.bench]
 
-e.g. ``--device cuda``, ``--reps 10``, ``--results-md benchmarks/RESULTS.md``.
+e.g. ``--device cuda``, ``--reps 3`` (interleaved rounds), ``--results-md benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations

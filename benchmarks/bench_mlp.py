@@ -5,8 +5,9 @@ K = 1 and 5): fastmaml's fused path (the path fastmaml.MAML picks for an MLP) ag
 generic path, torch.func vmap (eager), torch.compile of torch.func.grad of the vmapped
 meta-loss (plus mode="reduce-overhead" on a GPU), JAX jit and the per-task loop. Reports
 median time, tasks/s and achieved GFLOP/s against the matmul FLOP count of the meta-step
-(fastmaml.bench.configs.mlp_meta_step_flops: per task K·6·Ns·P + 6·Nq·P, plus K·12·Ns·P
-for the K Hessian-vector products of second order; P = the weight count), and the
+(fastmaml.bench.flops: per task K·G(Ns) + G(Nq), plus K·H(Ns) for the K Hessian-vector
+products of second order, G = 6NP − 2NP₁ a loss and gradient, H = 12NP − 8NP₁ an HVP;
+P = the weight count, P₁ the first layer's), and the
 micro ops (mlp_loss_and_grad, mlp_hvp, sgd_step).
 
     python benchmarks/bench_mlp.py [more options of python -m fastmaml.bench]

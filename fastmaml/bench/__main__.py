@@ -18,6 +18,13 @@ The op micro-suites take their own options (``--suite NAME --help``) and run alo
     python -m fastmaml.bench --suite batch_norm --reps 20       # fastmaml.bench.op_batch_norm
     python -m fastmaml.bench --suite mlp_triton                 # fastmaml.bench.op_mlp_triton (GPU)
 
+``--reps N`` repeats each configuration's measurements N times interleaved (round-robin:
+fastmaml, peer A, peer B, fastmaml, ...; default 3 with ``--full``, 1 in quick mode); a
+speedup is then the median of the N per-round ratios, shown with their range. ``--load``
+runs a CPU-bound competitor process (``fastmaml.bench.load``) during the measurements. The
+header gives the machine's float32 sgemm rate measured in the same run (1 thread and every
+usable core, at the start and the end); the GFLOP/s column gives each row's fraction of it.
+
 ``--method-timeout SECONDS`` runs each method in its own child process and kills it
 (with its compile workers) when it has no result after that many seconds; its row then
 says "timed out" and how far it got. Default: 600 s with ``--full`` (a cold JAX jit or
@@ -37,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from fastmaml.bench import harness, micro, op_batch_norm, op_mlp_triton, op_sgd_step, report, suites
+from fastmaml.bench import harness, load, measure, micro, op_batch_norm, op_mlp_triton, op_sgd_step, report, suites
 from fastmaml.bench.runner import ConfigResult, Row, Settings
 from fastmaml.bench.peers import METHODS
 
@@ -70,8 +77,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="MAML order (default: per suite; both for the sinusoid)")
     p.add_argument("--steps", type=_ints, default=None, help="inner steps K, comma-separated (overrides)")
     p.add_argument("--tasks", type=_ints, default=None, help="meta-batch sizes T, comma-separated (overrides)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per method (max; a time budget "
-                                                          "stops slow methods earlier)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="interleaved repetitions (rounds): each configuration's methods are timed round-robin "
+                        "this many times, and each speedup is the median of the per-round ratios "
+                        "(default: 3 with --full, 1 in quick mode)")
+    p.add_argument("--calls", type=int, default=None, help="timed calls per method and round (max; a time "
+                                                           "budget stops slow methods earlier)")
+    p.add_argument("--load", action="store_true",
+                   help="run a CPU-bound competitor process (one thread of torch.mm in a loop) during the "
+                        "measurements; the tables and JSON say so")
+    p.add_argument("--load-settle", type=float, default=60.0, metavar="SECONDS",
+                   help="with --load: wait up to this long after starting the competitor until the 1-minute "
+                        "load average shows it (default 60)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per method after the first")
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out/)")
     p.add_argument("--results-md", default=None,
@@ -187,8 +204,11 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     base = Settings(device=device, backend=args.backend,
                     warmup=1 if q else 3, reps=10 if q else 30, min_reps=3 if q else 5,
                     budget_s=3.0 if q else 20.0, method_timeout_s=method_timeout(args))
-    if args.reps is not None:
-        base = replace(base, reps=max(1, args.reps), min_reps=min(base.min_reps, max(1, args.reps)))
+    if args.calls is not None:
+        base = replace(base, reps=max(1, args.calls), min_reps=min(base.min_reps, max(1, args.calls)))
+    if args.reps is not None and args.reps < 1:
+        raise SystemExit(f"--reps must be >= 1, got {args.reps}")
+    base = replace(base, rounds=args.reps if args.reps is not None else (1 if q else 3))
     if args.warmup is not None:
         base = replace(base, warmup=max(1, args.warmup))
     opts = suites.Options(quick=q, device_type=device.type, orders=orders, steps=args.steps, tasks=args.tasks,
@@ -196,9 +216,16 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     units = suites.plan(tuple(n for n in names if n != "micro"), opts, base)
     n_micro = (3 if q else 7) * ("micro" in names)
     total = n_micro + sum(len(u.methods) + (1 if u.settings.check else 0) for u in units)
+    total += sum(u.settings.rounds for u in units if u.settings.rounds > 1)
     progress = _Progress(total, not args.no_progress)
     results: list[ConfigResult] = []
+    rates = {"at the start": measure.machine_rate()}
+    competitor = load.Competitor(settle_s=max(0.0, args.load_settle)) if args.load else None
+    load_info: dict = {"on": False}
     try:
+        if competitor is not None:
+            competitor.start()
+            rates["under --load"] = dict(measure.machine_rate(), under_load=True)
         if "micro" in names:
             progress("micro ops")
             results += micro.run_micro(base, q)
@@ -211,7 +238,14 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
             results.append(res)
     finally:
         progress.close()
+        if competitor is not None:
+            load_info = competitor.stop()
+    for res in results:
+        res.load = competitor is not None
+    rates["at the end"] = measure.machine_rate()
     meta = report.machine_info(device)
+    meta.update(matmul=rates, load=load_info, rounds=base.rounds)
+    report.apply_machine_rate(results, meta)
     meta["command"] = "python -m fastmaml.bench" + ("" if not argv else " " + shlex.join(argv))
     meta["mode"] = "quick" if q else "full"
     meta["suites"] = list(names)
@@ -232,6 +266,7 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
         key = "gpu" if device.type == "cuda" else "cpu"
         update_results_md(Path(args.results_md), key, md)
         paths["results_md"] = Path(args.results_md)
+    print("\n".join(report.header(meta)) + "\n")
     for res in results:
         print(report.text_table(res))
         print()

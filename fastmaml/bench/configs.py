@@ -1,5 +1,5 @@
-"""Benchmark configurations (docs/DESIGN.md §5): the networks, synthetic tasks of the real
-shapes, and the FLOP count of an MLP meta-step.
+"""Benchmark configurations (docs/DESIGN.md §5): the networks and synthetic tasks of the
+real shapes (the FLOP count of a meta-step: ``fastmaml.bench.flops``).
 
 Every configuration is a :class:`Config`: a network family (the model and the task
 shapes), the meta-batch size T, the inner steps K, the inner learning rate and the order.
@@ -159,40 +159,3 @@ def make_batch(cfg: Config, index: int, device: torch.device | str = "cpu",
     ys = torch.stack([torch.randperm(f.n_support, generator=g) % f.n_way for _ in range(T)])
     yq = torch.stack([torch.randperm(f.n_query, generator=g) % f.n_way for _ in range(T)])
     return (xs.to(device=device, dtype=dtype), ys.to(device), xq.to(device=device, dtype=dtype), yq.to(device))
-
-
-# ---------------------------------------------------------------------------------
-# FLOP count of an MLP meta-step
-# ---------------------------------------------------------------------------------
-
-def mlp_meta_step_flops(widths: tuple[int, ...], T: int, K: int, n_support: int, n_query: int,
-                        first_order: bool) -> int:
-    """Matrix-multiply FLOPs of one MAML meta-step of an MLP (multiply-add = 2 FLOPs).
-
-    With P = Σ_l d_{l−1}·d_l the weight count and N points, a forward pass costs 2NP,
-    a backward pass 4NP (input gradients 2NP + weight gradients 2NP), so a loss and
-    gradient costs 6NP. A Hessian-vector product by the R-operator reuses the
-    gradient pass's activations and adds an R-forward (R{z} = R{W}h + W R{h}: 4NP) and
-    an R-backward (R{δ} through Wᵀ and R{W}ᵀ: 4NP; R{∇W} = R{δ}hᵀ + δR{h}ᵀ: 4NP), 12NP
-    — "an HVP costs about two gradients". Per task:
-
-        inner loop      K · 6·Ns·P          (K support losses and gradients)
-        query           6·Nq·P              (query loss and gradient at θ_K)
-        adjoint         K · 12·Ns·P         (K HVPs; second order only)
-
-    times T tasks. Biases, activations, losses and the O(P) parameter updates are
-    left out (they are below 2 % of the total for every configuration here).
-    Sinusoid (P = 1680), T=25, K=5, second order: 40.3 MFLOP.
-    """
-    P = sum(widths[i] * widths[i + 1] for i in range(len(widths) - 1))
-    per_task = K * 6 * n_support * P + 6 * n_query * P
-    if not first_order:
-        per_task += K * 12 * n_support * P
-    return T * per_task
-
-
-def config_flops(cfg: Config) -> int | None:
-    f = cfg.fam
-    if f.mlp_widths is None:
-        return None
-    return mlp_meta_step_flops(f.mlp_widths, cfg.T, cfg.K, f.n_support, f.n_query, cfg.first_order)

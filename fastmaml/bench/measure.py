@@ -18,12 +18,19 @@ Peak memory of one meta-step, as growth above what was allocated before it:
 With ``--method-timeout`` (isolation, see isolation.py) each method runs in a fresh child
 process, so its figure is measured there: the same rule, with nothing left in the process
 by methods run before it.
+
+The machine's rate: ``matmul_rate`` times a float32 n×n ``torch.mm`` (1024 by default:
+2·n³ FLOPs, median of several calls) on a given number of torch threads, restoring the
+caller's setting; ``machine_rate`` does it on one thread and on every usable core
+(``os.sched_getaffinity``): the yardstick of the tables' "% of sgemm" column.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +46,8 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
+    """Return freed heap to the kernel (glibc; elsewhere nothing)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc: the measurement is then an upper bound of the growth
@@ -114,7 +122,7 @@ def peak_growth(fn: Callable[[], Any], sync: Callable[[Any], None], device: torc
         sync(out)
         return None, why, out
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
     base = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
@@ -122,3 +130,44 @@ def peak_growth(fn: Callable[[], Any], sync: Callable[[Any], None], device: torc
     sync(out)
     hwm = _status_kb("VmHWM")
     return max(0, hwm - base) * 1024, "RSS high-water growth", out
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask; ``os.cpu_count()`` where
+    the platform has no affinity call)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def matmul_rate(threads: int, n: int = 1024, reps: int = 7) -> float:
+    """GFLOP/s of a float32 ``n×n @ n×n`` ``torch.mm`` on ``threads`` torch threads: 2·n³
+    FLOPs over the median of ``reps`` calls (after 2 untimed ones). The caller's thread
+    count is restored."""
+    for name, v in (("threads", threads), ("n", n), ("reps", reps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    out = torch.empty(n, n)
+    try:
+        torch.set_num_threads(threads)
+        for _ in range(2):
+            torch.mm(a, b, out=out)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 2.0 * n ** 3 / statistics.median(times) / 1e9
+
+
+def machine_rate(n: int = 1024, reps: int = 7) -> dict:
+    """The float32 sgemm rate of this machine now: on 1 thread and on every usable core."""
+    cores = usable_cores()
+    return {"n": n, "reps": reps, "gflops_1thread": matmul_rate(1, n, reps), "threads_all": cores,
+            "gflops_all": matmul_rate(cores, n, reps)}

@@ -4,6 +4,7 @@ translated layer by layer from the torch model (same weights, same batches).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch

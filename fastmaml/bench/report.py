@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fastmaml.bench.load import KIND
 from fastmaml.bench.runner import ConfigResult, Row
 
 # ---------------------------------------------------------------------------------
@@ -76,6 +77,44 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
+def sgemm_peak(meta: dict) -> float | None:
+    """The all-core sgemm rate the fractions are taken of: the higher of the idle
+    measurements at the start and the end of the run (the conservative choice)."""
+    rates = [m["gflops_all"] for m in (meta.get("matmul") or {}).values() if m and not m.get("under_load")]
+    return max(rates) if rates else None
+
+
+def apply_machine_rate(results: list[ConfigResult], meta: dict) -> None:
+    """Set every configuration's sgemm rate and every row's fraction of it."""
+    peak = sgemm_peak(meta)
+    for res in results:
+        res.sgemm_gflops = peak
+        for r in res.rows:
+            r.sgemm_fraction = None if peak is None or r.gflops is None else r.gflops / peak
+
+
+def header(meta: dict) -> list[str]:
+    """The lines above the tables: the machine's sgemm rate, the load, the rounds."""
+    lines = []
+    for when, m in (meta.get("matmul") or {}).items():
+        if m:
+            lines.append(f"float32 sgemm {m['n']}x{m['n']} (torch.mm, median of {m['reps']}), {when}: "
+                         f"{m['gflops_1thread']:.1f} GFLOP/s on 1 thread, {m['gflops_all']:.1f} GFLOP/s on "
+                         f"{m['threads_all']} threads (all usable cores)")
+    load = meta.get("load") or {}
+    if load.get("on"):
+        busy = load.get("busy_fraction")
+        lines.append(f"load: ON, a competitor process ({load['kind']}) ran during every measurement"
+                     + (f" (busy {100 * busy:.0f} % of its {load['wall_s']:.0f} s)" if busy is not None else ""))
+    else:
+        lines.append("load: off (no competitor process)")
+    rounds = meta.get("rounds", 1)
+    lines.append(f"each method timed in {rounds} interleaved round(s), round-robin over the methods of a "
+                 "configuration; speedup = the MEDIAN OF THE PER-ROUND RATIOS (min–max in brackets)"
+                 if rounds > 1 else "each method timed in 1 round (--reps 1): speedup = ratio of the medians")
+    return lines
+
+
 # ---------------------------------------------------------------------------------
 # Formatting
 # ---------------------------------------------------------------------------------
@@ -115,9 +154,17 @@ def _diff(r: Row) -> str:
 
 
 def _speedup(r: Row) -> str:
-    if r.speedup is not None:
-        return f"{r.speedup:.2f}×"
-    return "—"
+    if r.speedup is None:
+        return "—"
+    if len(r.round_speedups) > 1:  # the median of the per-round ratios, and their range
+        return f"{r.speedup:.2f}× ({min(r.round_speedups):.2f}–{max(r.round_speedups):.2f})"
+    return f"{r.speedup:.2f}×"
+
+
+def _rate(r: Row) -> str:
+    if r.gflops is None:
+        return "—"
+    return f"{r.gflops:.2f}" + ("" if r.sgemm_fraction is None else f" ({100 * r.sgemm_fraction:.0f} %)")
 
 
 def _note(r: Row) -> str:
@@ -135,14 +182,14 @@ def _note(r: Row) -> str:
 
 
 COLUMNS = ["method", "median/step", "spread", "first step", "tasks/s", "peak mem", "speedup",
-           "max |Δ| vs f64 ref", "GFLOP/s", "notes"]
+           "max |Δ| vs f64 ref", "GFLOP/s (% sgemm)", "notes"]
 
 
 def row_cells(r: Row) -> list[str]:
     return [r.method, fmt_time(r.median_s), _spread(r), fmt_time(r.first_s),
             "—" if r.tasks_per_s is None else f"{r.tasks_per_s:,.0f}",
             fmt_bytes(r.peak_bytes) if r.median_s is not None else "—", _speedup(r), _diff(r),
-            "—" if r.gflops is None else f"{r.gflops:.2f}", _note(r)]
+            _rate(r), _note(r)]
 
 
 def _title(res: ConfigResult) -> str:
@@ -150,6 +197,8 @@ def _title(res: ConfigResult) -> str:
     t = c.get("name", "?")
     if c.get("model"):
         t += f" — {c['model']}, inner lr {c['inner_lr']}"
+    if res.load:
+        t += f" [--load: {KIND} running]"
     return t
 
 
@@ -157,7 +206,7 @@ def _footer(res: ConfigResult) -> str:
     ref = res.reference
     parts = []
     if res.flops:
-        parts.append(f"{res.flops / 1e6:.1f} MFLOP per meta-step (matmul count, see configs.mlp_meta_step_flops)")
+        parts.append(f"{res.flops / 1e6:.1f} MFLOP per meta-step (GEMM and conv count, see fastmaml.bench.flops)")
     if ref.get("float32_loop_rel_diff") is not None:
         pert = ref.get("float32_loop_perturbed_rel_diffs")
         pert_txt = (f" ({', '.join(f'{v:.1e}' for v in pert)} on batch 0 with its inputs perturbed by ~1 ulp)"
@@ -166,7 +215,14 @@ def _footer(res: ConfigResult) -> str:
                      f"agreement tolerance {ref['tolerance_rel']:.1e} relative")
     elif ref.get("tolerance_rel") is not None:
         parts.append(f"agreement tolerance {ref['tolerance_rel']:.1e} relative")
-    parts.append("speedup = that method's median / fastmaml's median (only where both meta-gradients agree)")
+    if res.rounds > 1:
+        parts.append(f"speedup = the MEDIAN OF THE PER-ROUND RATIOS of {res.rounds} interleaved rounds (that "
+                     "method's median / fastmaml's median in the same round), min–max in brackets; median/step "
+                     "and spread over all timed calls (only where both meta-gradients agree)")
+    else:
+        parts.append("speedup = that method's median / fastmaml's median (only where both meta-gradients agree)")
+    if res.sgemm_gflops:
+        parts.append(f"% sgemm = GFLOP/s / this run's {res.sgemm_gflops:.1f} GFLOP/s all-core float32 sgemm rate")
     return "; ".join(parts)
 
 
@@ -206,6 +262,7 @@ def markdown_doc(results: list[ConfigResult], meta: dict, command: str) -> str:
         f"- wall time of the run: {m.get('wall_s', 0):.0f} s",
         f"- each method in its own process, capped at {m['method_timeout_s']:g} s"
         if m.get("method_timeout_s") else "- every method in one process (no per-method cap)",
+        *(f"- {line}" for line in header(m)),
         "",
     ]
     body = [markdown_table(r) for r in results]

@@ -21,9 +21,13 @@ Per configuration:
    float32's resolution there and flags correct methods with another op order. A
    method that disagrees is still timed but gets no speedup (``speedup`` stays ``None``
    and the table says why).
-3. A warm-up call that also measures the peak-memory growth, then timed repetitions on
-   rotated meta-batches (``i mod n_batches``) until ``reps`` or the time budget is
-   used (at least ``min_reps``): median, quartiles, min and max.
+3. A warm-up call that also measures the peak-memory growth (``start_method``), then
+   ``rounds`` rounds of timed calls on rotated meta-batches (``i mod n_batches``), each
+   until ``reps`` calls or its share ``budget_s / rounds`` of the time budget is used (at
+   least ``min_reps``; ``time_round``). ``harness.run_config`` interleaves the rounds of
+   a configuration's methods (round-robin: every method's round 1, then every method's
+   round 2, ...); the row's median, quartiles, min and max are over all its timed calls,
+   its speedup the median of the per-round ratios (``assign_speedups``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastmaml.bench import measure, peers
-from fastmaml.bench.configs import Batch, Config, build_model, config_flops, make_batch
+from fastmaml.bench.configs import Batch, Config, build_model, make_batch
+from fastmaml.bench.flops import config_flops
 
 RTOL_FLOOR = 2e-4  # relative agreement floor in float32
 BASELINE_FACTOR = 4.0  # × the float32 loop's own relative error
@@ -58,6 +63,13 @@ class Settings:
     check: bool = True  # compare with the float64 reference
     memory: bool = True
     method_timeout_s: float | None = None  # None: in-process; else each method in a child, capped
+    rounds: int = 1  # interleaved repetitions (--reps): every method timed once per round, round-robin
+
+    def __post_init__(self) -> None:
+        for name in ("reps", "min_reps", "rounds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Settings.{name} must be a positive int, got {v!r}")
 
 
 @dataclass
@@ -82,7 +94,10 @@ class Row:
     agrees: bool | None = None
     speedup: float | None = None  # fastmaml's speed over this method (median / fastmaml median)
     speedup_note: str = ""
+    round_medians_s: list[float] = field(default_factory=list)  # each interleaved round's median
+    round_speedups: list[float] = field(default_factory=list)  # that method's / fastmaml's, per round
     gflops: float | None = None
+    sgemm_fraction: float | None = None  # gflops / the machine's all-core sgemm rate in the same run
     info: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -94,9 +109,13 @@ class ConfigResult:
     reference: dict
     flops: int | None = None
     suite: str = ""
+    rounds: int = 1
+    load: bool = False  # measured with the --load competitor running
+    sgemm_gflops: float | None = None  # the machine's all-core float32 sgemm rate in the same run
 
     def as_dict(self) -> dict:
         return {"suite": self.suite, "config": self.config, "flops_per_meta_step": self.flops,
+                "rounds": self.rounds, "load": self.load, "sgemm_gflops": self.sgemm_gflops,
                 "reference": self.reference, "rows": [asdict(r) for r in self.rows]}
 
 
@@ -132,10 +151,14 @@ def tolerance(baseline_rel: float) -> float:
 
 
 def assign_speedups(rows: list[Row], fast_key: str = "fastmaml") -> None:
-    """speedup of ``fast_key`` over every other timed row — only where both agree."""
+    """speedup of ``fast_key`` over every other timed row — only where both agree and both
+    ran to the end. With interleaved rounds the speedup is the MEDIAN OF THE PER-ROUND
+    RATIOS (that row's round median / fastmaml's in the same round; ``round_speedups``
+    keeps them all): a noisy neighbour slows every method of a round alike, and the
+    ratio of one round cancels it where the ratio of two overall medians would not."""
     fast = next((r for r in rows if r.method == fast_key), None)
     for r in rows:
-        r.speedup = None
+        r.speedup, r.round_speedups = None, []
         if r.median_s is None:
             continue
         if fast is None or fast.median_s is None:
@@ -144,8 +167,15 @@ def assign_speedups(rows: list[Row], fast_key: str = "fastmaml") -> None:
             r.speedup_note = f"{fast_key} meta-gradient " + ("disagrees" if fast.agrees is False else "not checked")
         elif r.agrees is not True:
             r.speedup_note = "meta-gradient " + ("disagrees" if r.agrees is False else "not checked") + ": no speedup"
+        elif fast.status != "ok" or r.status != "ok":
+            bad = fast if fast.status != "ok" else r
+            r.speedup_note = f"{bad.method} {bad.status}: no speedup"
         else:
-            r.speedup = r.median_s / fast.median_s
+            pairs = [b / a for a, b in zip(fast.round_medians_s, r.round_medians_s) if a > 0]
+            if len(fast.round_medians_s) != len(r.round_medians_s) or not pairs:
+                pairs = [r.median_s / fast.median_s]  # rows timed without rounds (the micro ops)
+            r.round_speedups = pairs
+            r.speedup = statistics.median(pairs)
             r.speedup_note = ""
 
 
@@ -156,24 +186,35 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def run_method(method: str, problem: peers.Problem, s: Settings, ref: list[torch.Tensor] | None,
-               tol_rel: float | None, on_stage: Callable[[str, dict], None] | None = None) -> Row:
-    """Check, warm up, measure the memory of and time one method on ``problem``.
-    ``on_stage(stage, data)`` is told "first" and "warmup" when those are done (outside
-    every timed region); the isolated runner forwards them to the parent."""
-    cfg = problem.cfg
+@dataclass
+class Live:
+    """A prepared method between its rounds: what ``time_round`` needs."""
+
+    prepared: peers.Prepared
+    min_calls: int  # timed calls per round at least (1 for a slow method)
+    next_batch: int  # the rotated meta-batch of the next timed call
+
+
+def start_method(method: str, problem: peers.Problem, s: Settings, ref: list[torch.Tensor] | None,
+                 tol_rel: float | None, on_stage: Callable[[str, dict], None] | None = None
+                 ) -> tuple[Row, Live | None]:
+    """Set up, check (first call), warm up and measure the memory of one method: the row so
+    far, and the method ready for its rounds (None: unavailable or failed, the row says
+    why). ``on_stage(stage, data)`` is told "first" and "warmup" when those are done
+    (outside every timed region); the isolated runner forwards them to the parent."""
     row = Row(method, peers.METHODS.get(method, method))
     try:
         prepared = peers.make(method, problem, s.backend)
     except peers.Unavailable as exc:
         row.status, row.reason = "unavailable", str(exc)
-        return row
+        return row, None
     except Exception as exc:  # noqa: BLE001 - a failing peer is a result, reported with its error
         row.status, row.reason = "failed", f"setup: {type(exc).__name__}: {exc}"
-        return row
+        return row, None
     row.notes = list(prepared.notes)
     dev, fw = problem.device, prepared.framework
     n = len(problem.batches)
+    live = Live(prepared, s.min_reps, 1 + s.warmup)
     try:
         # 1. first call (compile included) on batch 0, checked against the reference
         row.first_s, out = measure.time_call(lambda: prepared.step(0), prepared.sync, dev, fw)
@@ -190,14 +231,13 @@ def run_method(method: str, problem: peers.Problem, s: Settings, ref: list[torch
             on_stage("first", dict(first_s=row.first_s, max_abs_diff=row.max_abs_diff, rel_diff=row.rel_diff,
                                    tol_rel=row.tol_rel, agrees=row.agrees))
         # 2. warm-up; the first warm-up call measures the peak-memory growth. A slow
-        # method (one warm-up call longer than budget / min_reps: JAX's or a compiled
-        # conv net on a CPU, up to minutes per step) gets no further warm-up and at least
-        # one timed repetition instead of min_reps; the table shows n for every row. A
-        # very slow one (the warm-up call alone longer than the whole budget) is timed by
-        # that warm-up call — already the second call, after the compiling first one —
-        # instead of calling it once more.
-        min_reps = s.min_reps
-        very_slow = False
+        # method (one warm-up call longer than a round's budget / min_reps: JAX's or a
+        # compiled conv net on a CPU, up to minutes per step) gets no further warm-up and
+        # at least one timed call per round instead of min_reps; the table shows n for
+        # every row. With one round, a very slow one (the warm-up call alone longer than
+        # the whole budget) is timed by that warm-up call — already the second call, after
+        # the compiling first one — instead of calling it once more.
+        budget = s.budget_s / s.rounds
         for w in range(max(1, s.warmup)):
             i = (1 + w) % n
             if w == 0 and s.memory:
@@ -212,39 +252,75 @@ def run_method(method: str, problem: peers.Problem, s: Settings, ref: list[torch
             else:
                 dt, out = measure.time_call(lambda: prepared.step(i), prepared.sync, dev, fw)
             del out
-            slow_above = s.budget_s / max(1, s.min_reps)
+            slow_above = budget / max(1, s.min_reps)
             if w == 0 and dt > slow_above:
-                min_reps = 1
-                very_slow = dt > s.budget_s
-                if very_slow:
+                live.min_calls = 1
+                if s.rounds == 1 and dt > s.budget_s:
                     row.times_s.append(dt)
+                    row.round_medians_s.append(dt)
                     row.info["slow_method"] = (f"timed by its one warm-up call (the second call; step "
                                                f"> the {s.budget_s:.2g} s budget)")
+                    live.min_calls = 0
                 else:
-                    row.info["slow_method"] = (f"one warm-up call only, at least 1 timed rep "
+                    row.info["slow_method"] = (f"one warm-up call only, at least 1 timed rep per round "
                                                f"(step > {slow_above:.2g} s)")
                 break
         if on_stage:
             on_stage("warmup", dict(peak_bytes=row.peak_bytes, memory_kind=row.memory_kind))
-        # 3. timed repetitions on rotated batches
-        spent = 0.0
-        rep = 0
-        while not very_slow and rep < s.reps and (rep < min_reps or spent < s.budget_s):
-            i = (1 + s.warmup + rep) % n
-            dt, out = measure.time_call(lambda: prepared.step(i), prepared.sync, dev, fw)
-            del out
-            row.times_s.append(dt)
-            spent += dt
-            rep += 1
     except Exception as exc:  # noqa: BLE001
-        row.status = "failed"
-        msg = str(exc).strip().splitlines()
-        row.reason = f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"
-        row.info["traceback"] = traceback.format_exc(limit=6)[-3000:]
+        _failed(row, exc)
+        _info(row, prepared)
+        return row, None
+    return row, live
+
+
+def _info(row: Row, prepared: peers.Prepared) -> None:
     try:
         row.info.update(prepared.info())
     except Exception as exc:  # noqa: BLE001
         row.info["info_error"] = str(exc)
+
+
+def _failed(row: Row, exc: Exception) -> None:
+    row.status = "failed"
+    msg = str(exc).strip().splitlines()
+    row.reason = f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"
+    row.info["traceback"] = traceback.format_exc(limit=6)[-3000:]
+
+
+def time_round(row: Row, live: Live, problem: peers.Problem, s: Settings) -> bool:
+    """One round of timed calls on rotated batches: up to ``s.reps`` calls, at least
+    ``live.min_calls``, stopping once ``s.budget_s / s.rounds`` seconds are spent. The
+    calls go to ``row.times_s``, their median to ``row.round_medians_s``. False: the
+    method failed (the row says why) and gets no further round."""
+    if live.min_calls == 0:  # timed by its warm-up call (one round only)
+        return True
+    p, dev, n = live.prepared, problem.device, len(problem.batches)
+    spent, rep, times = 0.0, 0, []
+    try:
+        while rep < s.reps and (rep < live.min_calls or spent < s.budget_s / s.rounds):
+            i = live.next_batch % n
+            live.next_batch += 1
+            dt, out = measure.time_call(lambda: p.step(i), p.sync, dev, p.framework)
+            del out
+            times.append(dt)
+            spent += dt
+            rep += 1
+    except Exception as exc:  # noqa: BLE001
+        _failed(row, exc)
+        _info(row, p)
+        return False
+    finally:
+        row.times_s += times
+        if times:
+            row.round_medians_s.append(statistics.median(times))
+    return True
+
+
+def finish_method(row: Row, live: Live | None, cfg: Config) -> Row:
+    """The row's statistics over every timed call, and the method's own info."""
+    if live is not None:
+        _info(row, live.prepared)
     if row.times_s:
         ts = row.times_s
         row.median_s = statistics.median(ts)
@@ -255,6 +331,17 @@ def run_method(method: str, problem: peers.Problem, s: Settings, ref: list[torch
         if fl is not None:
             row.gflops = fl / row.median_s / 1e9
     return row
+
+
+def run_method(method: str, problem: peers.Problem, s: Settings, ref: list[torch.Tensor] | None,
+               tol_rel: float | None, on_stage: Callable[[str, dict], None] | None = None) -> Row:
+    """One method alone: ``start_method``, ``s.rounds`` rounds of ``time_round``, ``finish_method``."""
+    row, live = start_method(method, problem, s, ref, tol_rel, on_stage)
+    if live is not None:
+        for _ in range(s.rounds):
+            if not time_round(row, live, problem, s):
+                break
+    return finish_method(row, live, problem.cfg)
 
 
 def make_problem(cfg: Config, s: Settings) -> peers.Problem:

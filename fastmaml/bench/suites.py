@@ -115,10 +115,10 @@ def plan(suites: tuple[str, ...], o: Options, base: Settings) -> list[Unit]:
             ms = ["fastmaml", "loop"] + ([] if q else ["vmap"])
             if o.methods is not None:
                 ms = [m for m in o.methods]
-            # One warm-up call measures the memory; one timed call; no float64 check (the
-            # miniimagenet table checks the same configuration at K=5).
+            # One warm-up call measures the memory; one timed call in one round; no float64
+            # check (the miniimagenet table checks the same configuration at K=5).
             add(s, "miniimagenet", (2,), Ks, orders((False,)),
-                replace(base, warmup=1, reps=1, min_reps=1, check=False), None, ms)
+                replace(base, warmup=1, reps=1, min_reps=1, check=False, rounds=1), None, ms)
         elif s != "micro":
             raise ValueError(f"suite must be one of {SUITES} or 'all', got {s!r}")
     return units

@@ -180,7 +180,9 @@ class MAML(nn.Module):
         hvp_map: the task map of the backward's HVPs only: 'vmap' | 'loop' | 'auto'
             (the task map, except vmapped HVPs for the loop over small image support sets).
         task_threads: how many tasks the CPU per-task loop runs at once: 'auto' (on
-            CPU with small per-task inputs, as many as torch's intra-op threads) or an int.
+            CPU with small per-task inputs, as many as torch's intra-op threads and the
+            cores available: the affinity mask less the cores other processes keep busy,
+            measured at first use, ``fastmaml.maml.tasks.usable_cores``) or an int.
         graph_memory_mb: memory (MiB) the support graphs of the steps before the last
             may keep for the backward (per-task loop; 0: recompute them, least memory).
         fused_batch_norm: in the CPU per-task loop, run batch-statistics BatchNorm by

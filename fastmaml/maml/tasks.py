@@ -11,13 +11,16 @@
 On CPU the loop runs its tasks concurrently, one per worker thread with one intra-op
 thread each (``task_threads``, :func:`run_tasks`), when ``fn`` is thread-safe
 (:func:`module_fn`, which the ``MAML`` wrapper uses) and each task's inputs are small
-(at most ``SMALL_TASK_INPUT`` elements). Measurements: benchmarks/RESULTS.md.
+(at most ``SMALL_TASK_INPUT`` elements); ``task_threads="auto"`` uses at most the cores
+left by other processes (:func:`usable_cores`). Measurements: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -96,7 +99,56 @@ def choose_workers(task_threads: int | str, task_map: str, fn: PureFn, *xs: torc
         return 1
     if any(t[0].numel() > SMALL_TASK_INPUT for t in xs):
         return 1
-    return max(1, min(torch.get_num_threads(), x.shape[0]))
+    return max(1, min(torch.get_num_threads(), usable_cores(), x.shape[0]))
+
+
+_USABLE_CORES: int | None = None  # measured at the first use of task_threads="auto"
+_PROC_LOADAVG, _PROC_TASKS = "/proc/loadavg", "/proc/self/task"  # Linux's load figures
+
+
+def usable_cores() -> int:
+    """The cores the task workers of ``task_threads="auto"`` may use: this process's
+    affinity mask (``os.sched_getaffinity``, not ``os.cpu_count``: a ``taskset`` or a
+    cpuset leaves fewer) less the k cores other processes keep busy, at least 1; measured
+    once, at the first use, and kept for the process.
+
+    k is the smaller of two views of the other processes' load: the 1-minute load average
+    (``os.getloadavg``), which only a steady load keeps up, and the number of runnable
+    threads now outside this process (``/proc/loadavg``'s running count less this
+    process's own running threads, the least of 5 samples 2 ms apart), which a load that
+    has just started already shows but a short burst does not survive. Each alone misleads:
+    the average still counts a job that ended a minute ago (or this process's own past
+    work), one sample catches passing bursts. On a machine where the load figures cover
+    more cores than the mask (a container on a larger host), k is scaled by mask/cpu_count.
+    Where the running count cannot be read (no /proc), k = 0: the load average alone
+    cannot tell others' load from this process's own."""
+    global _USABLE_CORES
+    if _USABLE_CORES is not None:
+        return _USABLE_CORES
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    now: int | None = None
+    try:
+        for _ in range(5):
+            with open(_PROC_LOADAVG) as f:
+                running = int(f.read().split()[3].split("/")[0])
+            own = 0
+            for tid in os.listdir(_PROC_TASKS):
+                try:
+                    with open(os.path.join(_PROC_TASKS, tid, "stat")) as f:
+                        own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+                except OSError:  # the thread ended meanwhile
+                    pass
+            now = max(0, running - own) if now is None else min(now, max(0, running - own))
+            time.sleep(0.002)
+        avg = os.getloadavg()[0]
+    except (OSError, ValueError, IndexError, AttributeError):
+        now, avg = None, 0.0
+    busy = 0.0 if now is None else min(avg, float(now)) * cores / max(cores, os.cpu_count() or cores)
+    _USABLE_CORES = max(1, cores - int(busy + 0.5))
+    return _USABLE_CORES
 
 
 def module_fn(model: torch.nn.Module) -> PureFn:

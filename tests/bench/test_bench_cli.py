@@ -61,3 +61,44 @@ def test_cli_method_timeout_option():
     assert method_timeout(parse_args(["--full", "--method-timeout", "30"])) == 30.0
     with pytest.raises(SystemExit):
         method_timeout(parse_args(["--method-timeout", "-1"]))
+
+
+def test_cli_load_rounds_and_machine_rate(tmp_path, capsys):
+    """A tiny run with --load and 2 interleaved rounds: the competitor ran and is gone, the
+    header gives the sgemm rates and the load, every row its fraction of the sgemm rate."""
+    import os
+
+    from fastmaml.bench.__main__ import run
+
+    argv = ["--suite", "sinusoid", "--tasks", "2", "--steps", "1", "--order", "first", "--peers", "fastmaml,loop",
+            "--reps", "2", "--calls", "2", "--load", "--load-settle", "0", "--out", str(tmp_path), "--no-progress",
+            "--device", "cpu"]
+    results, meta, paths = run(argv)
+    printed = capsys.readouterr().out
+    assert "load: ON, a competitor process" in printed and "[--load:" in printed
+    assert "float32 sgemm 1024x1024" in printed and "MEDIAN OF THE PER-ROUND RATIOS" in printed
+    lo = meta["load"]
+    assert lo["on"] is True and lo["cpu_s"] > 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(lo["pid"], 0)
+    assert set(meta["matmul"]) == {"at the start", "under --load", "at the end"} and meta["rounds"] == 2
+    data = json.loads(paths["json"].read_text())
+    assert data["meta"]["load"]["on"] is True
+    for r in data["results"]:
+        assert r["load"] is True and r["rounds"] == 2 and r["sgemm_gflops"] > 0
+        loop = next(row for row in r["rows"] if row["method"] == "loop")
+        assert len(loop["round_medians_s"]) == 2 and len(loop["times_s"]) == 4
+        assert loop["sgemm_fraction"] == pytest.approx(loop["gflops"] / r["sgemm_gflops"])
+    md = paths["md"].read_text()
+    assert "- load: ON" in md and "GFLOP/s (% sgemm)" in md
+
+
+def test_cli_reps_and_calls_options():
+    from fastmaml.bench.__main__ import parse_args, run
+
+    a = parse_args(["--full", "--reps", "3", "--calls", "7", "--load"])
+    assert a.reps == 3 and a.calls == 7 and a.load is True and a.quick is False
+    b = parse_args([])
+    assert b.reps is None and b.calls is None and b.load is False
+    with pytest.raises(SystemExit, match=r"--reps must be >= 1, got 0"):
+        run(["--suite", "sinusoid", "--reps", "0", "--no-progress", "--device", "cpu"])
