@@ -6,7 +6,8 @@ check their arguments and call the launchers below directly; under ``torch.compi
 they call these ops instead, so Dynamo puts one node in the graph rather than breaking at
 the pybind call (docs/DESIGN.md §7). The data-dependent check (class labels within
 ``[0, out_L)`` for ``loss="cross_entropy"``) runs inside the op, so a compiled graph keeps
-it without a data-dependent branch in Python.
+it without a data-dependent branch in Python; while a CUDA graph is captured it is a
+device-side assert (:func:`check_labels`, :func:`check_finite`: no host synchronisation).
 
 Schema: tensors and tensor lists, every knob a string; the backend is an explicit
 argument (``cpu``, ``cuda`` or ``triton``; device only picks the default in the public
@@ -90,16 +91,45 @@ def launch_hvp(ws, bs, x, y, vw, vb, activation: str, loss: str, be: str):
     return hw, hb
 
 
+# ---- data checks inside the ops -----------------------------------------------------------
+def capturing(t: Tensor) -> bool:
+    """Whether ``t``'s stream is being captured into a CUDA graph (where a host read of
+    device data, ``.item()`` or ``bool()``, is an error)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_labels(name: str, y: Tensor, classes: int) -> None:
+    """ValueError naming ``name`` when int64 labels ``y`` leave ``[0, classes)``; while a
+    CUDA graph is captured, a device-side assert instead (no host synchronisation)."""
+    if not y.numel():
+        return
+    if capturing(y):
+        torch._assert_async(((y >= 0) & (y < classes)).all(), f"{name} holds labels outside [0, {classes})")
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"{name} holds labels outside [0, {classes}): min {lo}, max {hi}")
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """ValueError naming ``name`` when float ``t`` holds NaN or Inf (a device-side assert
+    while a CUDA graph is captured)."""
+    if not (t.is_floating_point() and t.numel()):
+        return
+    ok = torch.isfinite(t).all()
+    if capturing(t):
+        torch._assert_async(ok, f"{name} contains NaN or Inf")
+    elif not bool(ok):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
 # ---- the ops ------------------------------------------------------------------------------
 def _op_arguments(name: str, ws, bs, x, y, loss: str, backend: str):
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"fastmaml::{name} runs the kernels (backend one of {KERNEL_BACKENDS}), got backend "
                          f"{backend!r}: call fastmaml.reference.{name} (plain torch code) instead")
-    if loss == "cross_entropy" and y.numel():
-        C = int(ws[-1].shape[-2])
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= C:
-            raise ValueError(f"y holds labels outside [0, {C}): min {lo}, max {hi}")
+    if loss == "cross_entropy":
+        check_labels("y", y, int(ws[-1].shape[-2]))
     return ([t.contiguous() for t in ws], [t.contiguous() for t in bs], x.contiguous(), y.contiguous())
 
 
@@ -141,4 +171,4 @@ def _fake_hvp(weights, biases, x, y, v_weights, v_biases, activation, loss, back
 
 
 __all__ = ["mlp_loss_and_grad_op", "mlp_hvp_op", "launch_loss_and_grad", "launch_hvp", "triton_mlp",
-           "KERNEL_BACKENDS"]
+           "KERNEL_BACKENDS", "capturing", "check_labels", "check_finite"]

@@ -189,3 +189,42 @@ def test_conv_meta_loss_one_named_graph_break_equals_eager():
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     for a, b in zip(torch.autograd.grad(out, params), torch.autograd.grad(eager, params)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_compiled_step_cuda_graphs_equal_eager():
+    """``torch.compile(step, mode="reduce-overhead")`` on CUDA: the graphs around
+    fastmaml's ops are captured into CUDA graphs (the ops read nothing back to the host
+    and allocate only their outputs and workspace: tests/emulated/test_capture_safety.py),
+    and four steps of new data give the eager step's losses and parameters."""
+    dims = [1, 40, 40, 1]
+    dev = torch.device("cuda")
+    maml = fastmaml.MAML(_mlp(dims).to(dev), inner_lr=0.01, inner_steps=2, lr_mode="per_step_layer", learn_lr=True)
+    start = {k: v.clone() for k, v in maml.state_dict().items()}
+    batches = [tuple(t.to(dev) for t in _data(dims, 4, 5, "mse", torch.float32, seed=300 + s)) for s in range(4)]
+
+    def run(compiled: bool):
+        maml.load_state_dict(start)
+        opt = torch.optim.SGD(maml.parameters(), lr=1e-3)
+
+        def step(xs, ys, xq, yq):
+            opt.zero_grad()
+            loss = maml(xs, ys, xq, yq)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        f = torch.compile(step, mode="reduce-overhead") if compiled else step
+        losses = [f(*b).clone() for b in batches]  # clone: a CUDA graph's output is overwritten by its next replay
+        torch.cuda.synchronize()
+        return losses, [p.detach().clone() for p in maml.parameters()]
+
+    _fresh_caches()
+    eager_losses, eager_params = run(False)
+    assert maml.path == "fused_mlp"
+    torch._dynamo.reset()
+    losses, params = run(True)
+    for a, b in zip(losses, eager_losses):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(params, eager_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

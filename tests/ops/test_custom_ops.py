@@ -89,7 +89,7 @@ def test_maml_mlp_opcheck(path, loss, lr_kind, monkeypatch):
         monkeypatch.setattr(maml_mlp_fit, "FUSED_CPU_MAX_WORKSPACE_BYTES", 0)
     ws, bs, xs, ys, xq, yq, lrs, msl, K = _mlp_inputs(loss, lr_kind)
     args = (ws, bs, xs, ys, xq, yq, lrs, msl, K, False, "tanh", loss, lr_kind, 0.05 if lr_kind == "float" else 0.0,
-            True, bool(lrs), backend, True)
+            True, bool(lrs), backend, True, msl.tolist() if lr_kind in ("float", "table") else None)
     _ok(opcheck(torch.ops.fastmaml.maml_mlp.default, args))
     out, grads, dlr = torch.ops.fastmaml.maml_mlp(*args)
     lr = 0.05 if lr_kind == "float" else (lrs if lr_kind == "elem" else lrs[0])
@@ -107,7 +107,7 @@ def test_maml_mlp_op_checks_finiteness_and_labels():
     xs = xs.clone()
     xs[0, 0, 0] = float("nan")
     args = [ws, bs, xs, ys, xq, yq, lrs, msl, K, False, "relu", "cross_entropy", "float", 0.05, True, False, "cpu",
-            True]
+            True, None]
     with pytest.raises(ValueError, match="xs"):
         torch.ops.fastmaml.maml_mlp(*args)
     args[2] = xq.new_zeros(xs.shape)
