@@ -19,6 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastmaml  # noqa: F401 - registers torch.ops.fastmaml
 from fastmaml import _ext, codes
 from fastmaml.ops import mlp_library
+from fastmaml.ops._maml_mlp.library import maml_mlp_op
+from fastmaml.ops._sgd_step.library import sgd_step_backward_op, sgd_step_op
 
 ALLOCATING = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "zeros", "zeros_like",
               "new_zeros", "ones", "ones_like", "full", "full_like", "clone"}
@@ -37,17 +39,25 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def impl(op):
+    """The Python implementation behind a custom op (a dispatch mode sees an op call as
+    one node; the aten ops of its implementation are what the launch runs)."""
+    fn = op._init_fn
+    assert callable(fn) and fn.__module__.startswith("fastmaml.ops"), fn
+    return fn
+
+
 def _launch(call):
-    """Runs ``call`` with the counters reset; returns (runtime-call counts, aten op names,
-    launches per kernel)."""
+    """Runs ``call``; returns (its runtime-call counts, the aten ops it ran, its launches
+    per kernel)."""
     C = _ext.ext()
-    C.cuda_emulation_reset()
+    before = {k: v["launches"] for k, v in C.cuda_emulation_stats().items()}  # not reset: the coverage list reads them
     C.cuda_emulation_api_reset()
     with _Ops() as ops:
         call()
     api = C.cuda_emulation_api_stats()
-    launches = {k: v["launches"] for k, v in C.cuda_emulation_stats().items() if v["launches"]}
-    return api, ops.names, launches
+    launches = {k: v["launches"] - before.get(k, 0) for k, v in C.cuda_emulation_stats().items()}
+    return api, ops.names, {k: n for k, n in launches.items() if n}
 
 
 def _assert_capture_safe(api, names, launches, kernels, n_alloc):
@@ -74,14 +84,35 @@ def _sgd_inputs(kind):
 def test_sgd_step_ops_capture_safe(kind):
     ps, gs, lrs = _sgd_inputs(kind)
     val = 0.1 if kind == codes.SGD_LR_FLOAT else 0.0
-    fwd = lambda: torch.ops.fastmaml.sgd_step(ps, gs, lrs, kind, val, "cuda")  # noqa: E731
+    fwd = lambda: impl(sgd_step_op)(ps, gs, lrs, kind, val, "cuda")  # noqa: E731
     _assert_capture_safe(*_launch(fwd), kernels=["multi_tensor_kernel"], n_alloc=len(gs))
     v = [torch.randn_like(x) for x in gs]
-    bwd = lambda: torch.ops.fastmaml.sgd_step_backward(v, gs, lrs, [1, 0], kind, val, True, "cuda")  # noqa: E731
+    bwd = lambda: impl(sgd_step_backward_op)(v, gs, lrs, [1, 0], kind, val, True, "cuda")  # noqa: E731
     api, names, launches = _launch(bwd)
-    assert {k: api[k] for k in SYNCS} == dict.fromkeys(SYNCS, 0), api
+    # one lr for many elements (scalar, per tensor): dα is reduced through a stream-ordered
+    # workspace of per-block partial sums (cudaMallocAsync/cudaFreeAsync on the op's stream,
+    # which a CUDA graph captures as allocation nodes); no other runtime call
+    ws = int(kind in (codes.SGD_LR_SCALAR, codes.SGD_LR_PER_TENSOR))
+    assert {k: api[k] for k in SYNCS} == {**dict.fromkeys(SYNCS, 0), "mallocs": ws, "frees": ws}, api
     assert "_local_scalar_dense" not in names, names
     assert launches.get("multi_tensor_kernel", 0) >= 1, launches
+    assert launches.get("sum_segments_kernel", 0) == ws, launches
+
+
+def test_launchers_allocate_only_stream_ordered():
+    """The op launchers' only device allocations are stream-ordered (cudaMallocAsync /
+    cudaFreeAsync: capturable); the synchronous cudaMalloc/cudaMemcpy of csrc/ are the
+    availability probe's (csrc/common/cuda_device.cu, never inside an op)."""
+    import re
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
+    for path in [*csrc.rglob("*.cu"), *csrc.rglob("*.cuh")]:
+        if path.name in ("cuda_device.cu", "cuda_emulation_selftest.cu"):
+            continue
+        text = path.read_text()
+        bad = re.findall(r"\b(cudaMalloc|cudaFree|cudaMemcpy|cudaStreamSynchronize|cudaDeviceSynchronize)\s*\(", text)
+        assert bad == [], (path.name, bad)
 
 
 def _mlp(loss, T=2, N=5, dims=(3, 6, 4)):
@@ -95,9 +126,9 @@ def _mlp(loss, T=2, N=5, dims=(3, 6, 4)):
 
 def test_mlp_ops_capture_safe():
     ws, bs, x, y = _mlp("mse")
-    lg = lambda: torch.ops.fastmaml.mlp_loss_and_grad(ws, bs, x, y, "relu", "mse", "cuda")  # noqa: E731
+    lg = lambda: impl(mlp_library.mlp_loss_and_grad_op)(ws, bs, x, y, "relu", "mse", "cuda")  # noqa: E731
     _assert_capture_safe(*_launch(lg), kernels=["loss_and_grad_kernel"], n_alloc=1 + 2 * len(ws))
-    hvp = lambda: torch.ops.fastmaml.mlp_hvp(ws, bs, x, y, ws, bs, "relu", "mse", "cuda")  # noqa: E731
+    hvp = lambda: impl(mlp_library.mlp_hvp_op)(ws, bs, x, y, ws, bs, "relu", "mse", "cuda")  # noqa: E731
     _assert_capture_safe(*_launch(hvp), kernels=["hvp_kernel"], n_alloc=2 * len(ws))
 
 
@@ -113,7 +144,7 @@ def test_maml_mlp_op_capture_safe():
     msl = torch.tensor([0.0, 1.0])
     args = (ws, bs, xs, ys, xq, yq, [], msl, K, False, "relu", "mse", "float", 0.01, True, False, "cuda", False,
             [0.0, 1.0])
-    call = lambda: torch.ops.fastmaml.maml_mlp(*args)  # noqa: E731
+    call = lambda: impl(maml_mlp_op)(*args)  # noqa: E731
     _assert_capture_safe(*_launch(call), kernels=["maml_kernel", "reduce_tasks_kernel"],
                          n_alloc=1 + 2 * len(ws) + 1)
 
@@ -138,5 +169,5 @@ def test_data_checks_become_device_asserts_while_capturing(monkeypatch):
     api, names, _ = _launch(checks)
     assert "_local_scalar_dense" not in names and names.count("_assert_async") == 2, names
     assert {k: api[k] for k in SYNCS} == dict.fromkeys(SYNCS, 0), api
-    lg = lambda: torch.ops.fastmaml.mlp_loss_and_grad(ws, bs, x, y, "relu", "cross_entropy", "cuda")  # noqa: E731
+    lg = lambda: impl(mlp_library.mlp_loss_and_grad_op)(ws, bs, x, y, "relu", "cross_entropy", "cuda")  # noqa: E731
     _assert_capture_safe(*_launch(lg), kernels=["loss_and_grad_kernel"], n_alloc=1 + 2 * len(ws))
