@@ -27,6 +27,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -775,7 +776,38 @@ cudaError_t cudaDriverGetVersion(int* version) {
   *version = 0;
   return cudaSuccess;
 }
+namespace fastmaml {
+namespace emu {
+namespace {
+struct ApiCounters {
+  std::atomic<uint64_t> mallocs{0}, frees{0}, memcpy_sync{0}, memcpy_d2h{0}, memsets{0}, stream_syncs{0},
+      device_syncs{0};
+};
+ApiCounters g_api;
+}  // namespace
+
+ApiStats api_snapshot() {
+  ApiStats s;
+  s.mallocs = g_api.mallocs.load();
+  s.frees = g_api.frees.load();
+  s.memcpy_sync = g_api.memcpy_sync.load();
+  s.memcpy_device_to_host = g_api.memcpy_d2h.load();
+  s.memsets = g_api.memsets.load();
+  s.stream_syncs = g_api.stream_syncs.load();
+  s.device_syncs = g_api.device_syncs.load();
+  return s;
+}
+
+void reset_api_stats() {
+  for (std::atomic<uint64_t>* c : {&g_api.mallocs, &g_api.frees, &g_api.memcpy_sync, &g_api.memcpy_d2h,
+                                   &g_api.memsets, &g_api.stream_syncs, &g_api.device_syncs})
+    c->store(0);
+}
+}  // namespace emu
+}  // namespace fastmaml
+
 cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  ++fastmaml::emu::g_api.mallocs;
   void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
   if (p == nullptr) return set_error(cudaErrorMemoryAllocation, "cudaMalloc: out of host memory");
   std::memset(p, 0xff, bytes);  // fresh device memory is garbage, not zeros
@@ -785,6 +817,7 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* ptr) {
+  ++fastmaml::emu::g_api.frees;
   if (ptr == nullptr) return cudaSuccess;
   std::lock_guard<std::mutex> lock(g_alloc_lock);
   auto it = g_allocs.find(ptr);
@@ -796,19 +829,28 @@ cudaError_t cudaFree(void* ptr) {
 cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) { return cudaMalloc(ptr, bytes); }
 cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) { return cudaFree(ptr); }
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
+  ++fastmaml::emu::g_api.memsets;
   std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
+  if (kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDefault) ++fastmaml::emu::g_api.memcpy_d2h;
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* ptr, int value, size_t bytes) { return cudaMemsetAsync(ptr, value, bytes, nullptr); }
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  ++fastmaml::emu::g_api.memcpy_sync;
   return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  ++fastmaml::emu::g_api.stream_syncs;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize() {
+  ++fastmaml::emu::g_api.device_syncs;
+  return cudaSuccess;
+}
 
 // ---- ThreadSanitizer instrumentation hooks (the race check) -----------------------------------------
 #define FM_TSAN_RW(N)                                                                                   \

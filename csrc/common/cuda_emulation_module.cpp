@@ -1,5 +1,5 @@
 // Python view of the CUDA emulation (FASTMAML_CUDA=emulate build): the per-kernel launch
-// counters (the coverage list), the race-check switch, the scheduler's seed and the
+// counters (the coverage list), the runtime-call counters (capture safety), the race-check switch, the scheduler's seed and the
 // emulator's own test kernels. extension.cpp calls register_cuda_emulation(m) in that
 // build only.
 #if defined(FASTMAML_CUDA_EMULATE)
@@ -35,6 +35,20 @@ void register_cuda_emulation(py::module_& m) {
   }, "per-kernel counters of the emulated launches since the last reset: {kernel name: {launches, refused, "
      "failed, blocks, threads, barriers, warp_ops, shared_accesses, global_accesses, races, variants}}");
   m.def("cuda_emulation_reset", &emu::reset_stats, "clears the per-kernel counters");
+  m.def("cuda_emulation_api_stats", []() {
+    const emu::ApiStats s = emu::api_snapshot();
+    py::dict d;
+    d["mallocs"] = s.mallocs;
+    d["frees"] = s.frees;
+    d["memcpy_sync"] = s.memcpy_sync;
+    d["memcpy_device_to_host"] = s.memcpy_device_to_host;
+    d["memsets"] = s.memsets;
+    d["stream_syncs"] = s.stream_syncs;
+    d["device_syncs"] = s.device_syncs;
+    return d;
+  }, "counts of the allocating and synchronising runtime calls since the last reset: {mallocs, frees, "
+     "memcpy_sync, memcpy_device_to_host, memsets, stream_syncs, device_syncs}");
+  m.def("cuda_emulation_api_reset", &emu::reset_api_stats, "clears the runtime-call counters");
   m.def("cuda_emulation_set_race_check", &emu::set_race_check, py::arg("on"),
         "turns the shared/global-memory race check of emulated launches on (default) or off");
   m.def("cuda_emulation_race_check", &emu::race_check_enabled);

@@ -1,5 +1,6 @@
 // What the CUDA emulation (cuda_emulation.cpp) reports to Python: per-kernel launch
-// counters (the coverage list of tests/emulated) and the race checker's counters. Plain
+// counters (the coverage list of tests/emulated), the race checker's counters and the
+// counts of allocating and synchronising runtime calls. Plain
 // C++: included by the pybind11 registration without the emulation macros.
 #pragma once
 
@@ -26,8 +27,22 @@ struct KernelStats {
   uint64_t races = 0;
 };
 
+// Runtime calls that break CUDA-graph capture or allocate (the capture-safety test of
+// tests/emulated/test_capture_safety.py counts them around each op's launch).
+struct ApiStats {
+  uint64_t mallocs = 0;               // cudaMalloc / cudaMallocAsync
+  uint64_t frees = 0;                 // cudaFree / cudaFreeAsync
+  uint64_t memcpy_sync = 0;           // cudaMemcpy (synchronous)
+  uint64_t memcpy_device_to_host = 0; // any copy of kind DeviceToHost (or Default), sync or async
+  uint64_t memsets = 0;               // cudaMemset / cudaMemsetAsync
+  uint64_t stream_syncs = 0;          // cudaStreamSynchronize
+  uint64_t device_syncs = 0;          // cudaDeviceSynchronize
+};
+
 std::vector<KernelStats> stats_snapshot();
 void reset_stats();
+ApiStats api_snapshot();
+void reset_api_stats();
 void set_race_check(bool on);
 bool race_check_enabled();
 void set_seed(uint64_t seed);

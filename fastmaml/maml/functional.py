@@ -129,6 +129,15 @@ def maml_loss(
                        task_threads=task_threads, graph_memory_mb=graph_memory_mb, fused_batch_norm=fused_batch_norm)
 
 
+# Not traced by torch.compile (docs/DESIGN.md §7): the generic meta-step is an autograd.Function
+# whose forward runs the inner loop with torch.autograd.grad (and saves the RNG state for the
+# backward's replay), neither of which Dynamo traces; left to it, the meta-step breaks at every
+# inner gradient. Disabled here, a compiled caller has ONE graph break, at this call.
+GENERIC_NOT_TRACED = ("fastmaml's generic meta-step runs eagerly: its inner loop differentiates with "
+                      "torch.autograd.grad inside an autograd.Function, which Dynamo does not trace")
+
+
+@torch.compiler.disable(reason=GENERIC_NOT_TRACED)
 def run_generic(r: dispatch.Route, fn: PureFn, params: Mapping[str, torch.Tensor], lrs: object, xs: torch.Tensor,
                 ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor, *, steps: int, first_order: bool, loss: object,
                 msl_weights: object, adapt: Sequence[str] | None, backend: str, hvp: str, hvp_map: str,

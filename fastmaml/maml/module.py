@@ -327,6 +327,7 @@ def _run_mlp(m: MAML, r: dispatch.Route, ws: list, bs: list, first_order: bool, 
                         first_order=first_order, loss=m.loss, msl_weights=msl, backend=m.backend)  # type: ignore[arg-type]
 
 
+@torch.compiler.disable(reason=functional.GENERIC_NOT_TRACED)  # and module_fn's worker threads with it
 def _run_generic(m: MAML, r: dispatch.Route, first_order: bool, record: bool, hook: object,
                  data: tuple) -> torch.Tensor:
     """The meta-loss on the generic or reference path; a model with per-step layers

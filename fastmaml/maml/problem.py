@@ -255,7 +255,9 @@ def check_meta_batch(xs: object, ys: object, xq: object, yq: object, *, loss_nam
         elif loss_name == "cross_entropy":
             if t.dtype != torch.int64:
                 raise TypeError(f"{nm} must hold int64 class labels for loss='cross_entropy', got {t.dtype}")
-            if t.numel() and int(t.min()) < 0:
+            if t.numel() and torch.compiler.is_compiling():  # in-graph assert (RuntimeError), no .item() break
+                torch._assert_async((t >= 0).all(), f"{nm} holds a negative class label")
+            elif t.numel() and int(t.min()) < 0:
                 raise ValueError(f"{nm} holds a negative class label ({int(t.min())})")
         if t.is_floating_point() or t.is_complex():
             _checks.finite(nm, t)

@@ -159,6 +159,10 @@ def module_fn(model: torch.nn.Module) -> PureFn:
     parameter and buffer tensors with ``model`` (nothing is copied, the replica sees the
     same buffers). The thread that called ``module_fn`` uses ``model`` itself; a module
     that cannot be deep-copied is shared, its calls made one at a time (correct, serial)."""
+    if torch.compiler.is_compiling():
+        # traced: one thread (no worker pool, which Dynamo cannot trace: thread ids, locks);
+        # without ``thread_safe`` the task maps run the tasks serially
+        return lambda params, x: torch.func.functional_call(model, params, (x,))
     owner = threading.get_ident()
     replicas: dict[int, torch.nn.Module | None] = {}
     lock = threading.Lock()  # replica creation; and the calls on ``model`` if it cannot be copied

@@ -10,7 +10,8 @@ form, each as one reduction pass and one elementwise pass per channel. The math 
 :mod:`fastmaml.reference.batch_norm`.
 
 Four faces (docs/DESIGN.md §3): kernels (``csrc/batch_norm/``, C++/OpenMP) → launchers
-(:func:`_fwd`, :func:`_bwd`, :func:`_bwd_bwd`) → :class:`_BN` and :class:`_BNBackward`
+(``fwd``, ``bwd``, ``bwd_bwd`` in :mod:`fastmaml.ops.batch_norm_library`, which also holds
+the ``torch.library`` custom ops a compiled graph calls) → :class:`_BN` and :class:`_BNBackward`
 (``torch.autograd.Function``; the second is the backward, itself differentiable once)
 → :func:`batch_norm`. Backends: ``cpu`` runs every level in the C++ kernels;
 ``reference`` runs the same levels as the closed-form PyTorch-ops formulas of
@@ -26,11 +27,14 @@ from typing import Any
 
 import torch
 
-from fastmaml import _ext, backends, codes
-from fastmaml import reference as ref
+from fastmaml import _ext, backends
 from fastmaml._autograd import once_differentiable
-
-BACKENDS = ("cpu", "reference")
+from fastmaml.ops import batch_norm_library as lib
+from fastmaml.ops.batch_norm_library import BACKENDS
+from fastmaml.ops.batch_norm_library import bwd as _bwd
+from fastmaml.ops.batch_norm_library import bwd_bwd as _bwd_bwd
+from fastmaml.ops.batch_norm_library import fwd as _fwd
+from fastmaml.ops.batch_norm_library import view3 as _view3
 
 
 def available() -> bool:
@@ -41,63 +45,6 @@ def available() -> bool:
 def _kernels(x: torch.Tensor) -> bool:
     """Whether the C++ kernels can take this call (the extension is built, CPU tensor)."""
     return _ext._C is not None and x.device.type == "cpu"
-
-
-def _view3(x: torch.Tensor) -> torch.Tensor:
-    """x [N, C, *] as a contiguous [N, C, S]."""
-    return x.contiguous().view(x.shape[0], x.shape[1], -1)
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _c(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
-
-
-# ---- launchers: each level on the C++ kernels (kernels=True) or as the formulas --------
-def _fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, kernels: bool) -> tuple:
-    """(y, mean, rstd) of a contiguous [N, C, L] x."""
-    if not kernels:
-        return ref.batch_norm_forward(x, w, b, eps)
-    N, C, L = x.shape
-    w, b = w.contiguous(), b.contiguous()
-    y = torch.empty_like(x)
-    mean, rstd = x.new_empty(C), x.new_empty(C)
-    _ext.ext().batch_norm_fwd_cpu(codes.DTYPE[x.dtype], N, C, L, x.data_ptr(), w.data_ptr(), b.data_ptr(),
-                                  y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), eps, torch.get_num_threads())
-    return y, mean, rstd
-
-
-def _bwd(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-         kernels: bool, need_dx: bool = True) -> tuple:
-    """(dx or None, dw, db); gy and x contiguous [N, C, L]."""
-    if not kernels:
-        dx, dw, db = ref.batch_norm_backward(gy, x, w, mean, rstd)
-        return (dx if need_dx else None), dw, db
-    N, C, L = x.shape
-    w = w.contiguous()
-    dx = torch.empty_like(x) if need_dx else None
-    dw, db = w.new_empty(C), w.new_empty(C)
-    _ext.ext().batch_norm_bwd_cpu(codes.DTYPE[x.dtype], N, C, L, x.data_ptr(), w.data_ptr(), mean.data_ptr(),
-                                  rstd.data_ptr(), gy.data_ptr(), _ptr(dx), dw.data_ptr(), db.data_ptr(),
-                                  torch.get_num_threads())
-    return dx, dw, db
-
-
-def _bwd_bwd(a: torch.Tensor | None, bw: torch.Tensor | None, bb: torch.Tensor | None, gy: torch.Tensor,
-             x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, kernels: bool) -> tuple:
-    """(g_gy, g_x, g_w) for the cotangents (a, bw, bb) of (dx, dw, db); None = zero."""
-    if not kernels:
-        return ref.batch_norm_double_backward(a, bw, bb, gy, x, w, mean, rstd)
-    N, C, L = x.shape
-    w, a, bw, bb = w.contiguous(), _c(a), _c(bw), _c(bb)
-    g_gy, g_x, g_w = torch.empty_like(x), torch.empty_like(x), w.new_empty(C)
-    _ext.ext().batch_norm_bwd_bwd_cpu(codes.DTYPE[x.dtype], N, C, L, x.data_ptr(), w.data_ptr(), mean.data_ptr(),
-                                      rstd.data_ptr(), gy.data_ptr(), _ptr(a), _ptr(bw), _ptr(bb), g_gy.data_ptr(),
-                                      g_x.data_ptr(), g_w.data_ptr(), torch.get_num_threads())
-    return g_gy, g_x, g_w
 
 
 # ---- autograd ---------------------------------------------------------------------------
@@ -126,9 +73,7 @@ def _bn_double_backward(ctx: Any, a: torch.Tensor | None, bw: torch.Tensor | Non
     return g_gy, g_x, g_w, None, None, None
 
 
-_THIRD = ("fastmaml.ops.batch_norm: the double backward of batch_norm is not differentiable again (third "
-          "derivatives through it are not implemented); use torch.nn.functional.batch_norm for those")
-_double_backward = once_differentiable(_bn_double_backward, _THIRD)
+_double_backward = once_differentiable(_bn_double_backward, lib.THIRD)
 
 
 class _BN(torch.autograd.Function):
@@ -184,6 +129,8 @@ def run_checked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     mode); ``kernels`` None: where they can take the call."""
     if kernels is None:
         kernels = _kernels(x)
+    if torch.compiler.is_compiling():  # one opaque node per level for Dynamo/AOTAutograd (fastmaml::batch_norm)
+        return lib.batch_norm_op(x, weight, bias, float(eps), "cpu" if kernels else "reference")[0]
     return _BN.apply(_view3(x), weight, bias, float(eps), kernels).view(x.shape)
 
 

@@ -35,7 +35,7 @@ def fused_workspace_bytes(dims: Sequence[int], steps: int, n_support: int, n_que
     # = csrc/mlp/meta_step.h maml_workspace_size
     elems = (steps * PT + (n_g + n_msl) * P + steps * 3 * n_support * sd
              + max(3 * n_query * sd, 3 * n_support * sd + n_support * max(dims)) + 2 * PT + 2 * P)
-    return elems * torch.empty((), dtype=dtype).element_size()
+    return elems * dtype.itemsize
 
 
 def _cuda_smem_limit(device: torch.device) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from fastmaml import _checks, backends, codes
 from fastmaml import reference as ref
-from fastmaml._ext import cuda_launch, ext
+from fastmaml.ops import mlp_library as lib
 from fastmaml.reference.mlp import ACTIVATIONS, LOSSES
 
 MAX_LAYERS = codes.MLP_MAX_LAYERS
@@ -151,19 +151,6 @@ def check_data(
     return x, y, T, N
 
 
-def _triton_mlp():
-    try:
-        from fastmaml.triton import mlp as tmlp  # noqa: PLC0415 (lazy: triton is optional)
-
-        return tmlp
-    except (ImportError, AttributeError) as exc:
-        raise RuntimeError(f"the triton backend of the MLP ops is not available in this build: {exc}") from exc
-
-
-def _ptrs(ts: Sequence[torch.Tensor]) -> list[int]:
-    return [t.data_ptr() for t in ts]
-
-
 def mlp_loss_and_grad(
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor],
@@ -178,24 +165,16 @@ def mlp_loss_and_grad(
     (``[T, out, in]`` each) and biases (``[T, out]``). See the module docstring."""
     check_activation_loss(activation, loss)
     ws, bs, dims, dtype, device = check_layers(weights, biases, per_task=True)
-    x, y, T, N = check_data("x", x, "y", y, T=ws[0].shape[0], dims=dims, loss=loss, dtype=dtype, device=device)
+    eager = not torch.compiler.is_compiling()  # compiled: the label check runs inside the op
+    x, y, T, N = check_data("x", x, "y", y, T=ws[0].shape[0], dims=dims, loss=loss, dtype=dtype, device=device,
+                            check_labels=eager)
     be = backends.resolve(backend, device, "mlp_loss_and_grad")
     if be == "reference":
         return ref.mlp_loss_and_grad(ws, bs, x, y, activation=activation, loss=loss)
-    if be == "triton":
-        lt, gw, gb = _triton_mlp().mlp_loss_and_grad(ws, bs, x, y, activation=activation, loss=loss)
-        return lt, list(gw), list(gb)
-    lt = torch.empty(T, dtype=dtype, device=device)
-    gw = [torch.empty_like(W) for W in ws]
-    gb = [torch.empty_like(b) for b in bs]
-    args = (codes.DTYPE[dtype], dims, codes.ACTIVATION[activation], codes.LOSS[loss], T, N, x.data_ptr(), y.data_ptr(),
-            _ptrs(ws), _ptrs(bs), lt.data_ptr(), _ptrs(gw), _ptrs(gb))
-    if be == "cpu":
-        ext().mlp_loss_and_grad_cpu(*args)
-    else:
-        with cuda_launch(device) as (_, stream):
-            ext().mlp_loss_and_grad_cuda(*args, stream)
-    return lt, gw, gb
+    if not eager:  # one opaque node for Dynamo (fastmaml::mlp_loss_and_grad)
+        return lib.mlp_loss_and_grad_op([t.detach() for t in ws], [t.detach() for t in bs], x.detach(), y.detach(),
+                                        activation, loss, be)
+    return lib.launch_loss_and_grad(ws, bs, x, y, activation, loss, be)
 
 
 def mlp_hvp(
@@ -226,23 +205,16 @@ def mlp_hvp(
         _checks.same_device(f"v_biases[{l}]", vb[l], device)
         _checks.shape(f"v_weights[{l}]", vw[l], ws[l].shape)
         _checks.shape(f"v_biases[{l}]", vb[l], bs[l].shape)
-    x, y, T, N = check_data("x", x, "y", y, T=ws[0].shape[0], dims=dims, loss=loss, dtype=dtype, device=device)
+    eager = not torch.compiler.is_compiling()  # compiled: the label check runs inside the op
+    x, y, T, N = check_data("x", x, "y", y, T=ws[0].shape[0], dims=dims, loss=loss, dtype=dtype, device=device,
+                            check_labels=eager)
     be = backends.resolve(backend, device, "mlp_hvp")
     if be == "reference":
         return ref.mlp_hvp(ws, bs, x, y, vw, vb, activation=activation, loss=loss)
-    if be == "triton":
-        hw, hb = _triton_mlp().mlp_hvp(ws, bs, x, y, vw, vb, activation=activation, loss=loss)
-        return list(hw), list(hb)
-    hw = [torch.empty_like(W) for W in ws]
-    hb = [torch.empty_like(b) for b in bs]
-    args = (codes.DTYPE[dtype], dims, codes.ACTIVATION[activation], codes.LOSS[loss], T, N, x.data_ptr(), y.data_ptr(),
-            _ptrs(ws), _ptrs(bs), _ptrs(vw), _ptrs(vb), _ptrs(hw), _ptrs(hb))
-    if be == "cpu":
-        ext().mlp_hvp_cpu(*args)
-    else:
-        with cuda_launch(device) as (_, stream):
-            ext().mlp_hvp_cuda(*args, stream)
-    return hw, hb
+    if not eager:  # one opaque node for Dynamo (fastmaml::mlp_hvp)
+        d = lambda ts: [t.detach() for t in ts]  # noqa: E731
+        return lib.mlp_hvp_op(d(ws), d(bs), x.detach(), y.detach(), d(vw), d(vb), activation, loss, be)
+    return lib.launch_hvp(ws, bs, x, y, vw, vb, activation, loss, be)
 
 
 __all__ = ["mlp_loss_and_grad", "mlp_hvp"]

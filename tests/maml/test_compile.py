@@ -146,3 +146,85 @@ def test_compiled_training_step_no_break_inside_fastmaml_no_recompiles(sinusoid_
     with torch._dynamo.config.patch(error_on_recompile=True):
         for s in range(3):
             cf(*_data(dims, 4, 5, "mse", torch.float32, seed=200 + s)).backward()
+
+
+def _tiny_conv(C=8, n=5):
+    """The Omniglot 4-conv pattern (conv, BatchNorm with batch statistics, ReLU, max-pool),
+    tiny: 2 blocks of 8 channels on 8x8 images, so the compile stays fast."""
+    torch.manual_seed(0)
+    block = lambda cin: [nn.Conv2d(cin, C, 3, padding=1), nn.BatchNorm2d(C, track_running_stats=False),  # noqa: E731
+                         nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*block(1), *block(C), nn.Flatten(), nn.Linear(C * 2 * 2, n))
+
+
+def test_conv_meta_loss_one_named_graph_break_equals_eager():
+    """The generic conv path: exactly ONE graph break, at the call of the generic
+    meta-step (module.py ``_forward`` calling the ``torch.compiler.disable``\\ d
+    ``_run_generic``: its inner loop differentiates with torch.autograd.grad inside an
+    autograd.Function, which Dynamo does not trace; docs/DESIGN.md §7). Nothing else in
+    fastmaml breaks the graph (no ``.item()``, no thread-pool calls); the compiled
+    meta-loss and its gradient equal eager."""
+    from fastmaml.maml import module as module_mod
+
+    maml = fastmaml.MAML(_tiny_conv(), inner_lr=0.4, inner_steps=1, loss="cross_entropy")
+    g = torch.Generator().manual_seed(0)
+    T, N = 2, 5
+    xs, xq = (torch.randn(T, N, 1, 8, 8, generator=g) for _ in range(2))
+    ys, yq = (torch.randint(0, 5, (T, N), generator=g) for _ in range(2))
+    f = lambda xs, ys, xq, yq: maml(xs, ys, xq, yq)  # noqa: E731
+    _fresh_caches()
+    explained = torch._dynamo.explain(f)(xs, ys, xq, yq)
+    assert maml.path == "generic"
+    assert explained.graph_break_count == 1, [b.reason for b in explained.break_reasons]
+    src = open(module_mod.__file__).read().splitlines()
+    for b in explained.break_reasons:  # Dynamo lists the one break once per frame it restarts
+        assert "torch.compiler.disable" in b.reason and "_run_generic" in b.reason, b.reason
+        assert "torch.autograd.grad inside an autograd.Function" in b.reason, b.reason
+        top = b.user_stack[-1]
+        assert os.path.abspath(top.filename) == os.path.abspath(module_mod.__file__), top
+        assert top.name == "_forward" and "_run_generic(" in src[top.lineno - 1], (top, src[top.lineno - 1])
+    params = list(maml.parameters())
+    eager = f(xs, ys, xq, yq)
+    out = torch.compile(f)(xs, ys, xq, yq)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(out, params), torch.autograd.grad(eager, params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_compiled_step_cuda_graphs_equal_eager():
+    """``torch.compile(step, mode="reduce-overhead")`` on CUDA: the graphs around
+    fastmaml's ops are captured into CUDA graphs (the ops read nothing back to the host
+    and allocate only their outputs and workspace: tests/emulated/test_capture_safety.py),
+    and four steps of new data give the eager step's losses and parameters."""
+    dims = [1, 40, 40, 1]
+    dev = torch.device("cuda")
+    maml = fastmaml.MAML(_mlp(dims).to(dev), inner_lr=0.01, inner_steps=2, lr_mode="per_step_layer", learn_lr=True)
+    start = {k: v.clone() for k, v in maml.state_dict().items()}
+    batches = [tuple(t.to(dev) for t in _data(dims, 4, 5, "mse", torch.float32, seed=300 + s)) for s in range(4)]
+
+    def run(compiled: bool):
+        maml.load_state_dict(start)
+        opt = torch.optim.SGD(maml.parameters(), lr=1e-3)
+
+        def step(xs, ys, xq, yq):
+            opt.zero_grad()
+            loss = maml(xs, ys, xq, yq)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        f = torch.compile(step, mode="reduce-overhead") if compiled else step
+        losses = [f(*b).clone() for b in batches]  # clone: a CUDA graph's output is overwritten by its next replay
+        torch.cuda.synchronize()
+        return losses, [p.detach().clone() for p in maml.parameters()]
+
+    _fresh_caches()
+    eager_losses, eager_params = run(False)
+    assert maml.path == "fused_mlp"
+    torch._dynamo.reset()
+    losses, params = run(True)
+    for a, b in zip(losses, eager_losses):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(params, eager_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

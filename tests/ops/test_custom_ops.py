@@ -20,7 +20,8 @@ def _ok(result: dict) -> None:
 
 
 def test_ops_registered_on_import():
-    for name in ("sgd_step", "sgd_step_backward", "maml_mlp"):
+    for name in ("sgd_step", "sgd_step_backward", "maml_mlp", "mlp_loss_and_grad", "mlp_hvp", "batch_norm",
+                 "batch_norm_backward", "batch_norm_double_backward"):
         assert hasattr(torch.ops.fastmaml, name), name
     assert fastmaml.ops.sgd_step is not None
 
@@ -88,7 +89,7 @@ def test_maml_mlp_opcheck(path, loss, lr_kind, monkeypatch):
         monkeypatch.setattr(maml_mlp_fit, "FUSED_CPU_MAX_WORKSPACE_BYTES", 0)
     ws, bs, xs, ys, xq, yq, lrs, msl, K = _mlp_inputs(loss, lr_kind)
     args = (ws, bs, xs, ys, xq, yq, lrs, msl, K, False, "tanh", loss, lr_kind, 0.05 if lr_kind == "float" else 0.0,
-            True, bool(lrs), backend, True)
+            True, bool(lrs), backend, True, msl.tolist() if lr_kind in ("float", "table") else None)
     _ok(opcheck(torch.ops.fastmaml.maml_mlp.default, args))
     out, grads, dlr = torch.ops.fastmaml.maml_mlp(*args)
     lr = 0.05 if lr_kind == "float" else (lrs if lr_kind == "elem" else lrs[0])
@@ -106,7 +107,7 @@ def test_maml_mlp_op_checks_finiteness_and_labels():
     xs = xs.clone()
     xs[0, 0, 0] = float("nan")
     args = [ws, bs, xs, ys, xq, yq, lrs, msl, K, False, "relu", "cross_entropy", "float", 0.05, True, False, "cpu",
-            True]
+            True, None]
     with pytest.raises(ValueError, match="xs"):
         torch.ops.fastmaml.maml_mlp(*args)
     args[2] = xq.new_zeros(xs.shape)
@@ -117,3 +118,100 @@ def test_maml_mlp_op_checks_finiteness_and_labels():
     args[16] = "reference"
     with pytest.raises(ValueError, match="reference"):
         torch.ops.fastmaml.maml_mlp(*args)
+
+
+def _per_task_mlp(loss: str, dims=(3, 6, 4), T=2, N=5):
+    torch.manual_seed(2)
+    ws = [0.5 * torch.randn(T, dims[i + 1], dims[i], dtype=F64) for i in range(len(dims) - 1)]
+    bs = [0.1 * torch.randn(T, dims[i + 1], dtype=F64) for i in range(len(dims) - 1)]
+    x = torch.randn(T, N, dims[0], dtype=F64)
+    y = torch.randn(T, N, dims[-1], dtype=F64) if loss == "mse" else torch.randint(0, dims[-1], (T, N))
+    vw, vb = [torch.randn_like(w) for w in ws], [torch.randn_like(b) for b in bs]
+    return ws, bs, x, y, vw, vb
+
+
+@pytest.mark.parametrize("loss,activation", [("mse", "tanh"), ("cross_entropy", "relu")])
+def test_mlp_ops_opcheck_and_equal_eager(loss, activation):
+    ws, bs, x, y, vw, vb = _per_task_mlp(loss)
+    _ok(opcheck(torch.ops.fastmaml.mlp_loss_and_grad.default, (ws, bs, x, y, activation, loss, "cpu")))
+    _ok(opcheck(torch.ops.fastmaml.mlp_hvp.default, (ws, bs, x, y, vw, vb, activation, loss, "cpu")))
+    lt, gw, gb = torch.ops.fastmaml.mlp_loss_and_grad(ws, bs, x, y, activation, loss, "cpu")
+    rl, rw, rb = fastmaml.reference.mlp_loss_and_grad(ws, bs, x, y, activation=activation, loss=loss)
+    for a, b in zip([lt, *gw, *gb], [rl, *rw, *rb]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    hw, hb = torch.ops.fastmaml.mlp_hvp(ws, bs, x, y, vw, vb, activation, loss, "cpu")
+    ew, eb = fastmaml.ops.mlp_hvp(ws, bs, x, y, vw, vb, activation=activation, loss=loss, backend="cpu")
+    for a, b in zip([*hw, *hb], [*ew, *eb]):
+        assert torch.equal(a, b)  # the same kernel: bitwise
+
+
+def test_mlp_ops_refuse_reference_and_bad_labels_inside_the_op():
+    ws, bs, x, y, vw, vb = _per_task_mlp("cross_entropy")
+    with pytest.raises(ValueError, match="reference"):
+        torch.ops.fastmaml.mlp_loss_and_grad(ws, bs, x, y, "relu", "cross_entropy", "reference")
+    with pytest.raises(ValueError, match=r"y holds labels outside \[0, 4\): min 0, max 7"):
+        torch.ops.fastmaml.mlp_hvp(ws, bs, x, y.clamp(0, 3).index_fill(1, torch.tensor([0]), 7), vw, vb, "relu",
+                                   "cross_entropy", "cpu")
+
+
+def test_mlp_ops_compile_fullgraph_equal_eager():
+    ws, bs, x, y, vw, vb = _per_task_mlp("cross_entropy")
+    torch._dynamo.reset()
+
+    def f(ws, bs, x, y, vw, vb):
+        lt, gw, gb = fastmaml.ops.mlp_loss_and_grad(ws, bs, x, y, loss="cross_entropy", backend="cpu")
+        hw, hb = fastmaml.ops.mlp_hvp(ws, bs, x, y, vw, vb, loss="cross_entropy", backend="cpu")
+        return lt, gw, gb, hw, hb
+
+    explained = torch._dynamo.explain(f)(ws, bs, x, y, vw, vb)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    out = torch.compile(f, fullgraph=True)(ws, bs, x, y, vw, vb)
+    for a, b in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(f(ws, bs, x, y, vw, vb))):
+        assert torch.equal(a, b)
+    # the label check stays on in the compiled graph (inside the op)
+    with pytest.raises(ValueError, match="y holds labels outside"):
+        torch.compile(f, fullgraph=True)(ws, bs, x, y + 4, vw, vb)
+
+
+def _bn_inputs(shape=(4, 3, 2, 2)):
+    torch.manual_seed(3)
+    x = torch.randn(*shape, dtype=F64, requires_grad=True)
+    w = (1 + 0.2 * torch.randn(shape[1], dtype=F64)).requires_grad_()
+    b = (0.1 * torch.randn(shape[1], dtype=F64)).requires_grad_()
+    return x, w, b
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_batch_norm_ops_opcheck(backend):
+    x, w, b = _bn_inputs()
+    _ok(opcheck(torch.ops.fastmaml.batch_norm.default, (x, w, b, 1e-5, backend)))
+    y, mean, rstd = torch.ops.fastmaml.batch_norm(x.detach(), w.detach(), b.detach(), 1e-5, backend)
+    gy = torch.randn_like(x).requires_grad_()
+    xd = x.detach().requires_grad_()
+    _ok(opcheck(torch.ops.fastmaml.batch_norm_backward.default, (gy, xd, w, mean, rstd, backend)))
+    a, bw, bb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    _ok(opcheck(torch.ops.fastmaml.batch_norm_double_backward.default,
+                (a, bw, bb, gy.detach(), x.detach(), w.detach(), mean, rstd, backend)))
+    _ok(opcheck(torch.ops.fastmaml.batch_norm_double_backward.default,
+                (None, bw, None, gy.detach(), x.detach(), w.detach(), mean, rstd, backend)))
+    # the ops are the eager function's numbers and differentiate twice (the closed forms)
+    fn = lambda x, w, b: torch.ops.fastmaml.batch_norm(x, w, b, 1e-5, backend)[0]  # noqa: E731
+    torch.testing.assert_close(fn(x, w, b), fastmaml.ops.batch_norm(x, w, b, backend=backend), rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_batch_norm_ops_refuse_what_they_cannot_differentiate():
+    x, w, b = _bn_inputs()
+    y, mean, rstd = torch.ops.fastmaml.batch_norm(x, w, b, 1e-5, "cpu")
+    assert not mean.requires_grad and not rstd.requires_grad  # batch statistics: non-differentiable outputs
+    gy = torch.randn_like(x)
+    (dx,) = torch.autograd.grad(y, x, gy, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable again"):
+        ddx.sum().backward()
+    out = torch.ops.fastmaml.batch_norm_backward(gy, x, w, mean.detach().requires_grad_(), rstd, "cpu")
+    with pytest.raises(RuntimeError, match="mean and rstd are x's batch statistics"):
+        out[0].sum().backward()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        torch.ops.fastmaml.batch_norm(x, w, b, 1e-5, "cuda")

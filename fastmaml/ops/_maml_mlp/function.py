@@ -174,7 +174,8 @@ def maml_mlp(
         # fused vs layer-wise itself and checks the data's finiteness in the graph. The
         # reference backend (autograd inside) is traced as plain torch code instead.
         out, _, _ = maml_mlp_op(list(ws), list(bs), xs, ys, xq, yq, list(lrs), msl, K, bool(first_order),
-                                activation, loss, lr_kind, float(lr_value), need_grad, lr_learned, be, True)
+                                activation, loss, lr_kind, float(lr_value), need_grad, lr_learned, be, True,
+                                msl_list if msl_weights is None else None)  # host values: capture-safe
         return out
     n_msl = sum(1 for w in msl_list if w != 0.0)
     fused = be in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, be)

@@ -26,8 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastmaml import _checks
-from fastmaml.ops import maml_mlp_fit
+from fastmaml.ops import maml_mlp_fit, mlp_library
 from fastmaml.ops._maml_mlp.config import Cfg, unpack_dlr
 from fastmaml.ops._maml_mlp.fused import run_fused
 from fastmaml.ops._maml_mlp.layerwise import run_layerwise
@@ -42,10 +41,10 @@ class _LrLayout(NamedTuple):
 
 
 def check_finite_tensors(names: list[str], tensors: list[Tensor]) -> None:
-    """ValueError naming the first float tensor holding NaN/Inf (one reduction each)."""
+    """ValueError naming the first float tensor holding NaN/Inf (one reduction each; a
+    device-side assert while a CUDA graph is captured)."""
     for name, t in zip(names, tensors):
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            _checks.finite(name, t)
+        mlp_library.check_finite(name, t)
 
 
 def _dlr_numel(lr_kind: str, K: int, shapes: list, lrs: list[Tensor]) -> int:
@@ -66,9 +65,12 @@ def _has_dlr(lr_kind: str, lrs: list[Tensor], need_grad: bool) -> bool:
 def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor,
                 lrs: list[Tensor], msl: Tensor, steps: int, first_order: bool, activation: str, loss: str,
                 lr_kind: str, lr_value: float, need_grad: bool, lr_learned: bool, backend: str,
-                check_finite: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                check_finite: bool, msl_host: list[float] | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The meta-loss, meta-gradient and lr gradient of ``fastmaml.ops.maml_mlp`` for
-    checked arguments (the public function checks them before calling the op)."""
+    checked arguments (the public function checks them before calling the op).
+    ``msl_host``: msl's values when the caller knows them on the host (the default
+    last-step weights), so the op reads nothing back from the device (capture-safe);
+    None: read from ``msl``."""
     if backend == "reference":
         raise ValueError("fastmaml::maml_mlp runs the kernels (backend 'cpu', 'cuda' or 'triton'), got backend "
                          "'reference': call fastmaml.reference.maml_mlp (plain torch code) instead")
@@ -76,9 +78,7 @@ def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Ten
         check_finite_tensors(["xs", "ys", "xq", "yq"], [xs, ys, xq, yq])
     if loss == "cross_entropy":
         for name, y in (("ys", ys), ("yq", yq)):
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= weights[-1].shape[0]):
-                raise ValueError(f"{name} holds labels outside [0, {weights[-1].shape[0]}): min {int(y.min())}, "
-                                 f"max {int(y.max())}")
+            mlp_library.check_labels(name, y, int(weights[-1].shape[0]))
     ws = [w.contiguous() for w in weights]
     bs = [b.contiguous() for b in biases]
     xs, ys, xq, yq, msl = xs.contiguous(), ys.contiguous(), xq.contiguous(), yq.contiguous(), msl.contiguous()
@@ -86,7 +86,7 @@ def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Ten
     dims = [ws[0].shape[1], *[w.shape[0] for w in ws]]
     T, Ns, Nq = xs.shape[0], xs.shape[1], xq.shape[1]
     dtype, device = ws[0].dtype, ws[0].device
-    msl_list = [float(w) for w in msl.tolist()]
+    msl_list = [float(w) for w in (msl.tolist() if msl_host is None else msl_host)]
     n_msl = sum(1 for w in msl_list if w != 0.0)
     shapes = [p.shape for pair in zip(ws, bs) for p in pair]
     fused = backend in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, steps, Ns, Nq, dtype, device, lr_learned,
@@ -104,7 +104,7 @@ def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Ten
 
 @maml_mlp_op.register_fake
 def _fake(weights, biases, xs, ys, xq, yq, lrs, msl, steps, first_order, activation, loss, lr_kind, lr_value,
-          need_grad, lr_learned, backend, check_finite):
+          need_grad, lr_learned, backend, check_finite, msl_host):
     w0 = weights[0]
     out = w0.new_empty(())
     grads = [torch.empty_like(p) for pair in zip(weights, biases) for p in pair] if need_grad else []
@@ -142,7 +142,7 @@ def _backward(ctx, gloss, _ggrads, _gdlr):
         dlrs = unpack_dlr(ns, dlr, ctx.lr_shapes, ctx.shapes, gloss)  # type: ignore[arg-type]
     else:
         dlrs = [None] * n_lr
-    return (dws, dbs, None, None, None, None, dlrs, None, None, None, None, None, None, None, None, None, None, None)
+    return (dws, dbs, None, None, None, None, dlrs, *[None] * 12)
 
 
 maml_mlp_op.register_autograd(_backward, setup_context=_setup_context)
