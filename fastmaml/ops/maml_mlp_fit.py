@@ -3,8 +3,12 @@
 take the fused route is the MAML layer's question (:mod:`fastmaml.maml.mlp_path`).
 
 The fused kernel runs one task's K inner steps, query losses and adjoint inside one
-workspace: per thread on the CPU (at most ``FUSED_CPU_MAX_WORKSPACE_BYTES``, a few times
-the 1 MiB L2 of the target CPU), in one CTA's shared memory on CUDA (at most the
+workspace: per thread on the CPU (at most ``FUSED_CPU_MAX_WORKSPACE_BYTES``, 32 MiB: past
+the L2, but one task's workspace is still streamed from the last-level cache, and for the
+wide MLP of docs/DESIGN.md §5 — 12 MB at K = 5 — the fused kernel needs ~0.6x the CPU time
+of the layer-wise path at second order, the same at first order; benchmarks/RESULTS.md,
+"fastmaml/ops/maml_mlp_fit.py"; the layer-wise path holds all T tasks' K parameter copies
+at once, so it is never the smaller one in memory), in one CTA's shared memory on CUDA (at most the
 device's opt-in shared memory per block). At most ``codes.MLP_MAX_LAYERS`` layers.
 """
 
@@ -17,7 +21,7 @@ import torch
 from fastmaml import codes
 from fastmaml._ext import cuda_emulated, ext
 
-FUSED_CPU_MAX_WORKSPACE_BYTES = 4 << 20
+FUSED_CPU_MAX_WORKSPACE_BYTES = 32 << 20
 
 codes.MLP_LR_SCALAR, codes.MLP_LR_TABLE, codes.MLP_LR_ELEMENT, codes.MLP_LR_STEP_ELEMENT = 0, 1, 2, 3
 

@@ -26,7 +26,7 @@ def test_readme_python_blocks_run():
 def test_sinusoid_example_runs_end_to_end(tmp_path):
     plot = tmp_path / "sinusoid.png"
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "sinusoid.py"), "--iterations", "30", "--eval-tasks", "20",
+        [sys.executable, str(ROOT / "docs" / "examples" / "sinusoid.py"), "--iterations", "30", "--eval-tasks", "20",
          "--plot", str(plot)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
         # the example imports this checkout's fastmaml, installed or built in place

@@ -237,7 +237,7 @@ def _front_end_cases():
         else:
             ys, yq = labels(T, ns, fam.n_way), labels(T, nq, fam.n_way)
         mlp_fam = fam.mlp_widths is not None
-        want = {"sinusoid": "fused_mlp", "wide_mlp": "mlp_layerwise"}.get(family, "generic")  # as benchmarked
+        want = {"sinusoid": "fused_mlp", "wide_mlp": "fused_mlp"}.get(family, "generic")  # as benchmarked
         cases.append((family, model, (xs, ys, xq, yq), fam.loss, want, "" if mlp_fam else "loop"))
     torch.manual_seed(1)
     tanh = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))

@@ -68,10 +68,10 @@ def test_workspace_formula_matches_kernel(lr_learned, n_msl):
 
 
 def test_wide_model_past_default_limit_uses_layerwise():
-    dims = [64, 512, 512, 5]  # ~1.6 MB of parameters per copy: past the 4 MiB workspace
+    dims = [64, 1024, 1024, 5]  # ~4.5 MB of parameters per copy: past the 32 MiB workspace at K=5
     ok, why = supports(dims, "relu", steps=5, n_support=5, n_query=15)
     assert not ok and "exceeds" in why
-    check([64, 512, 512, 5], 2, 5, 4, 2, loss="cross_entropy", lr_kind="scalar", dtype=torch.float32)
+    check(dims, 2, 5, 4, 2, loss="cross_entropy", lr_kind="scalar", dtype=torch.float32)
 
 
 def test_bitwise_reproducible_and_thread_count_independent():

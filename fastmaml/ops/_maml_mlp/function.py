@@ -38,7 +38,7 @@ Two implementations, same numbers:
   of the layer widths d_1..d_L, n_g = K when the lr is learned else 1, n_msl the number
   of nonzero MSL weights; see :func:`fastmaml.ops.maml_mlp_fit.fused_workspace_bytes`; the sinusoid MLP at K = 5,
   10 + 10 points, float32: 182 KB) must be at most
-  ``maml_mlp_fit.FUSED_CPU_MAX_WORKSPACE_BYTES`` (4 MiB, a few times the 1 MiB L2 of the target CPU)
+  ``maml_mlp_fit.FUSED_CPU_MAX_WORKSPACE_BYTES`` (32 MiB; see :mod:`fastmaml.ops.maml_mlp_fit`)
   on CPU, and at most the device's opt-in shared memory per block (e.g. 227 KiB on
   H100) on CUDA. :func:`fastmaml.ops.maml_mlp_fit.supports` and :func:`~fastmaml.ops.maml_mlp_fit.fits_fused`
   say whether a model fits.

@@ -10,8 +10,8 @@ beside a baseline of the same network pretrained on all tasks jointly (ordinary
 regression on samples from random tasks) and fine-tuned the same way. Prints the table
 and saves a plot of one task's adapted curves.
 
-    python examples/sinusoid.py                     # the paper's 70,000 meta-iterations
-    python examples/sinusoid.py --iterations 2000   # a quick run
+    python docs/examples/sinusoid.py                     # the paper's 70,000 meta-iterations
+    python docs/examples/sinusoid.py --iterations 2000   # a quick run
 """
 
 from __future__ import annotations
