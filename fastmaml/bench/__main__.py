@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from fastmaml.bench import harness, micro, op_batch_norm, op_mlp_triton, op_sgd_step, report, suites
+from fastmaml.bench import family, harness, micro, op_batch_norm, op_mlp_triton, op_sgd_step, report, suites
 from fastmaml.bench.runner import ConfigResult, Row, Settings
 from fastmaml.bench.peers import METHODS
 
@@ -195,7 +195,10 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
                           methods=methods)
     units = suites.plan(tuple(n for n in names if n != "micro"), opts, base)
     n_micro = (3 if q else 7) * ("micro" in names)
+    fam_kw = dict(steps=args.steps, tasks=args.tasks, reps=args.reps and max(1, args.reps))
+    fam_names = [n for n in names if n in suites.FAMILY_SUITES]
     total = n_micro + sum(len(u.methods) + (1 if u.settings.check else 0) for u in units)
+    total += sum(family.n_runs(n, q, str(device), **fam_kw) for n in fam_names)
     progress = _Progress(total, not args.no_progress)
     results: list[ConfigResult] = []
     try:
@@ -209,6 +212,9 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
             for m, why in u.skipped.items():
                 res.rows.append(Row(m, METHODS.get(m, m), status="skipped", reason=why))
             results.append(res)
+        for n in fam_names:  # each point in a fresh process, capped by --method-timeout (default 900 s)
+            results += family.bench_results(n, q, str(device), timeout_s=base.method_timeout_s, progress=progress,
+                                            **fam_kw)
     finally:
         progress.close()
     meta = report.machine_info(device)
@@ -223,6 +229,8 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     report.write_json(results, meta, paths["json"])
     md = report.markdown_doc(results, meta, meta["command"])
+    fam_summary = family.summary(results)
+    md += ("\n" + fam_summary) if fam_summary else ""
     paths["md"].write_text(md)
     why = report.plot(results, paths["png"])
     if why is not None:
@@ -236,6 +244,7 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
         print(report.text_table(res))
         print()
     print(report.legend())
+    print(fam_summary, end="")
     print(f"wall time {meta['wall_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths.values())
           + (f" (no plot: {why})" if why else ""))
     return results, meta, paths
