@@ -113,6 +113,8 @@ def reptile_error(model: torch.nn.Module, batch: tuple, cfg: Config) -> tuple[fl
 def run_point(spec: dict) -> dict:
     """Warm-up, peak memory, timed repetitions of one point (in this process)."""
     torch.manual_seed(0)
+    if spec.get("threads"):  # the parent's torch threads (python -m fastmaml.bench --threads N)
+        torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
     m, step, model, batch, cfg = _step_fn(spec)
 
@@ -242,6 +244,7 @@ def bench_points(name: str, quick: bool, device: str, steps: tuple[int, ...] | N
     pts = plan(subs, fams, ks, cgs, 5 if 5 in ks else ks[-1], r, device, tasks[0] if tasks else None,
                tuple(steps) if steps else (5,))
     for p in pts:
+        p["threads"] = torch.get_num_threads()
         if p["family"] == "sinusoid":
             p["reps"] = max(p["reps"], 20)  # milliseconds per step: 20 reps cost nothing
     return pts

@@ -1,6 +1,8 @@
 """The ``imaml`` and ``reptile`` suites of ``python -m fastmaml.bench`` at a tiny size
-(the sinusoid MLP, T=2, K=1): every point in its own child process, rows through the
-report writer (terminal table, JSON, Markdown). No timings are asserted beyond > 0."""
+(the sinusoid MLP, T=2, K=1), rows through the report writer (terminal table, JSON,
+Markdown). The points run in this process here (a child costs ~3 s of imports each);
+``test_point_in_a_fresh_process`` runs one through the child route the suites use. No
+timings are asserted beyond > 0."""
 
 from __future__ import annotations
 
@@ -15,11 +17,20 @@ def test_imaml_and_reptile_suites_write_rows(tmp_path, capsys, monkeypatch):
     from fastmaml.bench.__main__ import run
 
     monkeypatch.setattr(family, "BENCH_FAMILIES", ("sinusoid",))
-    monkeypatch.setitem(family.BENCH_CG, True, (5,))  # four child processes in all (~3 s each)
+    monkeypatch.setitem(family.BENCH_CG, True, (5,))
+    ran = []
+
+    def in_process(spec: dict, timeout_s: float) -> dict:
+        ran.append((spec["algo"], spec["cg"], timeout_s))
+        return family.run_point(spec)
+
+    monkeypatch.setattr(family, "run_isolated", in_process)
     argv = ["--suite", "imaml,reptile", "--steps", "1", "--tasks", "2", "--reps", "1", "--out", str(tmp_path),
             "--no-progress", "--device", "cpu"]
     results, meta, paths = run(argv)
     printed = capsys.readouterr().out
+    assert sorted(ran) == [("imaml", 5, 900.0), ("maml", 0, 900.0), ("reptile", 0, 900.0),
+                           ("reptile-loop", 0, 900.0)]  # the K=1, CG 5 point once for both tables
     assert "against K: sinusoid T=2" in printed and "against CG steps" in printed and "Reptile: sinusoid" in printed
     data = json.loads(paths["json"].read_text())
     assert {r["suite"] for r in data["results"]} == {"imaml", "reptile"}
@@ -41,7 +52,21 @@ def test_imaml_and_reptile_suites_write_rows(tmp_path, capsys, monkeypatch):
     assert "| imaml cg=5 |" in md and "| loop |" in md
 
 
+def test_point_in_a_fresh_process():
+    """One point through ``run_isolated`` (``python -m fastmaml.bench.family --point``):
+    Omniglot's conv net at T=1, K=1 allocates megabytes of activations per meta-step."""
+    spec = dict(suite="imaml-vs-maml", algo="maml", family="omniglot", T=1, K=1, cg=0, reps=1, device="cpu",
+                threads=1)  # one torch thread in the child (a shared machine; see conftest.py)
+    r = family.run_isolated(spec, timeout_s=120)
+    assert "error" not in r, r.get("error")
+    assert r["median_s"] > 0 and r["first_s"] > 0 and r["peak_bytes"] > 2**20 and r["path"] == "generic"
+    row = family._row("maml K=1", "fastmaml.MAML", r)
+    assert row.status == "ok" and row.tasks_per_s == pytest.approx(1 / r["median_s"])
+    assert family._row("x", "x", dict(error="timed out after 5 s")).status == "timed out"
+
+
 def test_family_suite_plans():
+    assert all(p["threads"] == 1 for p in family.bench_points("reptile", True, "cpu"))  # conftest: 1 thread
     assert set(family.BENCH_SUITES) <= set(suites.SUITES)
     assert not set(family.BENCH_SUITES) & set(suites.QUICK_DEFAULT)  # a couple of minutes each: asked for
     quick = family.bench_points("imaml", True, "cpu")
