@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from fastmaml.bench import harness, load, measure, micro, op_batch_norm, op_mlp_triton, op_sgd_step, report, suites
+from fastmaml.bench import family, harness, load, measure, micro, op_batch_norm, op_mlp_triton, op_sgd_step, report, suites
 from fastmaml.bench.runner import ConfigResult, Row, Settings
 from fastmaml.bench.peers import METHODS
 
@@ -215,8 +215,11 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
                           methods=methods)
     units = suites.plan(tuple(n for n in names if n != "micro"), opts, base)
     n_micro = (3 if q else 7) * ("micro" in names)
+    fam_kw = dict(steps=args.steps, tasks=args.tasks, reps=args.reps and max(1, args.reps))
+    fam_names = [n for n in names if n in suites.FAMILY_SUITES]
     total = n_micro + sum(len(u.methods) + (1 if u.settings.check else 0) for u in units)
     total += sum(u.settings.rounds for u in units if u.settings.rounds > 1)
+    total += sum(family.n_runs(n, q, str(device), **fam_kw) for n in fam_names)
     progress = _Progress(total, not args.no_progress)
     results: list[ConfigResult] = []
     rates = {"at the start": measure.machine_rate()}
@@ -236,6 +239,9 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
             for m, why in u.skipped.items():
                 res.rows.append(Row(m, METHODS.get(m, m), status="skipped", reason=why))
             results.append(res)
+        for n in fam_names:  # each point in a fresh process, capped by --method-timeout (default 900 s)
+            results += family.bench_results(n, q, str(device), timeout_s=base.method_timeout_s, progress=progress,
+                                            **fam_kw)
     finally:
         progress.close()
         if competitor is not None:
@@ -257,6 +263,8 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     report.write_json(results, meta, paths["json"])
     md = report.markdown_doc(results, meta, meta["command"])
+    fam_summary = family.summary(results)
+    md += ("\n" + fam_summary) if fam_summary else ""
     paths["md"].write_text(md)
     why = report.plot(results, paths["png"])
     if why is not None:
@@ -271,6 +279,7 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
         print(report.text_table(res))
         print()
     print(report.legend())
+    print(fam_summary, end="")
     print(f"wall time {meta['wall_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths.values())
           + (f" (no plot: {why})" if why else ""))
     return results, meta, paths

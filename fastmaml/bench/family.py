@@ -32,11 +32,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
 from fastmaml.bench import measure
 from fastmaml.bench.configs import PAPER, Config, build_model, make_batch
+from fastmaml.bench.runner import ConfigResult, Row, assign_speedups, tolerance
 
 SUITES = ("imaml-vs-maml", "imaml-cg", "reptile")
 LAM = 2.0  # iMAML's λ (the paper's Omniglot setting)
@@ -85,14 +87,36 @@ def _step_fn(spec: dict):
                 p.grad = d[n]
     else:
         raise ValueError(f"algo must be imaml, maml, reptile or reptile-loop, got {algo!r}")
-    return (m if algo != "reptile-loop" else None), step
+    return (m if algo != "reptile-loop" else None), step, model, (xs, ys), cfg
+
+
+def reptile_error(model: torch.nn.Module, batch: tuple, cfg: Config) -> tuple[float, float]:
+    """max|d − d_ref| and its ratio to max|d_ref| of the Reptile direction in ``model``'s ``.grad``
+    against the float64 loop over tasks on the same batch and initial θ."""
+    from fastmaml.reference.reptile import reptile_direction  # noqa: PLC0415
+
+    ref_model = build_model(cfg.family, seed=0).double()
+    params = dict(ref_model.named_parameters())
+
+    def fn(p, x):
+        return torch.func.functional_call(ref_model, p, (x,))
+
+    xs, ys = batch
+    xs64 = xs.detach().cpu().double()
+    ys64 = ys.detach().cpu().double() if ys.is_floating_point() else ys.detach().cpu()
+    d, _ = reptile_direction(fn, params, xs64, ys64, inner_lr=cfg.inner_lr, inner_steps=cfg.K, loss=cfg.fam.loss)
+    got = dict(model.named_parameters())
+    worst = max((got[n].grad.detach().cpu().double() - d[n]).abs().max().item() for n in d)
+    return worst, worst / (max(v.abs().max().item() for v in d.values()) or 1.0)
 
 
 def run_point(spec: dict) -> dict:
     """Warm-up, peak memory, timed repetitions of one point (in this process)."""
     torch.manual_seed(0)
+    if spec.get("threads"):  # the parent's torch threads (python -m fastmaml.bench --threads N)
+        torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
-    m, step = _step_fn(spec)
+    m, step, model, batch, cfg = _step_fn(spec)
 
     def sync(_: object) -> None:
         if device.type == "cuda":
@@ -110,6 +134,8 @@ def run_point(spec: dict) -> dict:
                peak_bytes=peak, peak_how=how, path=getattr(m, "path", ""))
     if spec["algo"] == "imaml":
         out["cg_iterations"] = m.last_cg.get("cg_iterations")
+    if spec["algo"].startswith("reptile") and spec.get("check", True):
+        out["max_abs_diff"], out["rel_diff"] = reptile_error(model, batch, cfg)  # .grad: the last step's d
     return out
 
 
@@ -127,11 +153,12 @@ def run_isolated(spec: dict, timeout_s: float) -> dict:
 
 
 def plan(suites: list[str], families: list[str], steps: list[int], cg_steps: list[int], cg_at_k: int,
-         reps: int, device: str) -> list[dict]:
+         reps: int, device: str, tasks: int | None = None, reptile_steps: tuple[int, ...] = (5,)) -> list[dict]:
+    """The points of ``suites``; ``tasks`` overrides the configurations' meta-batch size."""
     pts: list[dict] = []
 
     def add(algo: str, fam: str, K: int, cg: int = 0) -> None:
-        pts.append(dict(suite=suite, algo=algo, family=fam, T=PAPER[fam]["T"][0], K=K, cg=cg, reps=reps,
+        pts.append(dict(suite=suite, algo=algo, family=fam, T=tasks or PAPER[fam]["T"][0], K=K, cg=cg, reps=reps,
                         device=device))
 
     for suite in suites:
@@ -145,8 +172,8 @@ def plan(suites: list[str], families: list[str], steps: list[int], cg_steps: lis
                 for cg in cg_steps:
                     add("imaml", fam, cg_at_k, cg)
         elif suite == "reptile":
-            for fam in ["sinusoid", *families]:
-                for K in (5,):
+            for fam in dict.fromkeys(["sinusoid", *families]):
+                for K in reptile_steps:
                     add("reptile", fam, K)
                     add("reptile-loop", fam, K)
     return pts
@@ -189,6 +216,137 @@ def memory_growth_per_step(results: list[dict], family: str = "miniimagenet") ->
 
 def _csv_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+# ---------------------------------------------------------------------------------
+# The ``imaml`` and ``reptile`` suites of ``python -m fastmaml.bench``: the points above,
+# each in a fresh process, as the report writer's tables (fastmaml.bench.report).
+# ---------------------------------------------------------------------------------
+
+BENCH_SUITES = ("imaml", "reptile")
+BENCH_FAMILIES = ("omniglot", "miniimagenet")  # quick mode: the last one only
+BENCH_CG = {True: (5, 1), False: (5, 1, 2, 10, 20)}  # quick / full; the first is the K sweep's
+
+
+def bench_points(name: str, quick: bool, device: str, steps: tuple[int, ...] | None = None,
+                 tasks: tuple[int, ...] | None = None, reps: int | None = None) -> list[dict]:
+    """The points of suite ``name``, duplicates removed. ``imaml``: iMAML (CG 5) vs MAML
+    against K (quick 1, 5; full 1, 5, 10, 20) and iMAML against the CG steps at K = 5
+    (quick 1, 5; full 1, 2, 5, 10, 20). ``reptile``: fastmaml.Reptile vs the loop at K = 5
+    on the sinusoid and the conv configurations. ``steps`` / ``tasks`` override K and T."""
+    if name not in BENCH_SUITES:
+        raise ValueError(f"name must be one of {BENCH_SUITES}, got {name!r}")
+    fams = list(BENCH_FAMILIES[-1:] if quick else BENCH_FAMILIES)
+    ks = list(steps) if steps else ([1, 5] if quick else [1, 5, 10, 20])
+    cgs = list(BENCH_CG[quick])
+    r = reps if reps is not None else (1 if quick else 3)
+    subs = ["imaml-vs-maml", "imaml-cg"] if name == "imaml" else ["reptile"]
+    pts = plan(subs, fams, ks, cgs, 5 if 5 in ks else ks[-1], r, device, tasks[0] if tasks else None,
+               tuple(steps) if steps else (5,))
+    for p in pts:
+        p["threads"] = torch.get_num_threads()
+        if p["family"] == "sinusoid":
+            p["reps"] = max(p["reps"], 20)  # milliseconds per step: 20 reps cost nothing
+    return pts
+
+
+def _key(p: dict) -> tuple:
+    return p["algo"], p["family"], p["T"], p["K"], p["cg"]
+
+
+def _row(method: str, label: str, r: dict) -> Row:
+    row = Row(method, label)
+    if "error" in r:
+        row.status = "timed out" if r["error"].startswith("timed out") else "failed"
+        row.reason = r["error"]
+        return row
+    ts = r["times_s"] or [r["first_s"]]
+    q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0], ts[0], ts[0]]
+    row.first_s, row.times_s, row.median_s = r["first_s"], ts, statistics.median(ts)
+    row.q1_s, row.q3_s, row.min_s, row.max_s = q[0], q[2], min(ts), max(ts)
+    row.tasks_per_s = r["T"] / row.median_s
+    row.peak_bytes, row.memory_kind = r["peak_bytes"], r["peak_how"]
+    row.info = {k: r[k] for k in ("path", "K", "cg", "cg_iterations") if r.get(k) not in (None, "")}
+    row.max_abs_diff, row.rel_diff = r.get("max_abs_diff"), r.get("rel_diff")
+    return row
+
+
+def _config(title: str, fam: str, T: int, K: object, **extra: object) -> dict:
+    c = Config(fam, T, 1, PAPER[fam]["inner_lr"]).as_dict()
+    c.update(name=title, K=K, **extra)
+    return c
+
+
+def _tables(name: str, pts: list[dict], done: dict) -> list[ConfigResult]:
+    out: list[ConfigResult] = []
+    groups: dict[tuple, list[dict]] = {}
+    for p in pts:
+        groups.setdefault((p["suite"], p["family"], p["T"], p["K"] if p["suite"] != "imaml-vs-maml" else 0),
+                          []).append(p)
+    no_speedup = "iMAML and MAML compute different meta-gradients: no speedup"
+    for (sub, fam, T, K), ps in groups.items():
+        if sub == "imaml-vs-maml":
+            rows = [_row(f"{p['algo']} K={p['K']}", "fastmaml.iMAML" if p["algo"] == "imaml" else "fastmaml.MAML",
+                         done[_key(p)]) for p in ps]
+            cfg = _config(f"iMAML (λ={LAM:g}, CG {ps[0]['cg']}) vs MAML (second order) against K: {fam} T={T}", fam,
+                          T, sorted({p["K"] for p in ps}), lam=LAM)
+        elif sub == "imaml-cg":
+            ps = sorted(ps, key=lambda p: p["cg"])
+            rows = [_row(f"imaml cg={p['cg']}", "fastmaml.iMAML", done[_key(p)]) for p in ps]
+            cfg = _config(f"iMAML (λ={LAM:g}) against CG steps: {fam} T={T} K={K}", fam, T, K, lam=LAM)
+        else:
+            rows = [_row("fastmaml" if p["algo"] == "reptile" else "loop",
+                         "fastmaml.Reptile" if p["algo"] == "reptile" else "Reptile, loop over tasks",
+                         done[_key(p)]) for p in ps]
+            cfg = _config(f"Reptile: {fam} T={T} K={K}", fam, T, K)
+        ref: dict = {"checked": sub == "reptile"}
+        if sub == "reptile":
+            loop = next((r for r in rows if r.method == "loop" and r.rel_diff is not None), None)
+            tol = tolerance(loop.rel_diff) if loop is not None else None
+            ref.update(method="Reptile loop over tasks, float64, the same batch and θ",
+                       float32_loop_rel_diff=loop.rel_diff if loop else None, tolerance_rel=tol)
+            for r in rows:
+                if r.rel_diff is not None and tol is not None:
+                    r.tol_rel, r.agrees = tol, bool(r.rel_diff <= tol)
+                    if not r.agrees:
+                        r.status, r.reason = "disagrees", f"direction off by {r.rel_diff:.3g} relative"
+            assign_speedups(rows)
+        else:
+            for r in rows:
+                r.speedup_note = no_speedup
+        out.append(ConfigResult(cfg, rows, ref, None, name))
+    return out
+
+
+def bench_results(name: str, quick: bool, device: str, *, steps: tuple[int, ...] | None = None,
+                  tasks: tuple[int, ...] | None = None, reps: int | None = None, timeout_s: float | None = None,
+                  progress: Callable[[str], None] | None = None) -> list[ConfigResult]:
+    """Run suite ``name`` (each point in a fresh process, capped at ``timeout_s``,
+    default 900 s) and return its tables."""
+    pts = bench_points(name, quick, device, steps, tasks, reps)
+    done: dict[tuple, dict] = {}
+    for p in pts:
+        if _key(p) not in done:
+            if progress:
+                progress(f"{name}: {p['family']} {p['algo']} K={p['K']}" + (f" cg={p['cg']}" if p["cg"] else ""))
+            done[_key(p)] = run_isolated(p, timeout_s or 900.0)
+    return _tables(name, pts, done)
+
+
+def n_runs(name: str, quick: bool, device: str, **kw: object) -> int:
+    """How many child processes ``bench_results`` starts (for a progress bar)."""
+    return len({_key(p) for p in bench_points(name, quick, device, **kw)})  # type: ignore[arg-type]
+
+
+def summary(results: list[ConfigResult]) -> str:
+    """The iMAML memory-growth lines of ``results`` (one per family measured against K)."""
+    lines = []
+    for res in results:
+        if res.suite == "imaml" and isinstance(res.config.get("K"), list):
+            pts = [dict(algo="imaml", suite="imaml-vs-maml", family=res.config["family"], K=r.info["K"],
+                        peak_bytes=r.peak_bytes) for r in res.rows if r.label == "fastmaml.iMAML" and "K" in r.info]
+            lines.append(memory_growth_per_step(pts, res.config["family"]))
+    return "".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

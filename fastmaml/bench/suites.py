@@ -11,6 +11,13 @@ every T), and memory against K for miniImageNet (K = 1, 5, 10; fastmaml and the 
 and 5; wide MLP K = 1 and 5; Omniglot K = 1 and 5; miniImageNet K = 5; both orders)
 with every peer, more repetitions, and the longer sweeps (T up to 1000 with the
 compiled peer; K up to 20 with the vmap peer as well).
+
+The family suites ``imaml`` (iMAML vs second-order MAML against K, iMAML against the CG
+steps) and ``reptile`` (fastmaml.Reptile vs a loop over tasks) run each point in a fresh
+process (:mod:`fastmaml.bench.family`). They are not in the default quick suite: even
+quick (miniImageNet only, K = 1, 5, CG 1, 5; one rep) they take a couple of minutes on a
+2-core CPU. Ask for them with ``--suite imaml,reptile``; ``--full`` runs their whole
+sweeps (Omniglot and miniImageNet, K = 1, 5, 10, 20, CG 1, 2, 5, 10, 20).
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from fastmaml.bench.configs import PAPER, Config
+from fastmaml.bench.family import BENCH_SUITES as FAMILY_SUITES
 from fastmaml.bench.runner import Settings
 from fastmaml.bench.peers import PEERS
 
-SUITES = ("micro", "sinusoid", "wide-mlp", "omniglot", "miniimagenet", "scaling-T", "memory-K")
+SUITES = ("micro", "sinusoid", "wide-mlp", "omniglot", "miniimagenet", "scaling-T", "memory-K", *FAMILY_SUITES)
 QUICK_DEFAULT = ("micro", "sinusoid", "wide-mlp", "omniglot", "scaling-T", "memory-K")
 
 
@@ -119,6 +127,6 @@ def plan(suites: tuple[str, ...], o: Options, base: Settings) -> list[Unit]:
             # check (the miniimagenet table checks the same configuration at K=5).
             add(s, "miniimagenet", (2,), Ks, orders((False,)),
                 replace(base, warmup=1, reps=1, min_reps=1, check=False, rounds=1), None, ms)
-        elif s != "micro":
+        elif s != "micro" and s not in FAMILY_SUITES:  # those run by fastmaml.bench.family
             raise ValueError(f"suite must be one of {SUITES} or 'all', got {s!r}")
     return units

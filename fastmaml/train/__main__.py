@@ -3,6 +3,8 @@
     python -m fastmaml.train --config omniglot-5w1s --data-root ~/data/omniglot --out runs/omni
     python -m fastmaml.train --config omniglot-5w1s --synthetic --iterations 200 --out /tmp/omni
     python -m fastmaml.train --config sinusoid --iterations 2000 --resume --out runs/sine
+    python -m fastmaml.train --config omniglot-5w1s --synthetic --algo imaml --lam 2 --cg-steps 5 --out /tmp/im
+    python -m fastmaml.train --config sinusoid --algo reptile --outer-optimizer sgd --meta-lr 0.1 --out /tmp/rep
     torchrun --nproc-per-node 2 -m fastmaml.train --config sinusoid --out runs/sine2
 
 Writes ``log.json`` (configuration, training curve with tasks/s, meta-validation
@@ -12,6 +14,7 @@ accuracy ± 95 %, final meta-test), ``checkpoint.pt`` and ``curves.png`` under `
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from fastmaml.train import algos
@@ -26,6 +29,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", default=None,
                    help=f"meta-learning algorithm: {', '.join(sorted(algos.ALGOS))} (default: the config's, maml)")
     p.add_argument("--first-order", action="store_true", default=None, help="first-order MAML (FOMAML)")
+    p.add_argument("--lam", type=float, default=None, help="iMAML's proximal λ > 0 (--algo imaml; default 2.0)")
+    p.add_argument("--cg-steps", type=int, default=None,
+                   help="iMAML's CG iterations per meta-gradient (--algo imaml; default 5)")
+    p.add_argument("--outer-optimizer", choices=("adam", "sgd"), default=None,
+                   help="the meta-update at --meta-lr (default adam; sgd on Reptile is plain Reptile)")
     p.add_argument("--synthetic", action="store_true", help="random data of the right shapes, no dataset needed")
     p.add_argument("--data-root", type=Path, default=None, help="the dataset's folder (see fastmaml.data)")
     p.add_argument("--omniglot-split", choices=("maml", "vinyals"), default="maml")
@@ -66,14 +74,22 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(e))
     if args.algo is not None and args.algo not in algos.ALGOS:
         p.error(f"--algo must be one of {sorted(algos.ALGOS)}, got {args.algo!r}")
-    _positive_or_none(p, args, ["iterations", "meta_batch", "inner_steps", "test_steps", "val_every"], 1)
+    _positive_or_none(p, args, ["iterations", "meta_batch", "inner_steps", "test_steps", "val_every", "cg_steps"], 1)
+    if args.lam is not None and not (math.isfinite(args.lam) and args.lam > 0):
+        p.error(f"--lam must be a finite float > 0, got {args.lam}")
+    algo = args.algo or cfg.algo
+    for flag, v, needs in (("--lam", args.lam, ("imaml",)), ("--cg-steps", args.cg_steps, ("imaml",)),
+                           ("--first-order", args.first_order, ("maml", "fomaml"))):
+        if v is not None and algo not in needs:
+            p.error(f"{flag} applies to --algo {' or '.join(needs)} only, got --algo {algo}")
     _positive_or_none(p, args, ["val_episodes", "test_episodes"], 0)
     if args.save_every < 1 or args.log_every < 1:
         p.error("--save-every and --log-every must be >= 1")
     cfg = cfg.override(algo=args.algo, first_order=args.first_order, iterations=args.iterations,
                        meta_batch=args.meta_batch, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
                        test_steps=args.test_steps, meta_lr=args.meta_lr, val_every=args.val_every,
-                       val_episodes=args.val_episodes, test_episodes=args.test_episodes, seed=args.seed)
+                       val_episodes=args.val_episodes, test_episodes=args.test_episodes, seed=args.seed,
+                       lam=args.lam, cg_steps=args.cg_steps, outer_optimizer=args.outer_optimizer)
     if cfg.dataset == "sinusoid" and args.data_root is not None:
         p.error("--data-root: the sinusoid config needs no dataset")
     import torch

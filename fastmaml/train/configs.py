@@ -11,7 +11,10 @@ miniimagenet-5w1s      5/1     15    4         5 (test 10)  0.01       60000
 miniimagenet-5w5s      5/5     15    2         5 (test 10)  0.01       60000
 =====================  ======  ====  ========  ===========  =========  ==========
 
-All use Adam with learning rate 1e-3 for the meta-update. The query size follows the
+All use Adam with learning rate 1e-3 for the meta-update. ``--algo imaml`` adds the
+proximal λ (``--lam``, default 2.0) and the CG steps per meta-gradient (``--cg-steps``,
+default 5); ``--algo reptile`` uses the same inner steps and rate, and its meta-update applies
+the outer optimizer to θ − mean_t φ_{t,K}. The query size follows the
 MAML code (K per class for Omniglot, 15 for miniImageNet training); Omniglot's
 characters are augmented by rotations of 90°·k as extra classes (in every split); Omniglot uses 64
 filters and strided convolutions, miniImageNet 32 filters and max-pooling. Evaluation:
@@ -47,6 +50,9 @@ class Config:
     first_order: bool = False
     algo: str = "maml"
     seed: int = 0
+    lam: float = 2.0  # iMAML's proximal λ (--algo imaml)
+    cg_steps: int = 5  # iMAML's CG iterations per meta-gradient (--algo imaml)
+    outer_optimizer: str = "adam"  # the meta-update: "adam" | "sgd" (lr meta_lr)
 
     @property
     def classification(self) -> bool:

@@ -1,6 +1,7 @@
 """The meta-training loop behind ``python -m fastmaml.train``: data, model, algorithm,
-Adam on the meta-loss, periodic meta-validation on fixed episodes, checkpoints with
-resume, the final meta-test, a JSON log and a PNG of the curves.
+the outer optimizer on its meta-gradient, periodic meta-validation on fixed episodes, checkpoints with
+resume, the final meta-test, a JSON log and a PNG of the curves. The meta-step and the
+outer optimizer depend on ``--algo`` / ``--outer-optimizer`` (:mod:`fastmaml.train.algos`).
 
 Under ``torchrun --nproc-per-node P`` every rank builds the same model from the same
 seed (then rank 0's θ is broadcast), draws its share of each meta-batch from the same
@@ -15,7 +16,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -101,6 +102,16 @@ def _machine() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def make_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """The meta-update: Adam (the MAML paper's) or plain SGD, learning rate ``meta_lr``
+    (SGD on Reptile's direction is plain Reptile with ε = meta_lr)."""
+    if cfg.outer_optimizer == "adam":
+        return torch.optim.Adam(module.parameters(), lr=cfg.meta_lr)
+    if cfg.outer_optimizer == "sgd":
+        return torch.optim.SGD(module.parameters(), lr=cfg.meta_lr)
+    raise ValueError(f"outer_optimizer must be 'adam' or 'sgd', got {cfg.outer_optimizer!r}")
+
+
 def _atomic_save(obj: object, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -118,7 +129,9 @@ def _load_checkpoint(path: Path, cfg: Config, module: nn.Module, opt: torch.opti
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume first")
     ck = torch.load(path, map_location=device, weights_only=False)
-    old = {k: v for k, v in ck["config"].items() if k != "iterations"}
+    # fields newer than the checkpoint (lam, cg_steps, outer_optimizer) compare as their defaults
+    defaults = {f.name: f.default for f in fields(Config) if f.default is not MISSING}
+    old = {k: v for k, v in {**defaults, **ck["config"]}.items() if k != "iterations"}
     new = {k: v for k, v in asdict(cfg).items() if k != "iterations"}
     diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
     if diff:
@@ -168,7 +181,7 @@ def run(cfg: Config, opts: Options) -> dict:
     model = make_model(cfg).to(device=opts.device, dtype=getattr(torch, opts.dtype))
     module = algos.build(cfg.algo, model, cfg)
     fd.broadcast_parameters(module)
-    opt = torch.optim.Adam(module.parameters(), lr=cfg.meta_lr)
+    opt = make_optimizer(module, cfg)
     sampler, val_eps, test_eps = make_samplers(cfg, opts, rank, world)
     ckpt = out / "checkpoint.pt"
     start, history = 0, {"train": [], "val": []}
@@ -196,8 +209,7 @@ def run(cfg: Config, opts: Options) -> dict:
     for it in range(start, cfg.iterations):
         xs, ys, xq, yq = sampler.sample(cfg.meta_batch)  # type: ignore[attr-defined]
         opt.zero_grad(set_to_none=True)
-        loss = module(xs, ys, xq, yq)
-        loss.backward()
+        loss = algos.meta_step(module, (xs, ys, xq, yq))
         loss_all = fd.average_gradients(module.parameters(), local_tasks=xs.shape[0], total_tasks=cfg.meta_batch,
                                         extra=loss.detach())
         opt.step()

@@ -59,7 +59,7 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
 
 def test_flags_algo_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["--config", "sinusoid", "--algo", "reptile", "--out", str(tmp_path)])
+        main(["--config", "sinusoid", "--algo", "protomaml", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert "--algo must be one of" in err and "maml" in err and "fomaml" in err
     with pytest.raises(SystemExit):
@@ -70,7 +70,7 @@ def test_flags_algo_and_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="data-root"):
         main(["--config", "omniglot-5w1s", "--iterations", "1", "--out", str(tmp_path), *QUIET])
     with pytest.raises(ValueError, match="algo must be one of"):
-        algos.build("imaml", torch.nn.Linear(1, 1), CONFIGS["sinusoid"])
+        algos.build("protomaml", torch.nn.Linear(1, 1), CONFIGS["sinusoid"])
     fo = algos.build("maml", torch.nn.Linear(1, 1), CONFIGS["sinusoid"].override(first_order=True))
     assert fo.first_order and algos.build("fomaml", torch.nn.Linear(1, 1), CONFIGS["sinusoid"]).first_order
     log = main(["--config", "sinusoid", "--first-order", "--iterations", "1", "--out", str(tmp_path / "fo"),
