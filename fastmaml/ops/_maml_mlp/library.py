@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastmaml.ops import maml_mlp_fit, mlp_library
-from fastmaml.ops._maml_mlp.config import Cfg
+from fastmaml.ops._maml_mlp.config import Cfg, default_msl
 from fastmaml.ops._maml_mlp.fused import run_fused
 from fastmaml.ops._maml_mlp.layerwise import run_layerwise
 
@@ -53,14 +53,16 @@ def _has_dlr(lr_kind: str, lrs: list[Tensor], need_grad: bool) -> bool:
 
 @torch.library.custom_op("fastmaml::maml_mlp", mutates_args=())
 def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor,
-                lrs: list[Tensor], msl: Tensor, steps: int, first_order: bool, activation: str, loss: str,
+                lrs: list[Tensor], msl: Tensor | None, steps: int, first_order: bool, activation: str, loss: str,
                 lr_kind: str, lr_value: float, need_grad: bool, lr_learned: bool, backend: str,
                 check_finite: bool, msl_host: list[float] | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The meta-loss, meta-gradient and lr gradient of ``fastmaml.ops.maml_mlp`` for
     checked arguments (the public function checks them before calling the op).
     ``msl_host``: msl's values when the caller knows them on the host (the default
     last-step weights), so the op reads nothing back from the device (capture-safe);
-    None: read from ``msl``."""
+    None: read from ``msl``. ``msl`` None: the default last-step weights, built (once,
+    cached) here, so a compiled graph holds no generated kernel for them (each such
+    kernel is a C++ compile of seconds at the first call)."""
     if backend == "reference":
         raise ValueError("fastmaml::maml_mlp runs the kernels (backend 'cpu', 'cuda' or 'triton'), got backend "
                          "'reference': call fastmaml.reference.maml_mlp (plain torch code) instead")
@@ -71,11 +73,12 @@ def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Ten
             mlp_library.check_labels(name, y, int(weights[-1].shape[0]))
     ws = [w.contiguous() for w in weights]
     bs = [b.contiguous() for b in biases]
-    xs, ys, xq, yq, msl = xs.contiguous(), ys.contiguous(), xq.contiguous(), yq.contiguous(), msl.contiguous()
+    xs, ys, xq, yq = xs.contiguous(), ys.contiguous(), xq.contiguous(), yq.contiguous()
     L = len(ws)
     dims = [ws[0].shape[1], *[w.shape[0] for w in ws]]
     T, Ns, Nq = xs.shape[0], xs.shape[1], xq.shape[1]
     dtype, device = ws[0].dtype, ws[0].device
+    msl = default_msl(steps, dtype, device) if msl is None else msl.contiguous()
     msl_list = [float(w) for w in (msl.tolist() if msl_host is None else msl_host)]
     n_msl = sum(1 for w in msl_list if w != 0.0)
     shapes = [p.shape for pair in zip(ws, bs) for p in pair]
