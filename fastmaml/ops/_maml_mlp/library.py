@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastmaml import _ext, codes
 from fastmaml.ops import maml_mlp_fit, mlp_library
 from fastmaml.ops._maml_mlp.config import Cfg, default_msl
 from fastmaml.ops._maml_mlp.fused import run_fused
@@ -31,9 +32,22 @@ from fastmaml.ops._maml_mlp.layerwise import run_layerwise
 
 
 def check_finite_tensors(names: list[str], tensors: list[Tensor]) -> None:
-    """ValueError naming the first float tensor holding NaN/Inf (one reduction each; a
-    device-side assert while a CUDA graph is captured)."""
-    for name, t in zip(names, tensors):
+    """ValueError naming the first float tensor holding NaN/Inf. Contiguous CPU tensors of
+    one dtype: ONE call into the extension for all of them (a few µs, as the eager
+    path's check; four torch reductions cost ~0.1 ms, a tenth of a compiled sinusoid
+    step), the exact check only on the tensor it reports; otherwise one reduction each
+    (a device-side assert while a CUDA graph is captured)."""
+    floats = [(n, t) for n, t in zip(names, tensors) if t.is_floating_point() and t.numel()]
+    C = _ext._C
+    if (floats and C is not None and hasattr(C, "first_nonfinite_cpu") and floats[0][1].dtype in codes.DTYPE
+            and all(t.device.type == "cpu" and t.dtype == floats[0][1].dtype and t.is_contiguous()
+                    for _, t in floats)):
+        i = C.first_nonfinite_cpu(codes.DTYPE[floats[0][1].dtype], [t.data_ptr() for _, t in floats],
+                                  [t.numel() for _, t in floats])
+        if i < 0:
+            return
+        floats = [floats[i]]
+    for name, t in floats:
         mlp_library.check_finite(name, t)
 
 
