@@ -6,6 +6,7 @@ function is built once per module (fixtures) and shared."""
 
 from __future__ import annotations
 
+import operator
 import os
 
 import pytest
@@ -230,3 +231,63 @@ def test_compiled_step_cuda_graphs_equal_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(params, eager_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lr_mode", ["fixed", "per_step_layer", "per_step_element"])
+def test_compiled_sinusoid_graphs_are_the_two_fastmaml_ops_on_the_fused_route(lr_mode, monkeypatch):
+    """The regression behind a 20-30x slower compiled sinusoid step: the graphs AOTAutograd
+    hands the compiler must be ONE fastmaml::maml_mlp node (forward) and ONE
+    fastmaml::maml_mlp_backward node (backward), nothing the compiler would turn into a
+    generated kernel (the backward's scaling multiplies became an OpenMP-parallel kernel,
+    tens of ms per step right after the fused kernel on a loaded CPU; the default MSL
+    weights a kernel of its own, a C++ compile at the first call); and the op must take
+    the fused kernel, never the layer-wise loop."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from fastmaml.ops._maml_mlp import library
+
+    graphs: dict = {}
+
+    def keep(kind):
+        def compiler(gm, _inputs):
+            graphs[kind] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    routes = {"fused": 0, "layerwise": 0}
+    run_fused, run_layerwise = library.run_fused, library.run_layerwise
+
+    def fused(*a, **k):
+        routes["fused"] += 1
+        return run_fused(*a, **k)
+
+    def layerwise(*a, **k):
+        routes["layerwise"] += 1
+        return run_layerwise(*a, **k)
+
+    monkeypatch.setattr(library, "run_fused", fused)
+    monkeypatch.setattr(library, "run_layerwise", layerwise)
+    dims = [1, 40, 40, 1]
+    kw = {} if lr_mode == "fixed" else {"lr_mode": lr_mode, "learn_lr": True}
+    maml = fastmaml.MAML(_mlp(dims), inner_lr=0.01, inner_steps=3, **kw)
+    f = lambda xs, ys, xq, yq: maml(xs, ys, xq, yq)  # noqa: E731
+    _fresh_caches()
+    cf = torch.compile(f, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")),
+                       fullgraph=True)
+    params = list(maml.parameters())
+    d = _data(dims, 4, 5, "mse", torch.float32, seed=3)
+    eager_grads = torch.autograd.grad(f(*d), params)
+    routes.update(fused=0, layerwise=0)  # the eager call above runs its own Function, not the op
+    compiled_grads = torch.autograd.grad(cf(*d), params)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert routes == {"fused": 1, "layerwise": 0}
+    trivial = {"placeholder", "output"}
+    for kind, op in (("forward", torch.ops.fastmaml.maml_mlp.default),
+                     ("backward", torch.ops.fastmaml.maml_mlp_backward.default)):
+        calls = [n.target for n in graphs[kind].graph.nodes if n.op not in trivial]
+        assert calls.count(op) == 1, (kind, calls)
+        # getitem picks outputs, detach marks a tensor saved for the backward: no compute
+        others = [t for t in calls if t not in (op, operator.getitem, torch.ops.aten.detach.default)]
+        assert others == [], (kind, others)

@@ -20,7 +20,8 @@ def _ok(result: dict) -> None:
 
 
 def test_ops_registered_on_import():
-    for name in ("sgd_step", "sgd_step_backward", "maml_mlp", "mlp_loss_and_grad", "mlp_hvp", "batch_norm",
+    for name in ("sgd_step", "sgd_step_backward", "maml_mlp", "maml_mlp_backward", "mlp_loss_and_grad", "mlp_hvp",
+                 "batch_norm",
                  "batch_norm_backward", "batch_norm_double_backward"):
         assert hasattr(torch.ops.fastmaml, name), name
     assert fastmaml.ops.sgd_step is not None
@@ -100,6 +101,61 @@ def test_maml_mlp_opcheck(path, loss, lr_kind, monkeypatch):
     go = torch.autograd.grad(out, [*ws, *bs, *lrs])
     for a, b in zip(go, ge):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("lr_kind", ["none", "scalar", "table", "elem", "elem_step", "elem_mixed"])
+def test_maml_mlp_backward_opcheck(lr_kind):
+    """fastmaml::maml_mlp's backward op: the stored meta-gradient times d(loss), the flat lr
+    gradient times d(loss) in the lr tensors' shapes (a shared rate of a per-step packing
+    summed over the steps); new tensors; a second derivative refused."""
+    torch.manual_seed(4)
+    K, shapes = 3, [(4, 3), (4,), (2, 4), (2,)]
+    grads = [torch.randn(s, dtype=F64) for s in shapes]
+    g = torch.tensor(0.75, dtype=F64)
+    P = sum(torch.Size(s).numel() for s in shapes)
+    per_step = {"elem_step": [True] * 4, "elem_mixed": [True, False, False, True]}.get(lr_kind, [False] * 4)
+    dlr = {"none": [], "scalar": [torch.randn(1, dtype=F64)], "table": [torch.randn(K * 4, dtype=F64)],
+           "elem": [torch.randn(P, dtype=F64)]}.get(lr_kind, [torch.randn(K * P, dtype=F64)])
+    kind = "elem" if lr_kind.startswith("elem") else ("float" if lr_kind == "none" else lr_kind)
+    args = (grads, dlr, g, kind, K, per_step if kind == "elem" else [])
+    _ok(opcheck(torch.ops.fastmaml.maml_mlp_backward.default, args))
+    out_g, out_lr = torch.ops.fastmaml.maml_mlp_backward(*args)
+    for a, b in zip(out_g, grads, strict=True):
+        assert a.data_ptr() != b.data_ptr()
+        torch.testing.assert_close(a, b * g, rtol=0, atol=0)
+    if lr_kind == "none":
+        assert out_lr == []
+    elif lr_kind == "scalar":
+        torch.testing.assert_close(out_lr[0], (dlr[0][0] * g).reshape(()), rtol=0, atol=0)
+    elif lr_kind == "table":
+        torch.testing.assert_close(out_lr[0], (dlr[0] * g).view(K, 4), rtol=0, atol=0)
+    else:
+        flat = dlr[0].view(K, -1) if lr_kind != "elem" else dlr[0]
+        off = 0
+        for a, s, st in zip(out_lr, shapes, per_step, strict=True):
+            n = torch.Size(s).numel()
+            want = (flat[off:off + n].view(s) if lr_kind == "elem" else
+                    flat[:, off:off + n].reshape(K, *s) if st else flat[:, off:off + n].reshape(K, *s).sum(0)) * g
+            torch.testing.assert_close(a, want, rtol=0, atol=0)
+            off += n
+    gr = [t.clone().requires_grad_() for t in grads]
+    with pytest.raises(RuntimeError, match="once-differentiable"):
+        torch.autograd.grad(torch.ops.fastmaml.maml_mlp_backward(gr, [], g, "float", K, [])[0][0].sum(), gr)
+
+
+def test_maml_mlp_op_default_msl_built_inside():
+    """msl None: the op builds the default last-step weights itself (a compiled graph
+    then holds no kernel for them); same numbers as passing them."""
+    ws, bs, xs, ys, xq, yq, lrs, _, K = _mlp_inputs("mse", "float")
+    last = [0.0] * (K - 1) + [1.0]
+    args = [ws, bs, xs, ys, xq, yq, lrs, torch.tensor(last, dtype=F64), K, False, "tanh", "mse", "float", 0.05,
+            True, False, "cpu", True, last]
+    want = torch.ops.fastmaml.maml_mlp(*args)
+    args[7] = None
+    got = torch.ops.fastmaml.maml_mlp(*args)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_maml_mlp_op_checks_finiteness_and_labels():

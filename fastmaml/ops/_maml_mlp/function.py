@@ -154,7 +154,7 @@ def maml_mlp(
     shapes = [p.shape for pair in zip(ws, bs) for p in pair]
     lr_kind, lr_value, lrs = check_lr(lr, K, shapes, dtype, device)
     if msl_weights is None:
-        msl = default_msl(K, dtype, device)
+        msl = default_msl(K, dtype, device) if eager else None  # compiled: the op builds it
         msl_list = [0.0] * (K - 1) + [1.0]
     else:
         msl_weights = _checks.tensor("msl_weights", msl_weights)
@@ -177,6 +177,8 @@ def maml_mlp(
                                 activation, loss, lr_kind, float(lr_value), need_grad, lr_learned, be, True,
                                 msl_list if msl_weights is None else None)  # host values: capture-safe
         return out
+    if msl is None:  # traced on the reference backend: plain torch code
+        msl = default_msl(K, dtype, device)
     n_msl = sum(1 for w in msl_list if w != 0.0)
     fused = be in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, be)
     cfg = Cfg(dims, L, T, K, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
