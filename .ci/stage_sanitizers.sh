@@ -98,6 +98,12 @@ fi
 # stack lies in them are suppressed (TSan cannot see libgomp's barriers, so without the
 # suppression it would flag the region's start and end). A race between two of the
 # kernels' own threads on their own data is still reported and fails the stage.
+# Measured on this project's CPU (gcc 12, the distribution's libgomp): the run reports a race
+# between a team thread's read of the items table in sgd_step's forward and the main thread's
+# free of it after the parallel region, i.e. across the region's closing barrier, which lives in
+# libgomp and is invisible to TSan. That is the limit of TSan with an uninstrumented libgomp: a
+# clean TSan run needs a TSan-built libgomp (not available here), so this part stays by hand
+# (RUN_TSAN=1) and is not a CI gate; the CUDA kernels' races are checked by the emulated build.
 if [[ "${RUN_TSAN:-0}" == "1" ]]; then
   t2=$SECONDS
   tsan="$work/tsan"
