@@ -101,11 +101,8 @@ def test_compiled_meta_loss_keeps_the_nan_policy(compiled_loss):
         cf(xs, *data[1:])
 
 
-@pytest.fixture(scope="module")
-def sinusoid_step():
-    maml = fastmaml.MAML(_mlp([1, 40, 40, 1]), inner_lr=0.01, inner_steps=2, lr_mode="per_step_layer",
-                         learn_lr=True)
-    opt = torch.optim.SGD(maml.parameters(), lr=1e-3)
+def _training_step(maml, opt):
+    """The user's training step: zero_grad, meta-loss, backward, optimizer step."""
 
     def step(xs, ys, xq, yq):
         opt.zero_grad()
@@ -114,7 +111,15 @@ def sinusoid_step():
         opt.step()
         return loss.detach()
 
-    return maml, opt, step
+    return step
+
+
+@pytest.fixture(scope="module")
+def sinusoid_step():
+    maml = fastmaml.MAML(_mlp([1, 40, 40, 1]), inner_lr=0.01, inner_steps=2, lr_mode="per_step_layer",
+                         learn_lr=True)
+    opt = torch.optim.SGD(maml.parameters(), lr=1e-3)
+    return maml, opt, _training_step(maml, opt)
 
 
 def test_compiled_training_step_no_break_inside_fastmaml_no_recompiles(sinusoid_step):
@@ -208,15 +213,7 @@ def test_compiled_step_cuda_graphs_equal_eager():
 
     def run(compiled: bool):
         maml.load_state_dict(start)
-        opt = torch.optim.SGD(maml.parameters(), lr=1e-3)
-
-        def step(xs, ys, xq, yq):
-            opt.zero_grad()
-            loss = maml(xs, ys, xq, yq)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
+        step = _training_step(maml, torch.optim.SGD(maml.parameters(), lr=1e-3))
         f = torch.compile(step, mode="reduce-overhead") if compiled else step
         losses = [f(*b).clone() for b in batches]  # clone: a CUDA graph's output is overwritten by its next replay
         torch.cuda.synchronize()
