@@ -130,6 +130,8 @@ def soak(name: str, maml: fastmaml.MAML, batch, steps: int, shape, vary: bool, l
     print(f"{name:<34} {'varying' if vary else 'fixed':<7} steps {steps:>6}  {wall:7.1f} s  path {maml.path:<13} "
           f"RSS after warm-up {base:7.1f} MiB, last {last:7.1f} MiB, growth {growth:+6.2f} MiB "
           f"(limit {limit} MiB), {caches} cached routes {'ok' if ok else 'FAIL'}", flush=True)
+    print(f"{'':<34} RSS samples after warm-up (MiB, every {every} steps): "
+          + " ".join(f"{s:.1f}" for s in samples), flush=True)
     return ok
 
 

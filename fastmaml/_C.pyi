@@ -62,12 +62,12 @@ def multi_tensor_plan(
 # (max tensors per launch, max blocks per launch, threads per block, forward rows per block)
 SGD_STEP_CUDA_TABLE: tuple[int, int, int, int]
 
-# batch_norm, batch-statistics mode (csrc/batch_norm/); x: contiguous [N, C, L]
-def batch_norm_fwd_cpu(dtype: int, N: int, C: int, L: int, x: int, w: int, b: int, y: int, mean: int, rstd: int,
+# batch_norm, batch-statistics mode (csrc/batch_norm/); x: contiguous [N, C, L] (layout 0) or [N, L, C] (layout 1)
+def batch_norm_fwd_cpu(dtype: int, layout: int, N: int, C: int, L: int, x: int, w: int, b: int, y: int, mean: int, rstd: int,
                        eps: float, threads: int) -> None: ...
-def batch_norm_bwd_cpu(dtype: int, N: int, C: int, L: int, x: int, w: int, mean: int, rstd: int, gy: int, dx: int,
+def batch_norm_bwd_cpu(dtype: int, layout: int, N: int, C: int, L: int, x: int, w: int, mean: int, rstd: int, gy: int, dx: int,
                        dw: int, db: int, threads: int) -> None: ...
-def batch_norm_bwd_bwd_cpu(dtype: int, N: int, C: int, L: int, x: int, w: int, mean: int, rstd: int, gy: int, a: int,
+def batch_norm_bwd_bwd_cpu(dtype: int, layout: int, N: int, C: int, L: int, x: int, w: int, mean: int, rstd: int, gy: int, a: int,
                            bw: int, bb: int, g_gy: int, g_x: int, g_w: int, threads: int) -> None: ...
 
 # ---- mlp (csrc/mlp/; fastmaml/ops/mlp.py, fastmaml/ops/_maml_mlp/) ---------------------

@@ -2,15 +2,20 @@
 // form double backward (the math: docs/DESIGN.md §1; its torch-ops twin:
 // fastmaml/reference/batch_norm.py). C++17 + OpenMP.
 //
-// Layout: x is a contiguous [N, C, L] (L = the product of the spatial sizes); channel c
-// is N runs of L contiguous values. A channel is one work item: its sums are taken in
-// double, in a fixed order (so results do not depend on the thread count), and every
-// per-element result is an affine function of the inputs with per-channel
-// coefficients, written in one streaming pass. Each call is one reduction pass and one
-// elementwise pass over its tensors (the forward's statistics: one shifted pass).
+// Two layouts (`layout`): 0, x a contiguous [N, C, L] (L = the product of the spatial
+// sizes; channel c is N runs of L contiguous values), where a channel is one work item;
+// 1, channels last: x a contiguous [N, L, C], i.e. M = N L rows of C values (a
+// channels_last [N, C, H, W] tensor), where a block of kRowBlock rows is one work item
+// (its per-channel partial sums, vectorised over the channels, are then added in block
+// order). Either way the sums are taken in double, in an order fixed by the shape alone
+// (so results do not depend on the thread count), and every per-element result is an
+// affine function of the inputs with per-channel coefficients, written in one streaming
+// pass. Each call is one reduction pass and one elementwise pass over its tensors (the
+// forward's statistics: one shifted pass).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "batch_norm/batch_norm_api.h"
 
@@ -27,6 +32,46 @@ struct BnTensors {
   const S* rstd;
 };
 
+// ---- per-channel coefficients (shared by both layouts) ---------------------------------
+// The forward's from the shifted sums s1 = Σ (x − k), s2 = Σ (x − k)² over M values.
+struct FwdCoef {
+  double mu, r, scale, shift;
+};
+inline FwdCoef fwd_coef(double s1, double s2, double k, double M, double w, double b, double eps) {
+  const double mu = k + s1 / M;
+  const double var = std::max(0.0, s2 / M - (s1 / M) * (s1 / M));
+  const double r = 1.0 / std::sqrt(var + eps);
+  return {mu, r, w * r, b - mu * w * r};
+}
+
+// The backward's from sg = Σ gy, sgd = Σ gy (x − μ): dw, db and dx = kg gy + kx (x − μ) + k0.
+struct BwdCoef {
+  double dw, db, kg, kx, k0;
+};
+inline BwdCoef bwd_coef(double sg, double sgd, double r, double w, double M) {
+  const double sgx = r * sgd;  // x̂ = (x − μ) r
+  return {sgx, sg, w * r, -w * r * r * sgx / M, -w * r * sg / M};
+}
+
+// The double backward's from Σ gy, Σ gy (x − μ), Σ a, Σ a (x − μ), Σ a gy and the
+// cotangents bw, bb of dw, db (see fastmaml/reference/batch_norm.py). Per element, with
+// d = x − μ: g_gy = ya a + yd d + y0 and g_x = xa a + xg gy + xd d + x0.
+struct BwdBwdCoef {
+  double gw, ya, yd, y0, xa, xg, xd, x0;
+};
+inline BwdBwdCoef bwd_bwd_coef(double sg, double sgd, double A, double ad, double sag, double bwc, double bbc,
+                               double r, double w, double M) {
+  const double sgx = r * sgd, ax = r * ad;
+  const double gw = r * (sag - sg * A / M - ax * sgx / M);
+  const double q = bwc - w * r * ax / M;
+  const double ca = -w * r * r * sgx / M;
+  const double cg = r * q;
+  const double cx = -(r / M) * w * gw + w * r * r * sgx * ax / (M * M) - r * q * sgx / M;
+  const double c0 = w * r * r * sgx * A / (M * M) - r * q * sg / M;
+  return {gw, w * r, q * r, bbc - w * r * A / M, ca, cg, cx * r, c0};
+}
+
+// ---- layout 0: [N, C, L], one channel per work item -------------------------------------
 template <class S>
 void bn_fwd(const S* x, const S* w, const S* b, S* y, S* mean, S* rstd, int64_t N, int64_t C, int64_t L, double eps,
             int threads) {
@@ -49,13 +94,10 @@ void bn_fwd(const S* x, const S* w, const S* b, S* y, S* mean, S* rstd, int64_t 
       s1 += a1;
       s2 += a2;
     }
-    const double mu = k + s1 / M;
-    const double var = std::max(0.0, s2 / M - (s1 / M) * (s1 / M));
-    const double r = 1.0 / std::sqrt(var + eps);
-    mean[c] = static_cast<S>(mu);
-    rstd[c] = static_cast<S>(r);
-    const S scale = static_cast<S>(static_cast<double>(w[c]) * r);
-    const S shift = static_cast<S>(static_cast<double>(b[c]) - mu * static_cast<double>(w[c]) * r);
+    const FwdCoef f = fwd_coef(s1, s2, k, M, static_cast<double>(w[c]), static_cast<double>(b[c]), eps);
+    mean[c] = static_cast<S>(f.mu);
+    rstd[c] = static_cast<S>(f.r);
+    const S scale = static_cast<S>(f.scale), shift = static_cast<S>(f.shift);
     for (int64_t n = 0; n < N; ++n) {
       const int64_t base = (n * C + c) * L;
 #pragma omp simd
@@ -102,14 +144,11 @@ void bn_bwd(const BnTensors<S>& t, const S* gy, S* dx, S* dw, S* db, int threads
   for_each_channel(t, threads, [&](int64_t c, double r, double w, S muS) {
     double sg = 0.0, sgd = 0.0;
     gy_sums(t, gy, c, muS, &sg, &sgd);
-    const double sgx = r * sgd;  // x̂ = (x − μ) r
-    dw[c] = static_cast<S>(sgx);
-    db[c] = static_cast<S>(sg);
+    const BwdCoef k = bwd_coef(sg, sgd, r, w, M);
+    dw[c] = static_cast<S>(k.dw);
+    db[c] = static_cast<S>(k.db);
     if (dx == nullptr) return;
-    // dx = k_g gy + k_x (x − μ) + k_0
-    const S kg = static_cast<S>(w * r);
-    const S kx = static_cast<S>(-w * r * r * sgx / M);
-    const S k0 = static_cast<S>(-w * r * sg / M);
+    const S kg = static_cast<S>(k.kg), kx = static_cast<S>(k.kx), k0 = static_cast<S>(k.k0);
     for (int64_t n = 0; n < N; ++n) {
       const int64_t base = (n * C + c) * L;
 #pragma omp simd
@@ -155,45 +194,210 @@ void bn_bwd_bwd(const BnTensors<S>& t, const S* gy, const S* a, const S* bw, con
         sag += s5;
       }
     }
-    const double sgx = r * sgd, ax = r * ad;
-    const double gw = r * (sag - sg * A / M - ax * sgx / M);
-    g_w[c] = static_cast<S>(gw);
-    // Per element, with d = x − μ (x̂ = d r):
-    //   g_gy = w r a + (bw − w r ax/M) r d + (bb − w r A/M)
-    //   g_x  = c_a a + c_g gy + c_x r d + c_0
-    const double q = bwc - w * r * ax / M;
-    const double ca = -w * r * r * sgx / M;
-    const double cg = r * q;
-    const double cx = -(r / M) * w * gw + w * r * r * sgx * ax / (M * M) - r * q * sgx / M;
-    const double c0 = w * r * r * sgx * A / (M * M) - r * q * sg / M;
-    const S ya = static_cast<S>(w * r), yd = static_cast<S>(q * r), y0 = static_cast<S>(bbc - w * r * A / M);
-    const S xa = static_cast<S>(ca), xg = static_cast<S>(cg), xd = static_cast<S>(cx * r), x0 = static_cast<S>(c0);
+    const BwdBwdCoef k = bwd_bwd_coef(sg, sgd, A, ad, sag, bwc, bbc, r, w, M);
+    g_w[c] = static_cast<S>(k.gw);
+    const S ya = static_cast<S>(k.ya), yd = static_cast<S>(k.yd), y0 = static_cast<S>(k.y0);
+    const S xa = static_cast<S>(k.xa), xg = static_cast<S>(k.xg), xd = static_cast<S>(k.xd), x0 = static_cast<S>(k.x0);
     for (int64_t n = 0; n < N; ++n) {
       const int64_t base = (n * C + c) * L;
       const S* xp = t.x + base;
       const S* gp = gy + base;
-      if (a != nullptr) {
-        const S* ap = a + base;
-        if (g_gy != nullptr) {
-          S* o = g_gy + base;
+      const S* ap = a != nullptr ? a + base : nullptr;
+      if (g_gy != nullptr) {
+        S* o = g_gy + base;
+        if (ap != nullptr) {
 #pragma omp simd
           for (int64_t l = 0; l < L; ++l) o[l] = ya * ap[l] + yd * (xp[l] - muS) + y0;
-        }
-        if (g_x != nullptr) {
-          S* o = g_x + base;
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) o[l] = xa * ap[l] + xg * gp[l] + xd * (xp[l] - muS) + x0;
-        }
-      } else {
-        if (g_gy != nullptr) {
-          S* o = g_gy + base;
+        } else {
 #pragma omp simd
           for (int64_t l = 0; l < L; ++l) o[l] = yd * (xp[l] - muS) + y0;
         }
-        if (g_x != nullptr) {
-          S* o = g_x + base;
+      }
+      if (g_x != nullptr) {
+        S* o = g_x + base;
+        if (ap != nullptr) {
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) o[l] = xa * ap[l] + xg * gp[l] + xd * (xp[l] - muS) + x0;
+        } else {
 #pragma omp simd
           for (int64_t l = 0; l < L; ++l) o[l] = xg * gp[l] + xd * (xp[l] - muS) + x0;
+        }
+      }
+    }
+  });
+}
+
+// ---- layout 1: channels last, M rows of C values, blocks of rows per work item -----------
+constexpr int64_t kRowBlock = 64;
+
+inline int64_t row_blocks(int64_t M) { return (M + kRowBlock - 1) / kRowBlock; }
+
+// Per-channel sums over all M rows: sums(r0, r1, acc) adds rows [r0, r1) into acc[j C + c]
+// (j < nsum); the blocks' partial sums are added in block order, so the result depends
+// on the shape only. Returns the nsum x C sums.
+template <class F>
+std::vector<double> row_sums(int64_t M, int64_t C, int nsum, int threads, F sums) {
+  const int64_t nb = row_blocks(M), width = nsum * C;
+  std::vector<double> part(static_cast<size_t>(nb * width), 0.0);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nb > 1)
+  for (int64_t bi = 0; bi < nb; ++bi) sums(bi * kRowBlock, std::min(M, (bi + 1) * kRowBlock), part.data() + bi * width);
+  std::vector<double> out(static_cast<size_t>(width), 0.0);
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const double* p = part.data() + bi * width;
+    for (int64_t j = 0; j < width; ++j) out[j] += p[j];
+  }
+  return out;
+}
+
+// f(r0, r1) over the row blocks, split over `threads` OpenMP threads (the elementwise pass).
+template <class F>
+void for_each_row_block(int64_t M, int threads, F f) {
+  const int64_t nb = row_blocks(M);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nb > 1)
+  for (int64_t bi = 0; bi < nb; ++bi) f(bi * kRowBlock, std::min(M, (bi + 1) * kRowBlock));
+}
+
+template <class S>
+std::vector<S> to_s(const std::vector<double>& v) {
+  return std::vector<S>(v.begin(), v.end());
+}
+
+template <class S>
+void bn_fwd_rows(const S* x, const S* w, const S* b, S* y, S* mean, S* rstd, int64_t M, int64_t C, double eps,
+                 int threads) {
+  std::vector<double> k(x, x + C);  // the shift: each channel's first value (row 0)
+  const double* kp = k.data();
+  const std::vector<double> s = row_sums(M, C, 2, threads, [&](int64_t r0, int64_t r1, double* acc) {
+    for (int64_t m = r0; m < r1; ++m) {
+      const S* xr = x + m * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = static_cast<double>(xr[c]) - kp[c];
+        acc[c] += d;
+        acc[C + c] += d * d;
+      }
+    }
+  });
+  std::vector<S> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const FwdCoef f = fwd_coef(s[c], s[C + c], k[c], static_cast<double>(M), static_cast<double>(w[c]),
+                               static_cast<double>(b[c]), eps);
+    mean[c] = static_cast<S>(f.mu);
+    rstd[c] = static_cast<S>(f.r);
+    scale[c] = static_cast<S>(f.scale);
+    shift[c] = static_cast<S>(f.shift);
+  }
+  const S *sc = scale.data(), *sh = shift.data();
+  for_each_row_block(M, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) y[m * C + c] = x[m * C + c] * sc[c] + sh[c];
+    }
+  });
+}
+
+// Σ gy and Σ gy (x − μ) per channel over the rows (nsum = 2), or with a also Σ a,
+// Σ a (x − μ), Σ a gy (nsum = 5).
+template <class S>
+std::vector<double> gy_row_sums(const BnTensors<S>& t, int64_t M, const S* gy, const S* a, int threads) {
+  const int64_t C = t.C;
+  const S* mu = t.mean;
+  return row_sums(M, C, a == nullptr ? 2 : 5, threads, [&](int64_t r0, int64_t r1, double* acc) {
+    for (int64_t m = r0; m < r1; ++m) {
+      const S* xr = t.x + m * C;
+      const S* gr = gy + m * C;
+      if (a == nullptr) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double g = gr[c];
+          acc[c] += g;
+          acc[C + c] += g * static_cast<double>(xr[c] - mu[c]);
+        }
+      } else {
+        const S* ar = a + m * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double g = gr[c], av = ar[c], d = static_cast<double>(xr[c] - mu[c]);
+          acc[c] += g;
+          acc[C + c] += g * d;
+          acc[2 * C + c] += av;
+          acc[3 * C + c] += av * d;
+          acc[4 * C + c] += av * g;
+        }
+      }
+    }
+  });
+}
+
+template <class S>
+void bn_bwd_rows(const BnTensors<S>& t, int64_t M, const S* gy, S* dx, S* dw, S* db, int threads) {
+  const int64_t C = t.C;
+  const std::vector<double> s = gy_row_sums(t, M, gy, static_cast<const S*>(nullptr), threads);
+  std::vector<double> kg(C), kx(C), k0(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const BwdCoef k = bwd_coef(s[c], s[C + c], static_cast<double>(t.rstd[c]), static_cast<double>(t.w[c]),
+                               static_cast<double>(M));
+    dw[c] = static_cast<S>(k.dw);
+    db[c] = static_cast<S>(k.db);
+    kg[c] = k.kg;
+    kx[c] = k.kx;
+    k0[c] = k.k0;
+  }
+  if (dx == nullptr) return;
+  const std::vector<S> g = to_s<S>(kg), xk = to_s<S>(kx), z = to_s<S>(k0);
+  const S *gp = g.data(), *xp = xk.data(), *zp = z.data(), *mu = t.mean;
+  for_each_row_block(M, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) {
+      const int64_t base = m * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) dx[base + c] = gp[c] * gy[base + c] + xp[c] * (t.x[base + c] - mu[c]) + zp[c];
+    }
+  });
+}
+
+template <class S>
+void bn_bwd_bwd_rows(const BnTensors<S>& t, int64_t M, const S* gy, const S* a, const S* bw, const S* bb, S* g_gy,
+                     S* g_x, S* g_w, int threads) {
+  const int64_t C = t.C;
+  const std::vector<double> s = gy_row_sums(t, M, gy, a, threads);
+  std::vector<double> c8(8 * C);  // ya, yd, y0, xa, xg, xd, x0 (channel-major blocks of C)
+  for (int64_t c = 0; c < C; ++c) {
+    const bool has_a = a != nullptr;
+    const BwdBwdCoef k = bwd_bwd_coef(s[c], s[C + c], has_a ? s[2 * C + c] : 0.0, has_a ? s[3 * C + c] : 0.0,
+                                      has_a ? s[4 * C + c] : 0.0, bw ? static_cast<double>(bw[c]) : 0.0,
+                                      bb ? static_cast<double>(bb[c]) : 0.0, static_cast<double>(t.rstd[c]),
+                                      static_cast<double>(t.w[c]), static_cast<double>(M));
+    g_w[c] = static_cast<S>(k.gw);
+    const double v[7] = {k.ya, k.yd, k.y0, k.xa, k.xg, k.xd, k.x0};
+    for (int j = 0; j < 7; ++j) c8[j * C + c] = v[j];
+  }
+  const std::vector<S> cs = to_s<S>(c8);
+  const S *ya = cs.data(), *yd = ya + C, *y0 = yd + C, *xa = y0 + C, *xg = xa + C, *xd = xg + C, *x0 = xd + C;
+  const S* mu = t.mean;
+  for_each_row_block(M, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) {
+      const int64_t base = m * C;
+      const S* xr = t.x + base;
+      const S* gr = gy + base;
+      const S* ar = a != nullptr ? a + base : nullptr;
+      if (g_gy != nullptr) {
+        S* o = g_gy + base;
+        if (ar != nullptr) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = ya[c] * ar[c] + yd[c] * (xr[c] - mu[c]) + y0[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = yd[c] * (xr[c] - mu[c]) + y0[c];
+        }
+      }
+      if (g_x != nullptr) {
+        S* o = g_x + base;
+        if (ar != nullptr) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = xa[c] * ar[c] + xg[c] * gr[c] + xd[c] * (xr[c] - mu[c]) + x0[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = xg[c] * gr[c] + xd[c] * (xr[c] - mu[c]) + x0[c];
         }
       }
     }
@@ -209,44 +413,68 @@ S* mp(std::uintptr_t p) {
   return reinterpret_cast<S*>(p);
 }
 
+
+// The kernels of one dtype (S) and layout, on the raw pointers of the entry points.
+template <class S>
+void fwd_any(int layout, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w, std::uintptr_t b,
+             std::uintptr_t y, std::uintptr_t mean, std::uintptr_t rstd, double eps, int threads) {
+  if (layout == 1)
+    bn_fwd_rows<S>(cp<S>(x), cp<S>(w), cp<S>(b), mp<S>(y), mp<S>(mean), mp<S>(rstd), N * L, C, eps, threads);
+  else
+    bn_fwd<S>(cp<S>(x), cp<S>(w), cp<S>(b), mp<S>(y), mp<S>(mean), mp<S>(rstd), N, C, L, eps, threads);
+}
+
+template <class S>
+void bwd_any(int layout, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w, std::uintptr_t mean,
+             std::uintptr_t rstd, std::uintptr_t gy, std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db,
+             int threads) {
+  const BnTensors<S> t{N, C, L, cp<S>(x), cp<S>(w), cp<S>(mean), cp<S>(rstd)};
+  if (layout == 1)
+    bn_bwd_rows<S>(t, N * L, cp<S>(gy), mp<S>(dx), mp<S>(dw), mp<S>(db), threads);
+  else
+    bn_bwd<S>(t, cp<S>(gy), mp<S>(dx), mp<S>(dw), mp<S>(db), threads);
+}
+
+template <class S>
+void bwd_bwd_any(int layout, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w,
+                 std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t gy, std::uintptr_t a, std::uintptr_t bw,
+                 std::uintptr_t bb, std::uintptr_t g_gy, std::uintptr_t g_x, std::uintptr_t g_w, int threads) {
+  const BnTensors<S> t{N, C, L, cp<S>(x), cp<S>(w), cp<S>(mean), cp<S>(rstd)};
+  if (layout == 1)
+    bn_bwd_bwd_rows<S>(t, N * L, cp<S>(gy), cp<S>(a), cp<S>(bw), cp<S>(bb), mp<S>(g_gy), mp<S>(g_x), mp<S>(g_w),
+                       threads);
+  else
+    bn_bwd_bwd<S>(t, cp<S>(gy), cp<S>(a), cp<S>(bw), cp<S>(bb), mp<S>(g_gy), mp<S>(g_x), mp<S>(g_w), threads);
+}
+
 }  // namespace
 
-void batch_norm_fwd_cpu(int dtype, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w,
+void batch_norm_fwd_cpu(int dtype, int layout, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w,
                         std::uintptr_t b, std::uintptr_t y, std::uintptr_t mean, std::uintptr_t rstd, double eps,
                         int threads) {
   if (dtype == 0)
-    bn_fwd<float>(cp<float>(x), cp<float>(w), cp<float>(b), mp<float>(y), mp<float>(mean), mp<float>(rstd), N, C,
-                  L, eps, threads);
+    fwd_any<float>(layout, N, C, L, x, w, b, y, mean, rstd, eps, threads);
   else
-    bn_fwd<double>(cp<double>(x), cp<double>(w), cp<double>(b), mp<double>(y), mp<double>(mean), mp<double>(rstd),
-                   N, C, L, eps, threads);
+    fwd_any<double>(layout, N, C, L, x, w, b, y, mean, rstd, eps, threads);
 }
 
-void batch_norm_bwd_cpu(int dtype, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w,
+void batch_norm_bwd_cpu(int dtype, int layout, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w,
                         std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t gy, std::uintptr_t dx,
                         std::uintptr_t dw, std::uintptr_t db, int threads) {
-  if (dtype == 0) {
-    const BnTensors<float> t{N, C, L, cp<float>(x), cp<float>(w), cp<float>(mean), cp<float>(rstd)};
-    bn_bwd<float>(t, cp<float>(gy), mp<float>(dx), mp<float>(dw), mp<float>(db), threads);
-  } else {
-    const BnTensors<double> t{N, C, L, cp<double>(x), cp<double>(w), cp<double>(mean), cp<double>(rstd)};
-    bn_bwd<double>(t, cp<double>(gy), mp<double>(dx), mp<double>(dw), mp<double>(db), threads);
-  }
+  if (dtype == 0)
+    bwd_any<float>(layout, N, C, L, x, w, mean, rstd, gy, dx, dw, db, threads);
+  else
+    bwd_any<double>(layout, N, C, L, x, w, mean, rstd, gy, dx, dw, db, threads);
 }
 
-void batch_norm_bwd_bwd_cpu(int dtype, int64_t N, int64_t C, int64_t L, std::uintptr_t x, std::uintptr_t w,
-                            std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t gy, std::uintptr_t a,
-                            std::uintptr_t bw, std::uintptr_t bb, std::uintptr_t g_gy, std::uintptr_t g_x,
-                            std::uintptr_t g_w, int threads) {
-  if (dtype == 0) {
-    const BnTensors<float> t{N, C, L, cp<float>(x), cp<float>(w), cp<float>(mean), cp<float>(rstd)};
-    bn_bwd_bwd<float>(t, cp<float>(gy), cp<float>(a), cp<float>(bw), cp<float>(bb), mp<float>(g_gy), mp<float>(g_x),
-                      mp<float>(g_w), threads);
-  } else {
-    const BnTensors<double> t{N, C, L, cp<double>(x), cp<double>(w), cp<double>(mean), cp<double>(rstd)};
-    bn_bwd_bwd<double>(t, cp<double>(gy), cp<double>(a), cp<double>(bw), cp<double>(bb), mp<double>(g_gy),
-                       mp<double>(g_x), mp<double>(g_w), threads);
-  }
+void batch_norm_bwd_bwd_cpu(int dtype, int layout, int64_t N, int64_t C, int64_t L, std::uintptr_t x,
+                            std::uintptr_t w, std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t gy,
+                            std::uintptr_t a, std::uintptr_t bw, std::uintptr_t bb, std::uintptr_t g_gy,
+                            std::uintptr_t g_x, std::uintptr_t g_w, int threads) {
+  if (dtype == 0)
+    bwd_bwd_any<float>(layout, N, C, L, x, w, mean, rstd, gy, a, bw, bb, g_gy, g_x, g_w, threads);
+  else
+    bwd_bwd_any<double>(layout, N, C, L, x, w, mean, rstd, gy, a, bw, bb, g_gy, g_x, g_w, threads);
 }
 
 }  // namespace fastmaml

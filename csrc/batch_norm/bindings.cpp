@@ -9,11 +9,11 @@ namespace bind {
 
 void register_batch_norm(py::module_& m) {
   m.def("batch_norm_fwd_cpu", &batch_norm_fwd_cpu, py::call_guard<py::gil_scoped_release>(),
-        "(dtype, N, C, L, x, w, b, y, mean, rstd, eps, threads): y, mean, rstd of batch-statistics BN (CPU)");
+        "(dtype, layout, N, C, L, x, w, b, y, mean, rstd, eps, threads): y, mean, rstd of batch-statistics BN (CPU)");
   m.def("batch_norm_bwd_cpu", &batch_norm_bwd_cpu, py::call_guard<py::gil_scoped_release>(),
-        "(dtype, N, C, L, x, w, mean, rstd, gy, dx, dw, db, threads): its backward (CPU; dx may be 0)");
+        "(dtype, layout, N, C, L, x, w, mean, rstd, gy, dx, dw, db, threads): its backward (CPU; dx may be 0)");
   m.def("batch_norm_bwd_bwd_cpu", &batch_norm_bwd_bwd_cpu, py::call_guard<py::gil_scoped_release>(),
-        "(dtype, N, C, L, x, w, mean, rstd, gy, a, bw, bb, g_gy, g_x, g_w, threads): its double backward (CPU)");
+        "(dtype, layout, N, C, L, x, w, mean, rstd, gy, a, bw, bb, g_gy, g_x, g_w, threads): its double backward (CPU); layout 0: x [N, C, L], 1: [N, L, C]");
 }
 
 }  // namespace bind

@@ -99,6 +99,25 @@ def choose_fused_bn(fused: bool, task_map: str, xs: torch.Tensor) -> bool:
     return fused and task_map == "loop" and xs.device.type == "cpu" and fused_bn_available()
 
 
+def choose_channels_last(fused_bn: bool, task_map: str, fn: object, xs: torch.Tensor) -> bool:
+    """Whether the per-task loop runs image tasks (xs [T, N, C, H, W]) in channels_last
+    layout (docs/DESIGN.md §1, "Channels-last image tasks"): where the fused BatchNorm
+    runs (it takes channels_last tensors as they are; PyTorch's CPU BatchNorm is slow on
+    them) and ``fn`` is a module's whose layers all run correctly on channels_last
+    tensors (``module_fn``'s ``channels_last_safe``: plain Conv2d, BatchNorm2d,
+    activations, pooling, Flatten, Linear; a plain function is not inspected, so never),
+    for images of more than one channel: those carry the layout into the first
+    convolution, while a one-channel image cannot (the first BatchNorm would convert its
+    input instead, which measured no gain on the Omniglot net: benchmarks/RESULTS.md)."""
+    return (fused_bn and task_map == "loop" and xs.dim() == 5 and xs.shape[2] > 1 and xs.device.type == "cpu"
+            and getattr(fn, "channels_last_safe", False) is True)
+
+
+def tasks_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x [T, N, C, H, W] (any strides) with every task's x[t] a channels_last tensor."""
+    return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
 def graph_budget(mb: float) -> int:
     if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb >= 0 or mb == float("inf"):
         raise ValueError(f"graph_memory_mb must be a finite number >= 0, got {mb!r}")

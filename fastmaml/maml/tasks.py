@@ -186,7 +186,24 @@ def module_fn(model: torch.nn.Module) -> PureFn:
         return torch.func.functional_call(m, params, (x,))
 
     fn.thread_safe = True  # type: ignore[attr-defined]
+    fn.channels_last_safe = channels_last_safe(model)  # type: ignore[attr-defined]
     return fn
+
+
+# Layers whose forward runs correctly on channels_last tensors (PyTorch ops that keep or
+# accept the layout; nothing that views the memory as NCHW): an exact type match, so a
+# subclass with its own forward does not count.
+_CHANNELS_LAST_LAYERS = (torch.nn.Sequential, torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.ReLU6,
+                         torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.GELU, torch.nn.SiLU, torch.nn.Tanh,
+                         torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.MaxPool2d, torch.nn.AvgPool2d,
+                         torch.nn.AdaptiveAvgPool2d, torch.nn.Flatten, torch.nn.Linear, torch.nn.Identity)
+
+
+def channels_last_safe(model: torch.nn.Module) -> bool:
+    """Whether ``model`` may run on channels_last images: it and all its submodules are
+    of the plain layer types above (GroupNorm, for one, is not: PyTorch's CPU GroupNorm
+    backward on channels_last tensors crashed in a test; a custom forward may .view())."""
+    return all(type(m) in _CHANNELS_LAST_LAYERS for m in model.modules())
 
 
 def run_tasks(f: Callable[[int], Any], T: int, workers: int) -> list[Any]:

@@ -55,7 +55,7 @@ class _BNBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
                 rstd: torch.Tensor, kernels: bool) -> tuple:
-        gy = gy.contiguous()
+        gy = lib.like(gy, x)
         ctx.save_for_backward(gy, x, w)
         ctx.stats = (mean, rstd)
         ctx.kernels = kernels
@@ -69,7 +69,7 @@ class _BNBackward(torch.autograd.Function):
 def _bn_double_backward(ctx: Any, a: torch.Tensor | None, bw: torch.Tensor | None, bb: torch.Tensor | None) -> tuple:
     gy, x, w = ctx.saved_tensors
     mean, rstd = ctx.stats
-    g_gy, g_x, g_w = _bwd_bwd(None if a is None else a.contiguous(), bw, bb, gy, x, w, mean, rstd, ctx.kernels)
+    g_gy, g_x, g_w = _bwd_bwd(a, bw, bb, gy, x, w, mean, rstd, ctx.kernels)
     return g_gy, g_x, g_w, None, None, None
 
 
@@ -77,7 +77,9 @@ _double_backward = once_differentiable(_bn_double_backward, lib.THIRD)
 
 
 class _BN(torch.autograd.Function):
-    """(x [N, C, S] contiguous, w, b) -> y: batch-statistics BatchNorm."""
+    """(x, w, b) -> y: batch-statistics BatchNorm; x a contiguous [N, C, S], or with the
+    kernels a 4-D channels_last tensor (``batch_norm_library.kernel_input``; y, dx in
+    its layout)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
@@ -95,7 +97,7 @@ class _BN(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
             dx, dw, db = _BNBackward.apply(gy, x, w, mean, rstd, ctx.kernels)
         else:
-            dx, dw, db = _bwd(gy.contiguous(), x, w, mean, rstd, ctx.kernels, need_dx=ctx.needs_input_grad[0])
+            dx, dw, db = _bwd(lib.like(gy, x), x, w, mean, rstd, ctx.kernels, need_dx=ctx.needs_input_grad[0])
         return dx, dw, db, None, None
 
 
@@ -131,7 +133,10 @@ def run_checked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
         kernels = _kernels(x)
     if torch.compiler.is_compiling():  # one opaque node per level for Dynamo/AOTAutograd (fastmaml::batch_norm)
         return lib.batch_norm_op(x, weight, bias, float(eps), "cpu" if kernels else "reference")[0]
-    return _BN.apply(_view3(x), weight, bias, float(eps), kernels).view(x.shape)
+    # the kernels take a channels_last x as it is (a conv on channels_last inputs returns
+    # one); the formulas and other layouts see a contiguous [N, C, S] view
+    xk = lib.kernel_input(x) if kernels else _view3(x)
+    return _BN.apply(xk, weight, bias, float(eps), kernels).view(x.shape)
 
 
 def problem(x: Any, weight: Any, bias: Any, eps: Any) -> Exception | None:

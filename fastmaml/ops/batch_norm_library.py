@@ -35,6 +35,30 @@ def view3(x: Tensor) -> Tensor:
     return x.contiguous().view(x.shape[0], x.shape[1], -1)
 
 
+def layout(x: Tensor) -> int:
+    """The kernels' layout of x: 1 for a 4-D channels_last tensor (its memory an [N, H, W, C]
+    array; what convolutions on channels_last inputs return), else 0 (a contiguous
+    [N, C, L])."""
+    return int(x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def kernel_input(x: Tensor) -> Tensor:
+    """x [N, C, *] as the kernels take it: a 4-D channels_last x as it is, else
+    :func:`view3`."""
+    return x if layout(x) else view3(x)
+
+
+def like(t: Tensor, x: Tensor) -> Tensor:
+    """t (x's shape) in x's kernel layout: channels_last where x is, else contiguous."""
+    return t.contiguous(memory_format=torch.channels_last) if layout(x) else t.contiguous()
+
+
+def _nclk(x: Tensor) -> tuple[int, int, int, int]:
+    """(layout, N, C, L) of a kernel input (:func:`kernel_input`)."""
+    N, C = x.shape[0], x.shape[1]
+    return layout(x), N, C, x.numel() // max(1, N * C)
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -45,28 +69,29 @@ def _c(t: Tensor | None) -> Tensor | None:
 
 # ---- launchers: each level on the C++ kernels (kernels=True) or as the formulas --------
 def fwd(x: Tensor, w: Tensor, b: Tensor, eps: float, kernels: bool) -> tuple:
-    """(y, mean, rstd) of a contiguous [N, C, L] x."""
+    """(y, mean, rstd) of x: a contiguous [N, C, L]; with the kernels also a 4-D
+    channels_last x (:func:`kernel_input`), y then channels_last too."""
     if not kernels:
         return ref.batch_norm_forward(x, w, b, eps)
-    N, C, L = x.shape
+    lay, N, C, L = _nclk(x)
     w, b = w.contiguous(), b.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty_like(x)  # x's layout
     mean, rstd = x.new_empty(C), x.new_empty(C)
-    _ext.ext().batch_norm_fwd_cpu(codes.DTYPE[x.dtype], N, C, L, x.data_ptr(), w.data_ptr(), b.data_ptr(),
+    _ext.ext().batch_norm_fwd_cpu(codes.DTYPE[x.dtype], lay, N, C, L, x.data_ptr(), w.data_ptr(), b.data_ptr(),
                                   y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), eps, torch.get_num_threads())
     return y, mean, rstd
 
 
 def bwd(gy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor, kernels: bool, need_dx: bool = True) -> tuple:
-    """(dx or None, dw, db); gy and x contiguous [N, C, L]."""
+    """(dx or None, dw, db); x a kernel input (:func:`fwd`), gy in its layout (:func:`like`)."""
     if not kernels:
         dx, dw, db = ref.batch_norm_backward(gy, x, w, mean, rstd)
         return (dx if need_dx else None), dw, db
-    N, C, L = x.shape
+    lay, N, C, L = _nclk(x)
     w = w.contiguous()
     dx = torch.empty_like(x) if need_dx else None
     dw, db = w.new_empty(C), w.new_empty(C)
-    _ext.ext().batch_norm_bwd_cpu(codes.DTYPE[x.dtype], N, C, L, x.data_ptr(), w.data_ptr(), mean.data_ptr(),
+    _ext.ext().batch_norm_bwd_cpu(codes.DTYPE[x.dtype], lay, N, C, L, x.data_ptr(), w.data_ptr(), mean.data_ptr(),
                                   rstd.data_ptr(), gy.data_ptr(), _ptr(dx), dw.data_ptr(), db.data_ptr(),
                                   torch.get_num_threads())
     return dx, dw, db
@@ -74,13 +99,15 @@ def bwd(gy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor, kernels: b
 
 def bwd_bwd(a: Tensor | None, bw: Tensor | None, bb: Tensor | None, gy: Tensor, x: Tensor, w: Tensor, mean: Tensor,
             rstd: Tensor, kernels: bool) -> tuple:
-    """(g_gy, g_x, g_w) for the cotangents (a, bw, bb) of (dx, dw, db); None = zero."""
+    """(g_gy, g_x, g_w) for the cotangents (a, bw, bb) of (dx, dw, db); None = zero. x a
+    kernel input (:func:`fwd`), gy and a in its layout (:func:`like`)."""
     if not kernels:
         return ref.batch_norm_double_backward(a, bw, bb, gy, x, w, mean, rstd)
-    N, C, L = x.shape
-    w, a, bw, bb = w.contiguous(), _c(a), _c(bw), _c(bb)
+    lay, N, C, L = _nclk(x)
+    w, bw, bb = w.contiguous(), _c(bw), _c(bb)
+    a = None if a is None else like(a, x)
     g_gy, g_x, g_w = torch.empty_like(x), torch.empty_like(x), w.new_empty(C)
-    _ext.ext().batch_norm_bwd_bwd_cpu(codes.DTYPE[x.dtype], N, C, L, x.data_ptr(), w.data_ptr(), mean.data_ptr(),
+    _ext.ext().batch_norm_bwd_bwd_cpu(codes.DTYPE[x.dtype], lay, N, C, L, x.data_ptr(), w.data_ptr(), mean.data_ptr(),
                                       rstd.data_ptr(), gy.data_ptr(), _ptr(a), _ptr(bw), _ptr(bb), g_gy.data_ptr(),
                                       g_x.data_ptr(), g_w.data_ptr(), torch.get_num_threads())
     return g_gy, g_x, g_w
@@ -185,4 +212,4 @@ batch_norm_double_backward_op.register_autograd(_backward_bwd_bwd, setup_context
 
 
 __all__ = ["batch_norm_op", "batch_norm_backward_op", "batch_norm_double_backward_op", "fwd", "bwd", "bwd_bwd",
-           "view3", "THIRD", "BACKENDS"]
+           "view3", "kernel_input", "like", "layout", "THIRD", "BACKENDS"]

@@ -43,6 +43,42 @@ def test_float32_close_to_pytorch_and_independent_of_threads():
         assert torch.equal(a, e)
 
 
+CL_SHAPES = [(4, 3, 5, 5), (75, 8, 9, 11), (3, 5, 2, 1), (2, 6, 130, 3)]  # 130 x 3 x 2 rows: several row blocks
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", CL_SHAPES)
+def test_channels_last_kernels_every_level(shape):
+    """A channels_last x runs the row-block kernels (layout 1) in place, not a copy: every
+    level agrees with F.batch_norm in float64, gradcheck and gradgradcheck hold, y and dx
+    stay channels_last, and the results do not depend on the thread count."""
+    x, w, b = _inputs(shape, mean=3.0)
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert xcl.is_contiguous(memory_format=torch.channels_last) and not xcl.is_contiguous()
+    f = lambda x, w, b: batch_norm(x, w, b, 1e-5)  # noqa: E731
+    got = _first_and_second(f, xcl, w, b)
+    want = _first_and_second(_native, x, w, b)
+    for i, (a, e) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=f"level output {i}")
+    y = f(xcl, w, b)
+    dx = torch.autograd.grad(y.sin().sum(), xcl)[0]
+    assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
+    if shape[0] * shape[2] * shape[3] <= 100:
+        assert torch.autograd.gradcheck(f, (xcl, w, b))
+        assert torch.autograd.gradgradcheck(f, (xcl, w, b))
+    x32, w32, b32 = (t.detach().float().requires_grad_(True) for t in (xcl, w, b))
+    x32 = x32.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    many = _first_and_second(f, x32, w32, b32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _first_and_second(f, x32, w32, b32)
+    finally:
+        torch.set_num_threads(before)
+    for a, e in zip(one, many):  # the row blocks' sums are added in block order
+        assert torch.equal(a, e)
+
+
 @needs_ext
 def test_missing_cotangents_and_noncontiguous_input():
     x, w, b = _inputs((5, 3, 4, 4))
