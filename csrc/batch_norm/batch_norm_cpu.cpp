@@ -360,7 +360,7 @@ void bn_bwd_bwd_rows(const BnTensors<S>& t, int64_t M, const S* gy, const S* a, 
                      S* g_x, S* g_w, int threads) {
   const int64_t C = t.C;
   const std::vector<double> s = gy_row_sums(t, M, gy, a, threads);
-  std::vector<double> c8(8 * C);  // ya, yd, y0, xa, xg, xd, x0 (channel-major blocks of C)
+  std::vector<double> coef(7 * C);  // ya, yd, y0, xa, xg, xd, x0 (one block of C each)
   for (int64_t c = 0; c < C; ++c) {
     const bool has_a = a != nullptr;
     const BwdBwdCoef k = bwd_bwd_coef(s[c], s[C + c], has_a ? s[2 * C + c] : 0.0, has_a ? s[3 * C + c] : 0.0,
@@ -369,9 +369,9 @@ void bn_bwd_bwd_rows(const BnTensors<S>& t, int64_t M, const S* gy, const S* a, 
                                       static_cast<double>(t.w[c]), static_cast<double>(M));
     g_w[c] = static_cast<S>(k.gw);
     const double v[7] = {k.ya, k.yd, k.y0, k.xa, k.xg, k.xd, k.x0};
-    for (int j = 0; j < 7; ++j) c8[j * C + c] = v[j];
+    for (int j = 0; j < 7; ++j) coef[j * C + c] = v[j];
   }
-  const std::vector<S> cs = to_s<S>(c8);
+  const std::vector<S> cs = to_s<S>(coef);
   const S *ya = cs.data(), *yd = ya + C, *y0 = yd + C, *xa = y0 + C, *xg = xa + C, *xd = xg + C, *x0 = xd + C;
   const S* mu = t.mean;
   for_each_row_block(M, threads, [&](int64_t r0, int64_t r1) {
