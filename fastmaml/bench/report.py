@@ -74,6 +74,8 @@ def machine_info(device: torch.device) -> dict:
                      "jaxlib": _version("jaxlib"),
                      "higher": _version("higher"), "numpy": _version("numpy"), "fastmaml": fastmaml.__version__},
         "git": _git_commit(),
+        # glibc's malloc tuning, read at process start (the method processes inherit it)
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
 
 
@@ -253,7 +255,8 @@ def markdown_doc(results: list[ConfigResult], meta: dict, command: str) -> str:
     head = [
         f"### {m['gpu'] or m['cpu']} ({m['device']})",
         "",
-        f"- command: `{command}`",
+        f"- command: `{command}`"
+        + "".join(f" with {k}={v}" for k, v in (m.get("malloc_env") or {}).items()),
         f"- date: {m['date']}; commit {g.get('commit') or '?'}{' (uncommitted changes)' if g.get('dirty') else ''}",
         f"- machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
         + (f", GPU {m['gpu']}" if m["gpu"] else "") + f"; {m['platform']}",

@@ -36,6 +36,23 @@ def test_write_payload_writes_json_with_the_machine(tmp_path):
     assert data["rows"] == [{"a": 1.5}] and data["meta"]["cpu"] and data["meta"]["versions"]["torch"]
 
 
+def test_machine_info_records_the_malloc_tuning(monkeypatch):
+    """glibc's MALLOC_* settings change the timings of large-tensor methods (page faults), so
+    the report names them next to the command."""
+    import os
+
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "268435456")
+    m = report.machine_info(CPU)
+    assert m["malloc_env"] == {"MALLOC_MMAP_THRESHOLD_": "268435456"}
+    doc = report.markdown_doc([], dict(m, wall_s=1.0, matmul={}, rounds=1), "python -m fastmaml.bench")
+    assert "- command: `python -m fastmaml.bench` with MALLOC_MMAP_THRESHOLD_=268435456" in doc
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    doc = report.markdown_doc([], dict(report.machine_info(CPU), wall_s=1.0, matmul={}, rounds=1), "cmd")
+    assert "- command: `cmd`\n" in doc
+
+
 def test_op_suite_is_picked_from_the_suite_option():
     assert set(OP_SUITES) == {"sgd_step", "batch_norm", "mlp_triton"}
     assert op_suite(["--suite", "sgd_step", "--reps", "3"]) == ("sgd_step", ["--reps", "3"])
