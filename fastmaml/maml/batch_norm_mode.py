@@ -39,33 +39,15 @@ def _bind(input: Any, running_mean: Any, running_var: Any, weight: Any = None, b
     return None
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """A 4-D x as a channels_last tensor (itself if it is one; a copy otherwise, which
-    autograd differentiates as the identity)."""
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 class FusedBatchNorm(TorchFunctionMode):
     """Within this mode, ``F.batch_norm`` calls that the fused ``batch_norm`` covers
     (training mode, no running statistics, affine, float on the CPU, outside torch.func
-    transforms) go to it; every other call is left to PyTorch.
-
-    ``to_channels_last``: 4-D inputs are made channels_last first, so the output is too
-    and the layers after it (convolutions, pooling, ReLU) run on channels_last tensors
-    (see :func:`fastmaml.maml.dispatch.choose_channels_last`); the values are the same,
-    only the layout differs."""
-
-    def __init__(self, to_channels_last: bool = False) -> None:
-        super().__init__()
-        self.to_channels_last = to_channels_last
+    transforms) go to it; every other call is left to PyTorch."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is _F_BATCH_NORM:
             bound = _bind(*args, **kwargs)
             if bound is not None:
-                x, w, b, eps = bound
-                if self.to_channels_last and x.dim() == 4:
-                    x = channels_last(x)
-                return _bn.run_checked(x, w, b, eps)  # _applies has checked the arguments
+                return _bn.run_checked(*bound)  # _applies has checked the arguments
         return func(*args, **kwargs)

@@ -151,14 +151,14 @@ def run_generic(r: dispatch.Route, fn: PureFn, params: Mapping[str, torch.Tensor
     prob = check_problem(fn, params, lrs, xs, ys, xq, yq, **kw)
     tm = r.task_map
     fused_bn = dispatch.choose_fused_bn(fused_batch_norm, tm, xs)
-    cl = dispatch.choose_channels_last(fused_bn, tm, fn, xs)
-    if cl:  # every task's images as a channels_last tensor (one copy per meta-step)
+    if dispatch.choose_channels_last(fused_bn, tm, fn, xs):
+        # every task's images as a channels_last tensor (one copy per meta-step); each layer
+        # of a channels_last-safe model, the fused BatchNorm included, keeps the layout
         xs, xq = dispatch.tasks_channels_last(xs), dispatch.tasks_channels_last(xq)
     plan = Plan(fn=fn, prob=prob, task_map=tm, hvp=choose_hvp(hvp), sgd_backend=_sgd_backend(backend),
                 grad_enabled=torch.is_grad_enabled(), hvp_map=dispatch.choose_hvp_map(hvp_map, tm, xs),
                 workers=choose_workers(task_threads, tm, fn, xs, xq),
-                graph_budget=dispatch.graph_budget(graph_memory_mb), fused_bn=fused_bn, channels_last=cl,
-                step_hook=step_hook)
+                graph_budget=dispatch.graph_budget(graph_memory_mb), fused_bn=fused_bn, step_hook=step_hook)
     flat = [params[n] for n in prob.adapted] + [params[n] for n in prob.fixed] + list(prob.lr.tensors)
     try:
         return MetaStep.apply(plan, *flat, xs, ys, xq, yq)

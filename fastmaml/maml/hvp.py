@@ -53,13 +53,11 @@ class TaskLoss:
     """L(θa, φ, x, y) of one task: the loss of ``fn`` on the named parameters; with
     ``fused_bn`` the model's batch-statistics ``F.batch_norm`` calls run by the fused
     BatchNorm (outside torch.func transforms; the mode is entered per call: modes are
-    per thread), with ``channels_last`` on channels_last tensors (the layers after each
-    BatchNorm then run on them too)."""
+    per thread)."""
 
     fn: PureFn
     prob: MetaProblem
     fused_bn: bool = False
-    channels_last: bool = False
 
     def params(self, pa: Sequence[torch.Tensor], pf: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         d = dict(zip(self.prob.adapted, pa))
@@ -68,7 +66,7 @@ class TaskLoss:
 
     def __call__(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fused = self.fused_bn and not torch._C._are_functorch_transforms_active()
-        with FusedBatchNorm(self.channels_last) if fused else contextlib.nullcontext():
+        with FusedBatchNorm() if fused else contextlib.nullcontext():
             return self.prob.loss_fn(self.fn(self.params(pa, pf), x), y)
 
 

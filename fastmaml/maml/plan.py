@@ -35,8 +35,6 @@ class Plan:
     caller's grad mode when the meta-loss was built; ``workers``: tasks the per-task
     loop runs at once; ``graph_budget``: bytes of support graphs kept beyond the last
     step's; ``fused_bn``: route the model's batch-statistics ``F.batch_norm``;
-    ``channels_last``: run image tasks in channels_last layout (inputs and the fused
-    BatchNorm's outputs; :func:`fastmaml.maml.dispatch.choose_channels_last`);
     ``step_hook(k, support)``: called before every evaluation at inner step k (the
     support forward at θ_k with support=True, the query after step k and the backward's
     recomputation at θ_k with support=False), for per-step layers
@@ -52,7 +50,6 @@ class Plan:
     workers: int = 1
     graph_budget: int = 0
     fused_bn: bool = False
-    channels_last: bool = False
     step_hook: Callable[[int, bool], None] | None = None
 
     @property
@@ -67,7 +64,7 @@ class Plan:
 
     @cached_property
     def derivatives(self) -> Derivatives:
-        return FLAVOURS[self.hvp](TaskLoss(self.fn, self.prob, self.fused_bn, self.channels_last), self.workers)
+        return FLAVOURS[self.hvp](TaskLoss(self.fn, self.prob, self.fused_bn), self.workers)
 
     def support_grads(self, pa: tuple, pf: tuple, xs: torch.Tensor, ys: torch.Tensor, shared: bool) -> tuple:
         return self.derivatives.support_grads(pa, pf, xs, ys, shared, self.task_map)
