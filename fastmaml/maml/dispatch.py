@@ -106,16 +106,23 @@ def choose_channels_last(fused_bn: bool, task_map: str, fn: object, xs: torch.Te
     them) and ``fn`` is a module's whose layers all run correctly on channels_last
     tensors (``module_fn``'s ``channels_last_safe``: plain Conv2d, BatchNorm2d,
     activations, pooling, Flatten, Linear; a plain function is not inspected, so never),
-    for images of more than one channel: those carry the layout into the first
-    convolution, while a one-channel image cannot (the first BatchNorm would convert its
-    input instead, which measured no gain on the Omniglot net: benchmarks/RESULTS.md)."""
-    return (fused_bn and task_map == "loop" and xs.dim() == 5 and xs.shape[2] > 1 and xs.device.type == "cpu"
+    for images of any number of channels (the images carry the layout into the first
+    convolution; see :func:`tasks_channels_last` for one-channel images)."""
+    return (fused_bn and task_map == "loop" and xs.dim() == 5 and xs.device.type == "cpu"
             and getattr(fn, "channels_last_safe", False) is True)
 
 
 def tasks_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """x [T, N, C, H, W] (any strides) with every task's x[t] a channels_last tensor."""
-    return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    """x [T, N, C, H, W] (any strides) with every task's x[t] a channels_last tensor, by
+    strides as well as by memory order. A one-channel image is NCHW and channels_last at
+    once, and PyTorch reads its layout from the strides (a C stride of H·W means NCHW):
+    it gets the channels_last C stride of 1, which addresses the same elements (C has one
+    index) but makes the first convolution run, and return its output, channels_last."""
+    y = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    if y.shape[2] == 1:
+        st = y.stride()
+        y = y.as_strided(y.shape, (st[0], st[1], 1, st[3], st[4]))
+    return y
 
 
 def graph_budget(mb: float) -> int:

@@ -59,9 +59,10 @@ class ViewingConv(nn.Conv2d):
 
 
 @needs_ext
+@pytest.mark.parametrize("in_ch", [3, 1])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_channels_last_path_agrees_with_the_reference(first_order, monkeypatch):
-    net, d = image_net(), data()
+def test_channels_last_path_agrees_with_the_reference(first_order, in_ch, monkeypatch):
+    net, d = image_net(in_ch=in_ch), data(in_ch=in_ch)
     want = run(net, d, backend="reference", first_order=first_order, lr_mode="per_element", learn_lr=True)
     seen = layouts(monkeypatch)
     got = run(net, d, first_order=first_order, lr_mode="per_element", learn_lr=True)
@@ -71,32 +72,43 @@ def test_channels_last_path_agrees_with_the_reference(first_order, monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
 
 
+def channels_last_strides(t: torch.Tensor) -> torch.Tensor:
+    """t [T, N, C, H, W] as channels_last tasks by strides too (a one-channel image's C
+    stride set to 1), the same values."""
+    y = t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    st = y.stride()
+    return y.as_strided(y.shape, (st[0], st[1], 1, st[3], st[4])) if y.shape[2] == 1 else y
+
+
 @needs_ext
-def test_channels_last_results_do_not_depend_on_input_strides():
-    """A strided slice (the support/query split of one tensor), a channels_last input and a
-    contiguous copy give bitwise equal results; the user's tensors are not modified."""
-    net = image_net()
+@pytest.mark.parametrize("in_ch", [3, 1])
+def test_channels_last_results_do_not_depend_on_input_strides(in_ch):
+    """A strided slice (the support/query split of one tensor), a contiguous slice at an
+    offset, a channels_last input and a contiguous copy give bitwise equal results; the
+    user's tensors are not modified."""
+    net = image_net(in_ch=in_ch)
     g = torch.Generator().manual_seed(1)
-    big = torch.randn(3, 12, 3, 8, 8, generator=g, dtype=F64)
+    big = torch.randn(4, 12, in_ch, 8, 8, generator=g, dtype=F64)
     ys, yq = torch.randint(0, 3, (3, 6), generator=g), torch.randint(0, 3, (3, 6), generator=g)
-    xs, xq = big[:, :6], big[:, 6:]  # strided views
+    xs, xq = big[1:, :6], big[1:, 6:]  # strided views
     before = big.clone()
     ref = run(net, [xs.contiguous(), ys, xq.contiguous(), yq])
     strided = run(net, [xs, ys, xq, yq])
-    as_cl = [t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) for t in (xs, xq)]
-    cl = run(net, [as_cl[0], ys, as_cl[1], yq])
-    for other in (strided, cl):
+    cl = run(net, [channels_last_strides(xs), ys, channels_last_strides(xq), yq])
+    # contiguous tensors at a storage offset (taken as they are, not copied)
+    sliced = run(net, [torch.cat([torch.zeros_like(xs[:1]), xs.contiguous()])[1:], ys,
+                       torch.cat([torch.zeros_like(xq[:1]), xq.contiguous()])[1:], yq])
+    for other in (strided, cl, sliced):
         assert torch.equal(other[0], ref[0])
         assert all(torch.equal(a, b) for a, b in zip(other[1], ref[1]))
     assert torch.equal(big, before)
 
 
 @needs_ext
-@pytest.mark.parametrize("case", ["group_norm", "custom_forward", "one_channel", "torch_batch_norm", "vmap"])
+@pytest.mark.parametrize("case", ["group_norm", "custom_forward", "torch_batch_norm", "vmap"])
 def test_channels_last_only_where_it_is_safe_and_pays(case, monkeypatch):
-    """Models with other layers (GroupNorm; a custom forward), one-channel images, the
-    PyTorch BatchNorm and vmap over tasks keep the NCHW layout — and still agree with the
-    reference."""
+    """Models with other layers (GroupNorm; a custom forward), the PyTorch BatchNorm and
+    vmap over tasks keep the NCHW layout — and still agree with the reference."""
     net, d, kw = image_net(), data(), {}
     if case == "group_norm":
         net = image_net(norm=nn.GroupNorm)
@@ -104,8 +116,6 @@ def test_channels_last_only_where_it_is_safe_and_pays(case, monkeypatch):
     elif case == "custom_forward":
         torch.manual_seed(0)
         net[0] = ViewingConv(3, 4, 3, padding=1).double()
-    elif case == "one_channel":
-        net, d = image_net(in_ch=1), data(in_ch=1)
     elif case == "torch_batch_norm":
         kw = {"fused_batch_norm": False}
     else:
@@ -114,7 +124,7 @@ def test_channels_last_only_where_it_is_safe_and_pays(case, monkeypatch):
     seen = layouts(monkeypatch)
     got = run(net, d, **kw)
     assert 1 not in seen
-    if case in ("group_norm", "custom_forward", "one_channel"):
+    if case in ("group_norm", "custom_forward"):
         assert seen  # the fused BatchNorm ran, in the NCL layout
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
     for a, e in zip(got[1], want[1]):
