@@ -12,6 +12,7 @@ from torch import nn
 
 import fastmaml
 from fastmaml import _ext
+from fastmaml.maml.dispatch import tasks_channels_last
 from fastmaml.ops import batch_norm_library as bn_lib
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason=_ext.IMPORT_ERROR or "extension not built")
@@ -72,14 +73,6 @@ def test_channels_last_path_agrees_with_the_reference(first_order, in_ch, monkey
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
 
 
-def channels_last_strides(t: torch.Tensor) -> torch.Tensor:
-    """t [T, N, C, H, W] as channels_last tasks by strides too (a one-channel image's C
-    stride set to 1), the same values."""
-    y = t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    st = y.stride()
-    return y.as_strided(y.shape, (st[0], st[1], 1, st[3], st[4])) if y.shape[2] == 1 else y
-
-
 @needs_ext
 @pytest.mark.parametrize("in_ch", [3, 1])
 def test_channels_last_results_do_not_depend_on_input_strides(in_ch):
@@ -94,7 +87,7 @@ def test_channels_last_results_do_not_depend_on_input_strides(in_ch):
     before = big.clone()
     ref = run(net, [xs.contiguous(), ys, xq.contiguous(), yq])
     strided = run(net, [xs, ys, xq, yq])
-    cl = run(net, [channels_last_strides(xs), ys, channels_last_strides(xq), yq])
+    cl = run(net, [tasks_channels_last(xs), ys, tasks_channels_last(xq), yq])  # by strides too
     # contiguous tensors at a storage offset (taken as they are, not copied)
     sliced = run(net, [torch.cat([torch.zeros_like(xs[:1]), xs.contiguous()])[1:], ys,
                        torch.cat([torch.zeros_like(xq[:1]), xq.contiguous()])[1:], yq])
