@@ -24,7 +24,8 @@ from torch import nn
 from fastmaml import _checks, _ext
 from fastmaml import codes
 from fastmaml.codes import DTYPE as _DTYPE_CODE
-from fastmaml.ops import maml_mlp as _maml_mlp_op
+from fastmaml.ops._maml_mlp import function as _maml_mlp_fn
+from fastmaml.ops._maml_mlp.config import Cfg
 from fastmaml.ops import maml_mlp_fit
 
 FUSED = "fused_mlp"
@@ -206,7 +207,14 @@ def finite_inputs(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} holds values so large that their sum overflows ({t.dtype}); rescale the data")
 
 
-def run(
+def run(st: MlpModel, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], lrs: object,
+        xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor, **kw) -> torch.Tensor:
+    """The meta-loss by ``ops.maml_mlp``; see :func:`run_with_plan` (the same, keyword
+    arguments ``steps``, ``first_order``, ``loss``, ``msl_weights``, ``backend``)."""
+    return run_with_plan(st, weights, biases, lrs, xs, ys, xq, yq, **kw)[0]
+
+
+def run_with_plan(
     st: MlpModel,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor],
@@ -221,9 +229,11 @@ def run(
     loss: str,
     msl_weights: torch.Tensor | None,
     backend: str,
-) -> torch.Tensor:
-    """The meta-loss by ``ops.maml_mlp`` (fused kernel or its layer-wise path).
-    ``weights``/``biases`` in layer order (``st.weight_names``/``st.bias_names``).
+) -> tuple[torch.Tensor, Cfg | None]:
+    """(meta-loss, plan) by ``ops.maml_mlp`` (fused kernel or its layer-wise path); the
+    plan is the op's configuration (for :func:`fastmaml.ops._maml_mlp.function.relaunch`;
+    None when traced by Dynamo). ``weights``/``biases`` in layer order
+    (``st.weight_names``/``st.bias_names``).
 
     The MAML layer's contract, the same as on the other paths: data on the parameters'
     device; strided data compacted first (the kernels read contiguous memory; a copy
@@ -243,9 +253,12 @@ def run(
                       **{f"lrs[{i}]": t for i, t in enumerate(lr_ts) if isinstance(t, torch.Tensor)})
     if isinstance(lrs, (torch.Tensor, Mapping)):
         lrs = mlp_lr(lrs, [n for pair in zip(st.weight_names, st.bias_names) for n in pair], steps)
-    return _maml_mlp_op(list(weights), list(biases), xs, ys, xq, yq, lrs, steps=steps,
-                        first_order=first_order, activation=st.activation, loss=loss, msl_weights=msl_weights,
-                        backend=None if backend == "auto" else backend)
+    out = _maml_mlp_fn.prepare(list(weights), list(biases), xs, ys, xq, yq, lrs, steps=steps,
+                               first_order=first_order, activation=st.activation, loss=loss,
+                               msl_weights=msl_weights, backend=None if backend == "auto" else backend)
+    if isinstance(out, torch.Tensor):
+        return out, None
+    return _maml_mlp_fn.launch(*out), out[0]
 
 
 def msl_tensor(msl_weights: Sequence[float] | None, like: torch.Tensor) -> torch.Tensor | None:

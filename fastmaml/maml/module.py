@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastmaml import _checks
-from fastmaml.maml import dispatch, functional, mlp_path, modes
+from fastmaml.maml import dispatch, functional, mlp_path, mlp_replay, modes
 from fastmaml.maml.annealing import MetaState
 from fastmaml.maml.hvp import HVPS
 from fastmaml.maml.problem import check_model, resolve_loss, resolve_msl
@@ -238,6 +238,7 @@ class MAML(nn.Module):
         self._meta = MetaState(model, inner_steps, first_order, first_order_until)  # type: ignore[arg-type]
         self.check_model()
         self._msl_tensor: torch.Tensor | None = None
+        self._mlp_plan: tuple | None = None  # (signature, op configuration) of the last fused-MLP call
         r = self._route(None)[0]
         self.path, self.path_reason = r.path, r.reason
 
@@ -255,12 +256,12 @@ class MAML(nn.Module):
             return self.lrs[0] if self.learn_lr else self.inner_lr
         return self.lrs[0] if self.lr_mode == "per_step_layer" else list(self.lrs)
 
-    def _route(self, data: tuple | None) -> tuple[dispatch.Route, list, list]:
+    def _route(self, data: tuple | None) -> tuple[dispatch.Route, list, list, tuple | None]:
         key, ws, bs = route_key(self, data)
         r = functional.route_call(self.model, self._params, self._lrs_arg(), data and data[:3], steps=self.inner_steps,
                                   loss=self.loss, msl_weights=self.msl_weights, adapt=self.adapt_names,
                                   backend=self.backend, task_map=self.task_map, hvp=self.hvp, key=key)
-        return functional.upstream_route(r, self.model, self._params, data), ws, bs
+        return functional.upstream_route(r, self.model, self._params, data), ws, bs, key
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
         """Meta-loss of the meta-batch xs [T, Ns, ...], ys, xq [T, Nq, ...], yq (0-d).
@@ -285,13 +286,13 @@ class MAML(nn.Module):
 
 
 def _forward(m: MAML, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
-    r, ws, bs = m._route((xs, ys, xq, yq))
+    r, ws, bs, key = m._route((xs, ys, xq, yq))
     fo, record, r, hook = m._meta.begin(m.first_order, m.training, r)
     # (not while Dynamo traces: the changed attribute would cost a recompile; eager calls set it)
     if (m.path is not r.path or m.path_reason is not r.reason) and not torch.compiler.is_compiling():
         m.path, m.path_reason = r.path, r.reason
     if r.mlp is not None:
-        return _run_mlp(m, r, ws, bs, fo, (xs, ys, xq, yq))
+        return _run_mlp(m, r, ws, bs, fo, (xs, ys, xq, yq), key)
     m.check_model()
     versions = m._meta.versions(m.model)
     out = _run_generic(m, r, fo, record, hook, (xs, ys, xq, yq))
@@ -317,14 +318,26 @@ def _predict(m: MAML, fast: Mapping[str, torch.Tensor], xq: torch.Tensor) -> tor
                               task_threads=m.task_threads)
 
 
-def _run_mlp(m: MAML, r: dispatch.Route, ws: list, bs: list, first_order: bool, data: tuple) -> torch.Tensor:
-    """The meta-loss on the fused MLP route (its MSL weights as a tensor, cached)."""
+def _run_mlp(m: MAML, r: dispatch.Route, ws: list, bs: list, first_order: bool, data: tuple,
+             key: tuple | None) -> torch.Tensor:
+    """The meta-loss on the fused MLP route (its MSL weights as a tensor, cached): by the
+    plan of an earlier call when nothing it depends on changed (:mod:`fastmaml.maml.mlp_replay`)."""
+    lrs = m._lrs_arg()
+    eager = not torch.compiler.is_compiling()  # traced: the full path, and the plan left alone
+    sig = mlp_replay.signature(key, ws, bs, lrs, data) if eager else None
+    out = mlp_replay.replay(m._mlp_plan, sig, ws, bs, lrs, data, first_order) if eager else None
+    if out is not None:
+        return out
     msl = m._msl_tensor
     if m.msl_weights is not None and (msl is None or msl.dtype != ws[0].dtype or msl.device != ws[0].device
                                       or msl.numel() != len(m.msl_weights)):
         msl = m._msl_tensor = mlp_path.msl_tensor(m.msl_weights, ws[0])
-    return mlp_path.run(r.mlp, ws, bs, m._lrs_arg(), *data, steps=m.inner_steps,  # type: ignore[arg-type]
-                        first_order=first_order, loss=m.loss, msl_weights=msl, backend=m.backend)  # type: ignore[arg-type]
+    out, cfg = mlp_path.run_with_plan(r.mlp, ws, bs, lrs, *data, steps=m.inner_steps,  # type: ignore[arg-type]
+                                      first_order=first_order, loss=m.loss, msl_weights=msl,  # type: ignore[arg-type]
+                                      backend=m.backend)
+    if eager:
+        m._mlp_plan = mlp_replay.keep(sig, cfg)
+    return out
 
 
 @torch.compiler.disable(reason=functional.GENERIC_NOT_TRACED)  # and module_fn's worker threads with it

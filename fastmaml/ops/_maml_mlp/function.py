@@ -139,6 +139,15 @@ def maml_mlp(
 ) -> torch.Tensor:
     """The scalar MAML meta-loss of an MLP; see the module docstring for shapes, lr
     granularities, the two implementations and their limits."""
+    out = prepare(weights, biases, xs, ys, xq, yq, lr, steps=steps, first_order=first_order, activation=activation,
+                  loss=loss, msl_weights=msl_weights, backend=backend)
+    return out if isinstance(out, torch.Tensor) else launch(*out)
+
+
+def prepare(weights, biases, xs, ys, xq, yq, lr, *, steps, first_order=False, activation="relu", loss="mse",
+            msl_weights=None, backend=None) -> torch.Tensor | tuple:
+    """``maml_mlp``'s checks and configuration: ``(cfg, weights, biases, lr tensors)`` for
+    :func:`launch`, or (traced by Dynamo) the meta-loss itself."""
     mlp_ops.check_activation_loss(activation, loss)
     K = _checks.positive_int("steps", steps)
     ws, bs, dims, dtype, device = mlp_ops.check_layers(weights, biases, per_task=False)
@@ -183,12 +192,27 @@ def maml_mlp(
     fused = be in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, be)
     cfg = Cfg(dims, L, T, K, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
                lr_value, len(lrs), bool(first_order), need_grad, be, fused, n_msl, shapes)
+    return cfg, ws, bs, lrs
+
+
+def launch(cfg: Cfg, ws, bs, lrs) -> torch.Tensor:
+    """The meta-loss of a configuration from :func:`prepare` (or :func:`relaunch`)."""
     if torch._C._are_functorch_transforms_active():
         return _MamlMlp.apply(cfg, *ws, *bs, *lrs)
-    else:
-        # The C++ apply directly: Function.apply's Python wrapper re-binds the arguments
-        # with inspect.signature on every call (tens of µs), for nothing here.
-        return _APPLY(cfg, *ws, *bs, *lrs)
+    # The C++ apply directly: Function.apply's Python wrapper re-binds the arguments with
+    # inspect.signature on every call (tens of µs), for nothing here.
+    return _APPLY(cfg, *ws, *bs, *lrs)
+
+
+def relaunch(cfg0: Cfg, ws, bs, lrs, xs, ys, xq, yq, lr_value: float, first_order: bool) -> torch.Tensor:
+    """:func:`launch` of ``cfg0`` (from :func:`prepare`) on new data, a new fixed rate and
+    order: the caller guarantees that every other input ``prepare`` read is as it was
+    (shapes, dtypes, devices, contiguity, requires_grad, grad mode, backend; see
+    :mod:`fastmaml.maml.mlp_replay`) and that the data, parameters and rates are finite."""
+    cfg = Cfg.__new__(Cfg)
+    cfg.__dict__.update(cfg0.__dict__)
+    cfg.xs, cfg.ys, cfg.xq, cfg.yq, cfg.lr_value, cfg.first_order, cfg.out = xs, ys, xq, yq, lr_value, first_order, None
+    return launch(cfg, ws, bs, lrs)
 
 
 _APPLY = super(torch.autograd.Function, _MamlMlp).apply
@@ -212,4 +236,4 @@ def _resolve_cached(backend, device: torch.device) -> str:
     return be
 
 
-__all__ = ["maml_mlp"]
+__all__ = ["maml_mlp", "prepare", "launch", "relaunch"]
