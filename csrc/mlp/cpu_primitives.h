@@ -65,14 +65,15 @@ struct Term {
 
 template <class S, int MR, int NV, int B>
 inline void tile(const Term<S>& x, const Term<S>& y, int64_t i0, int q0, S* out, int64_t ldo, bool acc,
-                 const S* bias) {
+                 const S* bias, const S* init) {
   using v = typename Vec<S, B>::type;
   constexpr int n = Vec<S, B>::n;
   v c[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j)
-      c[i][j] = acc ? vload<S, B>(out + (i0 + i) * ldo + q0 + j * n)
-                    : (bias ? vload<S, B>(bias + q0 + j * n) : v{});
+      c[i][j] = init ? vload<S, B>(init + (i0 + i) * ldo + q0 + j * n)
+                     : acc ? vload<S, B>(out + (i0 + i) * ldo + q0 + j * n)
+                           : (bias ? vload<S, B>(bias + q0 + j * n) : v{});
   for (int r = 0; r < x.R; ++r) {
     v bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = vload<S, B>(x.b + r * x.bs + q0 + j * n);
@@ -167,16 +168,16 @@ inline void ragged_column(int Mo, const Term<S>& x, int q, S* out, int64_t ldo) 
 // allows (the FMA latency is hidden from ~8-10 chains on two pipes).
 template <class S, int NV, int B, int MR>
 inline void row_tiles(int ntiles, int nbig, int i, const Term<S>& x, const Term<S>& y, int q, S* out, int64_t ldo,
-                      bool acc, const S* bias) {
+                      bool acc, const S* bias, const S* init) {
   // nbig tiles of MR rows, then ntiles − nbig tiles of MR − 1 rows
-  for (int t = 0; t < nbig; ++t, i += MR) tile<S, MR, NV, B>(x, y, i, q, out, ldo, acc, bias);
+  for (int t = 0; t < nbig; ++t, i += MR) tile<S, MR, NV, B>(x, y, i, q, out, ldo, acc, bias, init);
   if constexpr (MR > 1)
-    for (int t = nbig; t < ntiles; ++t, i += MR - 1) tile<S, MR - 1, NV, B>(x, y, i, q, out, ldo, acc, bias);
+    for (int t = nbig; t < ntiles; ++t, i += MR - 1) tile<S, MR - 1, NV, B>(x, y, i, q, out, ldo, acc, bias, init);
 }
 
 template <class S, int NV, int B = FM_VEC_BYTES>
 inline void col_block(int Mo, const Term<S>& x, const Term<S>& y, int q, S* out, int64_t ldo, bool acc,
-                      const S* bias) {
+                      const S* bias, const S* init) {
   constexpr int kMaxRows = (B == 64 ? 24 : 12) / NV;
   if (Mo <= 0) return;
   const int ntiles = (Mo + kMaxRows - 1) / kMaxRows;
@@ -185,7 +186,7 @@ inline void col_block(int Mo, const Term<S>& x, const Term<S>& y, int q, S* out,
   switch (rows) {
 #define FM_ROWS(R)                                                                   \
   case R:                                                                            \
-    if constexpr (R <= kMaxRows) row_tiles<S, NV, B, R>(ntiles, nbig, 0, x, y, q, out, ldo, acc, bias); \
+    if constexpr (R <= kMaxRows) row_tiles<S, NV, B, R>(ntiles, nbig, 0, x, y, q, out, ldo, acc, bias, init); \
     break;
     FM_ROWS(1) FM_ROWS(2) FM_ROWS(3) FM_ROWS(4) FM_ROWS(5) FM_ROWS(6)
     FM_ROWS(7) FM_ROWS(8) FM_ROWS(9) FM_ROWS(10) FM_ROWS(11) FM_ROWS(12)
@@ -196,30 +197,33 @@ inline void col_block(int Mo, const Term<S>& x, const Term<S>& y, int q, S* out,
   }
 }
 
-// out[i][q] = (acc ? out : bias ? bias[q] : 0) + Σ_r x.a(i, r) x.b(r, q) + Σ_r y.a(i, r) y.b(r, q)
-// for i < Mo, q < Q (out row stride ldo): two products summed in one pass over the
+// out[i][q] = (init ? init[i][q] : acc ? out : bias ? bias[q] : 0) + Σ_r x.a(i, r) x.b(r, q)
+//             + Σ_r y.a(i, r) y.b(r, q)
+// for i < Mo, q < Q (out and init row stride ldo): two products summed in one pass over the
 // output. The full vectors of a row are split into column blocks of 2 vectors (one of
 // 1 when their number is odd: a 40-wide float row is 2 + 2 + 1), each run by col_block;
 // the < n ragged columns last, one by one (the fastest blocking for the sinusoid MLP:
 // benchmarks/RESULTS.md, section "csrc/mlp/cpu_primitives.h").
 template <class S>
 inline void rc_gemm2(int Mo, int Q, const Term<S>& x, const Term<S>& y, S* out, int64_t ldo, bool acc,
-                     const S* bias) {
+                     const S* bias, const S* init = nullptr) {
   constexpr int n = Vec<S>::n;
   int q = 0;
-  for (; q + 2 * n <= Q; q += 2 * n) col_block<S, 2>(Mo, x, y, q, out, ldo, acc, bias);
+  for (; q + 2 * n <= Q; q += 2 * n) col_block<S, 2>(Mo, x, y, q, out, ldo, acc, bias, init);
   if (q + n <= Q) {
-    col_block<S, 1>(Mo, x, y, q, out, ldo, acc, bias);
+    col_block<S, 1>(Mo, x, y, q, out, ldo, acc, bias, init);
     q += n;
   }
   if constexpr (FM_VEC_BYTES == 64) {  // a leftover half vector of columns: one 32-byte block
     if (q + Vec<S, 32>::n <= Q) {
-      col_block<S, 1, 32>(Mo, x, y, q, out, ldo, acc, bias);
+      col_block<S, 1, 32>(Mo, x, y, q, out, ldo, acc, bias, init);
       q += Vec<S, 32>::n;
     }
   }
   for (; q < Q; ++q) {
-    if (!acc)
+    if (init)
+      for (int i = 0; i < Mo; ++i) out[i * ldo + q] = init[i * ldo + q];
+    else if (!acc)
       for (int i = 0; i < Mo; ++i) out[i * ldo + q] = bias ? bias[q] : S(0);
     ragged_column(Mo, x, q, out, ldo);
     ragged_column(Mo, y, q, out, ldo);
@@ -278,6 +282,15 @@ inline void gemm_tn(SerialGroup, int M, int P, int Q, const S* A1, const S* B1, 
   const Term<S> x{M, A1, 1, P, B1, Q};
   const Term<S> y{A2 ? M : 0, A2, 1, P, B2, Q};
   rc_gemm2(P, Q, x, y, C, Q, false, static_cast<const S*>(nullptr));
+}
+
+// C[P][Q] = Init[P][Q] + Σ_m A[m][p] B[m][q]: an SGD step fused into the gradient's
+// product (A = −α δ, B = h: θ' = θ − α δᵀh without writing the gradient out).
+template <class S>
+inline void gemm_tn_init(SerialGroup, int M, int P, int Q, const S* A, const S* B, const S* Init, S* C) {
+  const Term<S> x{M, A, 1, P, B, Q};
+  const Term<S> y{0, nullptr, 1, P, nullptr, Q};
+  rc_gemm2(P, Q, x, y, C, Q, false, static_cast<const S*>(nullptr), Init);
 }
 
 template <class S>

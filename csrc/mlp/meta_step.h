@@ -3,6 +3,8 @@
 // mlp/task.h.
 #pragma once
 
+#include <type_traits>
+
 #include "mlp/task.h"
 
 namespace fastmaml {
@@ -87,6 +89,39 @@ FM_HD S lr_at(const MamlArgs<S>& a, int k, int tensor, int64_t i) {
   }
 }
 
+#if !defined(__CUDACC__) && !defined(FM_CUDA_EMULATED_TU)
+// CPU, a rate per tensor and step whose gradient is not needed (n_lr == 0): the backward
+// pass at θ_k (the stored activations `a`, as backward) fused with the SGD step into
+// `next` (θ_{k+1}'s W and b): W' = W + (−α δ)ᵀ h runs as one product that starts from W,
+// so the weight gradient is never written out and read back (for a wide layer two
+// memory-bound passes over W's size). ∇b goes to grad.b as in backward; `scratch` holds
+// −α δ ([N, max d] elements).
+template <class S>
+inline void backward_sgd(SerialGroup g, const MamlArgs<S>& args, int k, int N, const S* x, const Params<const S>& th,
+                         const Acts<S>& a, const Params<S>& grad, S* next, S* scratch) {
+  const Shape& s = args.s;
+  for (int l = s.L - 1; l >= 0; --l) {
+    const int din = s.d[l], dout = s.d[l + 1];
+    const S* hin = l == 0 ? x : a.H[l - 1];
+    const S aw = lr_at(args, k, 2 * l, 0), ab = lr_at(args, k, 2 * l + 1, 0);
+    colsum(g, N, dout, a.D[l], grad.b[l], false);  // ∇b_l = Σ_n δ_l
+    S* nB = next + s.boff[l];
+    for (int i = 0; i < dout; ++i) nB[i] = th.b[l][i] - ab * grad.b[l][i];
+    const S* D = a.D[l];
+    for (int64_t i = 0; i < int64_t(N) * dout; ++i) scratch[i] = -aw * D[i];
+    gemm_tn_init(g, N, dout, din, static_cast<const S*>(scratch), hin, th.W[l], next + s.woff[l]);
+    if (l > 0) {
+      const S* const kNull = nullptr;
+      gemm_nn(g, N, din, dout, a.D[l], th.W[l], 0, kNull, kNull, a.E[l - 1], kNull);  // e = δ_l W_l
+      const S* H = a.H[l - 1];
+      const S* E = a.E[l - 1];
+      S* Dp = a.D[l - 1];
+      for (int i = 0; i < N * din; ++i) Dp[i] = act_d1(s.act, H[i]) * E[i];  // δ = σ'(z) e
+    }
+  }
+}
+#endif
+
 // Runs task t: K inner steps on its support set from the shared θ, the weighted query
 // losses, and (need_grad) the adjoint recursion. Adds (1/T)·Σ_k w_k Lq to *loss_acc,
 // the task's dM/dθ to dtheta_acc [P] and dM/dα to dlr_acc [n_lr] (accumulating: the
@@ -153,29 +188,40 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
     const Acts<S> ak = carve_acts(s, a.Ns, acts + k * as);
     forward_loss(g, s, a.Ns, xs, ys, th, ak, red);
     const Params<S> gk = flat_params(s, g_slot(k));
-    backward(g, s, a.Ns, xs, th, ak, gk);
     S* next = theta + k * PT;
-    for (int l = 0; l < L; ++l) {
-      const int64_t nw = int64_t(s.d[l + 1]) * s.d[l], nb = s.d[l + 1];
-      const S* W = th.W[l];
-      const S* B = th.b[l];
-      const S* gW = gk.W[l];
-      const S* gB = gk.b[l];
-      S* nW = next + s.woff[l];
-      S* nB = next + s.boff[l];
-      if (a.lr_mode == kLrScalar || a.lr_mode == kLrTable) {
-        const S aw = lr_at(a, k, 2 * l, 0), ab = lr_at(a, k, 2 * l + 1, 0);
-        for (int64_t i = g.rank(); i < nw; i += g.size()) nW[i] = W[i] - aw * gW[i];
-        for (int64_t i = g.rank(); i < nb; i += g.size()) nB[i] = B[i] - ab * gB[i];
-      } else {
-        const S* al = a.lr + (a.lr_mode == kLrStepElem ? int64_t(k) * P : 0);  // per element: [P] for step k
-        const S* aW = al + s.woff[l];
-        const S* aB = al + s.boff[l];
-        for (int64_t i = g.rank(); i < nw; i += g.size()) nW[i] = W[i] - aW[i] * gW[i];
-        for (int64_t i = g.rank(); i < nb; i += g.size()) nB[i] = B[i] - aB[i] * gB[i];
+    bool stepped = false;  // the backward and the SGD step done by the fused CPU pass
+#if !defined(__CUDACC__) && !defined(FM_CUDA_EMULATED_TU)
+    if constexpr (std::is_same_v<G, SerialGroup>) {
+      if (a.n_lr == 0 && (a.lr_mode == kLrScalar || a.lr_mode == kLrTable)) {
+        backward_sgd(g, a, k, a.Ns, xs, th, ak, gk, next, scratch);  // scratch: free until the query pass
+        stepped = true;
       }
     }
-    g.sync();
+#endif
+    if (!stepped) {
+      backward(g, s, a.Ns, xs, th, ak, gk);
+      for (int l = 0; l < L; ++l) {
+        const int64_t nw = int64_t(s.d[l + 1]) * s.d[l], nb = s.d[l + 1];
+        const S* W = th.W[l];
+        const S* B = th.b[l];
+        const S* gW = gk.W[l];
+        const S* gB = gk.b[l];
+        S* nW = next + s.woff[l];
+        S* nB = next + s.boff[l];
+        if (a.lr_mode == kLrScalar || a.lr_mode == kLrTable) {
+          const S aw = lr_at(a, k, 2 * l, 0), ab = lr_at(a, k, 2 * l + 1, 0);
+          for (int64_t i = g.rank(); i < nw; i += g.size()) nW[i] = W[i] - aw * gW[i];
+          for (int64_t i = g.rank(); i < nb; i += g.size()) nB[i] = B[i] - ab * gB[i];
+        } else {
+          const S* al = a.lr + (a.lr_mode == kLrStepElem ? int64_t(k) * P : 0);  // per element: [P] for step k
+          const S* aW = al + s.woff[l];
+          const S* aB = al + s.boff[l];
+          for (int64_t i = g.rank(); i < nw; i += g.size()) nW[i] = W[i] - aW[i] * gW[i];
+          for (int64_t i = g.rank(); i < nb; i += g.size()) nB[i] = B[i] - aB[i] * gB[i];
+        }
+      }
+      g.sync();
+    }
     fill_transposes(g, s, theta_k(k + 1), flat_params(s, next, true).WT);
     const S w = a.msl[k];
     if (w != S(0)) {
@@ -188,6 +234,21 @@ FM_ALGO void maml_task(G g, const MamlArgs<S>& a, int64_t t, S* ws, S* red, S* l
   }
   if (g.rank() == 0) *loss_acc += meta * a.inv_T;
   if (!a.need_grad) return;
+
+  if (a.first_order && a.n_lr == 0) {
+    // First order, rates not learned: the adjoint is the weighted sum of the query
+    // gradients, added straight into dM/dθ (no v, no HVP): one pass over P per nonzero
+    // weight instead of three (zero v, accumulate v, add v), which for a wide MLP are
+    // memory-bound passes over the whole parameter vector.
+    for (int k = 0; k < K; ++k) {
+      if (a.msl[k] == S(0)) continue;
+      const S w = a.msl[k] * a.inv_T;
+      const S* gqk = q_slot(k);
+      for (int64_t i = g.rank(); i < P; i += g.size()) dtheta_acc[i] += w * gqk[i];
+      g.sync();
+    }
+    return;
+  }
 
   // ---- adjoint: v_K = (w_K/T)∇Lq(θ_K); v_k = v_{k+1} − H_k(α_k ⊙ v_{k+1}) (+ MSL) ------
   for (int64_t i = g.rank(); i < P; i += g.size()) v[i] = S(0);

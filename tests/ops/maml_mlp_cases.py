@@ -55,6 +55,10 @@ def make_lr(kind, K, ws, bs, dtype, seed=1):
         return torch.tensor(0.1, dtype=dtype, requires_grad=True)
     if kind == "table":
         return (0.05 + 0.1 * torch.rand(K, len(shapes), generator=g, dtype=dtype)).requires_grad_()
+    if kind == "fixed_table":  # MAML++ rates not learned: a different rate per tensor and step, no dα
+        return 0.05 + 0.1 * torch.rand(K, len(shapes), generator=g, dtype=dtype)
+    if kind == "fixed_scalar":
+        return torch.tensor(0.1, dtype=dtype)
     if kind == "elem":
         return [(0.05 + 0.1 * torch.rand(s, generator=g, dtype=dtype)).requires_grad_() for s in shapes]
     if kind == "step_elem":
@@ -66,10 +70,11 @@ def make_lr(kind, K, ws, bs, dtype, seed=1):
 
 
 def lr_tensors(lr):
+    """The rate tensors that require grad (the ones differentiated)."""
     if isinstance(lr, torch.Tensor):
-        return [lr]
+        return [lr] if lr.requires_grad else []
     if isinstance(lr, list):
-        return list(lr)
+        return [t for t in lr if t.requires_grad]
     return []
 
 

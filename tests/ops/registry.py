@@ -77,7 +77,7 @@ def _check_mlp(entry, backend, case, monkeypatch):
 def _check_maml_mlp(entry, path, case, monkeypatch):
     lr_kind, first_order, (activation, loss) = case
     check_maml_mlp([3, 9, 7, 4], 3, 5, 6, 3, lr_kind=lr_kind, first_order=first_order, activation=activation,
-                   loss=loss, msl=lr_kind in ("table", "step_elem"), backend=use_path(path, monkeypatch))
+                   loss=loss, msl=lr_kind in ("table", "fixed_table", "step_elem"), backend=use_path(path, monkeypatch))
 
 
 # ---- batch_norm: every level to second order, against F.batch_norm and the twin -------
@@ -108,7 +108,8 @@ REGISTRY = [
     OpEntry("mlp_loss_and_grad+mlp_hvp", ops.mlp_loss_and_grad, ref.mlp_loss_and_grad, ["cpu", CUDA],
             list(itertools.product([F64, F32], ["relu", "tanh"], ["mse", "cross_entropy"], DIMS)), _check_mlp),
     OpEntry("maml_mlp", ops.maml_mlp, ref.maml_mlp, PATHS,
-            list(itertools.product(["float", "scalar", "table", "elem", "step_elem", "mixed_elem"], [False, True],
+            list(itertools.product(["float", "scalar", "fixed_scalar", "table", "fixed_table", "elem", "step_elem",
+                                    "mixed_elem"], [False, True],
                                    [("relu", "mse"), ("tanh", "cross_entropy"), ("tanh", "mse"),
                                     ("relu", "cross_entropy")])), _check_maml_mlp),
     OpEntry("batch_norm", ops.batch_norm, ref.batch_norm, ["cpu", "reference"], [(s,) for s in SHAPES],

@@ -30,10 +30,12 @@ def path(request, monkeypatch):
     dict(dims=[4, 33, 17, 9], T=3, Ns=17, Nq=9, K=4, msl=True),
 ], ids=["sinusoid", "tiny", "odd", "msl"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_shapes(path, case, dtype):
+@pytest.mark.parametrize("lr_kind", ["scalar", "fixed_table"])  # fixed_table: the CPU's fused backward + SGD step
+@pytest.mark.parametrize("first_order", [False, True])
+def test_shapes(path, case, dtype, lr_kind, first_order):
     case = dict(case)
     check(case.pop("dims"), case.pop("T"), case.pop("Ns"), case.pop("Nq"), case.pop("K"), dtype=dtype,
-          lr_kind="scalar", backend=path, **case)
+          lr_kind=lr_kind, first_order=first_order, backend=path, **case)
 
 
 def test_fused_limit_boundary(monkeypatch):
