@@ -43,6 +43,7 @@ import torch
 
 from fastmaml.maml.batch_norm_mode import FusedBatchNorm
 from fastmaml.maml.problem import MetaProblem, PureFn
+from fastmaml.maml.sequential_fn import SequentialFn
 from fastmaml.maml.tasks import map_tasks
 
 HVPS = ("auto", "autograd", "rev_rev", "fwd_rev")
@@ -66,6 +67,8 @@ class TaskLoss:
 
     def __call__(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fused = self.fused_bn and not torch._C._are_functorch_transforms_active()
+        if isinstance(self.fn, SequentialFn):  # routes its BatchNorm calls itself: no mode
+            return self.prob.loss_fn(self.fn.run(self.params(pa, pf), x, fused), y)
         with FusedBatchNorm() if fused else contextlib.nullcontext():
             return self.prob.loss_fn(self.fn(self.params(pa, pf), x), y)
 

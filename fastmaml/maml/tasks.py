@@ -29,6 +29,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from fastmaml.maml.problem import PureFn
+from fastmaml.maml.sequential_fn import sequential_fn
 
 TASK_MAPS = ("auto", "vmap", "loop")
 
@@ -153,7 +154,8 @@ def usable_cores() -> int:
 
 def module_fn(model: torch.nn.Module) -> PureFn:
     """``fn(params, x) = functional_call(model, params, x)``, safe to call from the task
-    workers at the same time. ``functional_call`` swaps the parameters on the module
+    workers at the same time; for a plain ``nn.Sequential`` the same computation by direct
+    per-layer calls (:func:`fastmaml.maml.sequential_fn.sequential_fn`). ``functional_call`` swaps the parameters on the module
     object while it runs, so two threads must not share one module: a worker thread gets
     its own replica of the module's structure (made once per ``module_fn``), sharing the
     parameter and buffer tensors with ``model`` (nothing is copied, the replica sees the
@@ -163,6 +165,9 @@ def module_fn(model: torch.nn.Module) -> PureFn:
         # traced: one thread (no worker pool, which Dynamo cannot trace: thread ids, locks);
         # without ``thread_safe`` the task maps run the tasks serially
         return lambda params, x: torch.func.functional_call(model, params, (x,))
+    direct = sequential_fn(model, channels_last_safe(model))  # a plain nn.Sequential: its layers called directly
+    if direct is not None:
+        return direct
     owner = threading.get_ident()
     replicas: dict[int, torch.nn.Module | None] = {}
     lock = threading.Lock()  # replica creation; and the calls on ``model`` if it cannot be copied
