@@ -71,9 +71,8 @@ inline void tile(const Term<S>& x, const Term<S>& y, int64_t i0, int q0, S* out,
   v c[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j)
-      c[i][j] = init ? vload<S, B>(init + (i0 + i) * ldo + q0 + j * n)
-                     : acc ? vload<S, B>(out + (i0 + i) * ldo + q0 + j * n)
-                           : (bias ? vload<S, B>(bias + q0 + j * n) : v{});
+      c[i][j] = acc ? vload<S, B>(out + (i0 + i) * ldo + q0 + j * n)
+                    : (bias ? vload<S, B>(bias + q0 + j * n) : v{});
   for (int r = 0; r < x.R; ++r) {
     v bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = vload<S, B>(x.b + r * x.bs + q0 + j * n);
@@ -89,6 +88,12 @@ inline void tile(const Term<S>& x, const Term<S>& y, int64_t i0, int q0, S* out,
       const S s = y.a[(i0 + i) * y.ai + r * y.ar];
       for (int j = 0; j < NV; ++j) c[i][j] += s * bv[j];
     }
+  }
+  if (init) {  // out = init + the product, rounded once (as θ − α·g would be)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j)
+        vstore<S, B>(out + (i0 + i) * ldo + q0 + j * n, vload<S, B>(init + (i0 + i) * ldo + q0 + j * n) + c[i][j]);
+    return;
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) vstore<S, B>(out + (i0 + i) * ldo + q0 + j * n, c[i][j]);
@@ -197,8 +202,8 @@ inline void col_block(int Mo, const Term<S>& x, const Term<S>& y, int q, S* out,
   }
 }
 
-// out[i][q] = (init ? init[i][q] : acc ? out : bias ? bias[q] : 0) + Σ_r x.a(i, r) x.b(r, q)
-//             + Σ_r y.a(i, r) y.b(r, q)
+// out[i][q] = (acc ? out : bias ? bias[q] : 0) + Σ_r x.a(i, r) x.b(r, q) + Σ_r y.a(i, r) y.b(r, q),
+// or with init: init[i][q] + (Σ_r x.a(i, r) x.b(r, q) + Σ_r y.a(i, r) y.b(r, q)), the sum rounded first
 // for i < Mo, q < Q (out and init row stride ldo): two products summed in one pass over the
 // output. The full vectors of a row are split into column blocks of 2 vectors (one of
 // 1 when their number is odd: a 40-wide float row is 2 + 2 + 1), each run by col_block;
@@ -221,12 +226,12 @@ inline void rc_gemm2(int Mo, int Q, const Term<S>& x, const Term<S>& y, S* out, 
     }
   }
   for (; q < Q; ++q) {
-    if (init)
-      for (int i = 0; i < Mo; ++i) out[i * ldo + q] = init[i * ldo + q];
-    else if (!acc)
-      for (int i = 0; i < Mo; ++i) out[i * ldo + q] = bias ? bias[q] : S(0);
+    if (!acc || init)
+      for (int i = 0; i < Mo; ++i) out[i * ldo + q] = (bias && !init) ? bias[q] : S(0);
     ragged_column(Mo, x, q, out, ldo);
     ragged_column(Mo, y, q, out, ldo);
+    if (init)
+      for (int i = 0; i < Mo; ++i) out[i * ldo + q] = init[i * ldo + q] + out[i * ldo + q];
   }
 }
 

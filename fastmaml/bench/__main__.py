@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from fastmaml.bench import family, harness, load, measure, micro, op_batch_norm, op_mlp_triton, op_sgd_step, report, suites
+from fastmaml.bench import family, harness, heap, load, measure, micro, op_batch_norm, op_mlp_triton, op_sgd_step, report, suites
 from fastmaml.bench.runner import ConfigResult, Row, Settings
 from fastmaml.bench.peers import METHODS
 
@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's default, one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--malloc", choices=heap.CHOICES, default="tuned",
+                   help="glibc malloc settings of the method processes: tuned (default; the same for every "
+                        "method, see fastmaml.bench.heap) or inherit (this environment's)")
     return p.parse_args(argv)
 
 
@@ -221,6 +224,8 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
     total += sum(u.settings.rounds for u in units if u.settings.rounds > 1)
     total += sum(family.n_runs(n, q, str(device), **fam_kw) for n in fam_names)
     progress = _Progress(total, not args.no_progress)
+    user_malloc = heap.user_settings()
+    malloc_line, malloc_added = heap.apply(args.malloc, base.method_timeout_s is not None)
     results: list[ConfigResult] = []
     rates = {"at the start": measure.machine_rate()}
     competitor = load.Competitor(settle_s=max(0.0, args.load_settle)) if args.load else None
@@ -244,13 +249,14 @@ def run(argv: list[str] | None = None) -> tuple[list[ConfigResult], dict, dict[s
                                             **fam_kw)
     finally:
         progress.close()
+        heap.restore(malloc_added)
         if competitor is not None:
             load_info = competitor.stop()
     for res in results:
         res.load = competitor is not None
     rates["at the end"] = measure.machine_rate()
     meta = report.machine_info(device)
-    meta.update(matmul=rates, load=load_info, rounds=base.rounds)
+    meta.update(matmul=rates, load=load_info, rounds=base.rounds, malloc_env=user_malloc, malloc=malloc_line)
     report.apply_machine_rate(results, meta)
     meta["command"] = "python -m fastmaml.bench" + ("" if not argv else " " + shlex.join(argv))
     meta["mode"] = "quick" if q else "full"

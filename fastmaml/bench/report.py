@@ -110,6 +110,8 @@ def header(meta: dict) -> list[str]:
                      + (f" (busy {100 * busy:.0f} % of its {load['wall_s']:.0f} s)" if busy is not None else ""))
     else:
         lines.append("load: off (no competitor process)")
+    if meta.get("malloc"):
+        lines.append(meta["malloc"])
     rounds = meta.get("rounds", 1)
     lines.append(f"each method timed in {rounds} interleaved round(s), round-robin over the methods of a "
                  "configuration; speedup = the MEDIAN OF THE PER-ROUND RATIOS (min–max in brackets)"
