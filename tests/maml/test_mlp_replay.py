@@ -208,3 +208,19 @@ def test_signature_changes_take_the_full_path(full_calls, monkeypatch):
     monkeypatch.delenv("FASTMAML_BACKEND")
     want = _step(_fresh(m), batch)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_rate_kind_change_takes_the_full_path(full_calls):
+    """A learned 0-d rate, then the fixed float (learn_lr switched off on the same layer),
+    then back: each form's numbers, not the other form's plan."""
+    m = fastmaml.MAML(_net(d_in=2, hidden=8), inner_lr=0.05, inner_steps=2, learn_lr=True)
+    batch = _batch(d_in=2)
+    _step(m, batch)
+    _step(m, batch)
+    for learn in (False, True, False):
+        m.learn_lr = learn
+        n = full_calls[0]
+        got = _step(m, batch)
+        assert full_calls[0] == n + 1
+        want = _step(_fresh(m), batch)
+        _same(got, want)
