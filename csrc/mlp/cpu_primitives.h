@@ -226,8 +226,10 @@ inline void rc_gemm2(int Mo, int Q, const Term<S>& x, const Term<S>& y, S* out, 
     }
   }
   for (; q < Q; ++q) {
-    if (!acc || init)
-      for (int i = 0; i < Mo; ++i) out[i * ldo + q] = (bias && !init) ? bias[q] : S(0);
+    if (init)  // the product first, init added after it
+      for (int i = 0; i < Mo; ++i) out[i * ldo + q] = S(0);
+    else if (!acc)
+      for (int i = 0; i < Mo; ++i) out[i * ldo + q] = bias ? bias[q] : S(0);
     ragged_column(Mo, x, q, out, ldo);
     ragged_column(Mo, y, q, out, ldo);
     if (init)

@@ -110,14 +110,7 @@ inline void backward_sgd(SerialGroup g, const MamlArgs<S>& args, int k, int N, c
     const S* D = a.D[l];
     for (int64_t i = 0; i < int64_t(N) * dout; ++i) scratch[i] = -aw * D[i];
     gemm_tn_init(g, N, dout, din, static_cast<const S*>(scratch), hin, th.W[l], next + s.woff[l]);
-    if (l > 0) {
-      const S* const kNull = nullptr;
-      gemm_nn(g, N, din, dout, a.D[l], th.W[l], 0, kNull, kNull, a.E[l - 1], kNull);  // e = δ_l W_l
-      const S* H = a.H[l - 1];
-      const S* E = a.E[l - 1];
-      S* Dp = a.D[l - 1];
-      for (int i = 0; i < N * din; ++i) Dp[i] = act_d1(s.act, H[i]) * E[i];  // δ = σ'(z) e
-    }
+    if (l > 0) delta_below(g, s, N, l, th, a);
   }
 }
 #endif

@@ -70,6 +70,19 @@ FM_ALGO S forward_loss(G g, const Shape& s, int N, const S* x, const void* y, co
   return loss;
 }
 
+// One layer down (l > 0): E_{l−1} = e = ∂ℓ/∂h_{l−1} = δ_l W_l and D_{l−1} = δ_{l−1} = σ'(z) e.
+template <class S, class G>
+FM_ALGO void delta_below(G g, const Shape& s, int N, int l, const Params<const S>& th, const Acts<S>& a) {
+  const S* const kNull = nullptr;
+  const int din = s.d[l], dout = s.d[l + 1];
+  gemm_nn(g, N, din, dout, a.D[l], th.W[l], 0, kNull, kNull, a.E[l - 1], kNull);
+  g.sync();
+  const S* H = a.H[l - 1];
+  const S* E = a.E[l - 1];
+  S* D = a.D[l - 1];
+  for (int i = g.rank(); i < N * din; i += g.size()) D[i] = act_d1(s.act, H[i]) * E[i];
+}
+
 // Backward pass from D_L (stored by forward_loss): fills D_l, E_l and the gradient.
 template <class S, class G>
 FM_ALGO void backward(G g, const Shape& s, int N, const S* x, const Params<const S>& th, const Acts<S>& a,
@@ -80,14 +93,7 @@ FM_ALGO void backward(G g, const Shape& s, int N, const S* x, const Params<const
     const S* hin = l == 0 ? x : a.H[l - 1];
     gemm_tn(g, N, dout, din, a.D[l], hin, kNull, kNull, grad.W[l]);  // ∇W_l = δ_lᵀ h_{l−1}
     colsum(g, N, dout, a.D[l], grad.b[l], false);            // ∇b_l = Σ_n δ_l
-    if (l > 0) {
-      gemm_nn(g, N, din, dout, a.D[l], th.W[l], 0, kNull, kNull, a.E[l - 1], kNull);  // e = ∂ℓ/∂h_{l−1} = δ_l W_l
-      g.sync();
-      const S* H = a.H[l - 1];
-      const S* E = a.E[l - 1];
-      S* D = a.D[l - 1];
-      for (int i = g.rank(); i < N * din; i += g.size()) D[i] = act_d1(s.act, H[i]) * E[i];  // δ = σ'(z) e
-    }
+    if (l > 0) delta_below(g, s, N, l, th, a);
     g.sync();
   }
 }

@@ -27,15 +27,13 @@ the number of inner steps.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from fastmaml import ops
-from fastmaml.maml.batch_norm_mode import FusedBatchNorm
-from fastmaml.maml.sequential_fn import SequentialFn
+from fastmaml.maml import sequential_fn
 from fastmaml.maml.mlp_path import mlp_structure
 from fastmaml.maml.tasks import run_tasks
 from fastmaml.ops._batch_norm import available as fused_bn_available
@@ -133,10 +131,7 @@ class GenericTasks:
     # --- one task -------------------------------------------------------------------
     def _loss(self, phi: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fused = self.fused_bn and not torch._C._are_functorch_transforms_active()
-        if isinstance(self.fn, SequentialFn):  # routes its BatchNorm calls itself: no mode
-            return self.loss_fn(self.fn.run(dict(zip(self.names, phi)), x, fused), y)
-        with FusedBatchNorm() if fused else contextlib.nullcontext():
-            return self.loss_fn(self.fn(dict(zip(self.names, phi)), x), y)
+        return self.loss_fn(sequential_fn.call(self.fn, dict(zip(self.names, phi)), x, fused), y)
 
     def _pred(self, phi: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return self.fn(dict(zip(self.names, phi)), x)

@@ -34,16 +34,14 @@ same product yields the mixed term H_{φθ} u the fixed tensors need (docs/DESIG
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fastmaml.maml.batch_norm_mode import FusedBatchNorm
+from fastmaml.maml import sequential_fn
 from fastmaml.maml.problem import MetaProblem, PureFn
-from fastmaml.maml.sequential_fn import SequentialFn
 from fastmaml.maml.tasks import map_tasks
 
 HVPS = ("auto", "autograd", "rev_rev", "fwd_rev")
@@ -67,10 +65,7 @@ class TaskLoss:
 
     def __call__(self, pa: tuple, pf: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fused = self.fused_bn and not torch._C._are_functorch_transforms_active()
-        if isinstance(self.fn, SequentialFn):  # routes its BatchNorm calls itself: no mode
-            return self.prob.loss_fn(self.fn.run(self.params(pa, pf), x, fused), y)
-        with FusedBatchNorm() if fused else contextlib.nullcontext():
-            return self.prob.loss_fn(self.fn(self.params(pa, pf), x), y)
+        return self.prob.loss_fn(sequential_fn.call(self.fn, self.params(pa, pf), x, fused), y)
 
 
 # --- plain autograd pieces (per task, or through a vmapped forward) ----------------------

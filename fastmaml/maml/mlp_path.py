@@ -184,6 +184,18 @@ def mlp_lr(lrs: object, names: Sequence[str], steps: int) -> object:
     return lrs
 
 
+def first_nonfinite(ts: Sequence[torch.Tensor]) -> int | None:
+    """The index of the first float tensor of ``ts`` holding NaN/Inf, -1 if none, by one
+    call into the extension; None when that call does not apply (no extension, not all
+    contiguous CPU tensors of one float dtype)."""
+    C = _ext._C
+    dtype = ts[0].dtype if ts else None
+    if (C is None or dtype not in _DTYPE_CODE or not hasattr(C, "first_nonfinite_cpu")
+            or not all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in ts)):
+        return None
+    return C.first_nonfinite_cpu(_DTYPE_CODE[dtype], [t.data_ptr() for t in ts], [t.numel() for t in ts])
+
+
 def finite_inputs(**tensors: torch.Tensor) -> None:
     """NaN/Inf in a float input raises ValueError naming it. Contiguous CPU tensors of
     one float dtype: one call into the extension for all of them (a few µs); otherwise
@@ -192,12 +204,8 @@ def finite_inputs(**tensors: torch.Tensor) -> None:
     floats = [(name, t) for name, t in tensors.items() if t.is_floating_point()]
     if not floats:
         return
-    dtype = floats[0][1].dtype
-    C = _ext._C
-    if (C is not None and dtype in _DTYPE_CODE and hasattr(C, "first_nonfinite_cpu")
-            and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for _, t in floats)):
-        i = C.first_nonfinite_cpu(_DTYPE_CODE[dtype], [t.data_ptr() for _, t in floats],
-                                  [t.numel() for _, t in floats])
+    i = first_nonfinite([t for _, t in floats])
+    if i is not None:
         if i < 0:
             return
         floats = [floats[i]]

@@ -27,8 +27,9 @@ import os
 
 import torch
 
-from fastmaml import _checks, _ext
-from fastmaml.codes import DTYPE as _DTYPE_CODE
+from fastmaml import _checks
+from fastmaml.maml import mlp_path
+from fastmaml.ops import mlp as mlp_ops
 from fastmaml.ops._maml_mlp import function as _fn
 from fastmaml.ops._maml_mlp.config import Cfg
 
@@ -60,33 +61,21 @@ def keep(sig: tuple | None, cfg: Cfg | None) -> tuple | None:
     replay: no signature, traced, or not the fused kernel on the CPU backend."""
     if sig is None or cfg is None or not cfg.fused or cfg.backend != "cpu":
         return None
-    plain = Cfg.__new__(Cfg)
-    plain.__dict__.update(cfg.__dict__)
-    plain.xs = plain.ys = plain.xq = plain.yq = plain.out = None
-    return sig, plain
+    return sig, cfg.replaced(xs=None, ys=None, xq=None, yq=None, out=None)
 
 
 def values_ok(cfg: Cfg, ws: list, bs: list, lrs: object, data: tuple) -> bool:
     """The value checks of the full path, answered yes or no (no: the full path runs
     and reports): every float tensor finite, labels in range, a fixed rate finite > 0."""
-    C = _ext._C
-    code = _DTYPE_CODE.get(cfg.dtype)
-    if C is None or code is None or not hasattr(C, "first_nonfinite_cpu"):
-        return False
     ts = [t for t in data if t.is_floating_point()]
     ts += ws
     ts += bs
     if isinstance(lrs, torch.Tensor):
         ts.append(lrs)
-    if any(t.dtype != cfg.dtype for t in ts):
+    if any(t.dtype != cfg.dtype for t in ts) or mlp_path.first_nonfinite(ts) != -1:
         return False
-    if C.first_nonfinite_cpu(code, [t.data_ptr() for t in ts], [t.numel() for t in ts]) >= 0:
+    if cfg.loss == "cross_entropy" and any(mlp_ops.labels_outside(y, cfg.dims[-1]) for y in (data[1], data[3])):
         return False
-    if cfg.loss == "cross_entropy":
-        n_cls = cfg.dims[-1]
-        for y in (data[1], data[3]):
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_cls):
-                return False
     if isinstance(lrs, float):
         try:
             _checks.inner_lr("lrs (a fixed inner learning rate)", lrs)  # its warning for a huge rate, as in full

@@ -127,6 +127,18 @@ class SequentialFn:
         return h
 
 
+def call(fn: object, params: Mapping[str, torch.Tensor], x: torch.Tensor, fused_bn: bool) -> torch.Tensor:
+    """``fn(params, x)`` with its batch-statistics BatchNorm calls on the fused BatchNorm
+    when ``fused_bn``: a :class:`SequentialFn` routes them itself, any other ``fn`` runs
+    inside the fused-BatchNorm mode."""
+    if isinstance(fn, SequentialFn):
+        return fn.run(params, x, fused_bn)
+    if not fused_bn:
+        return fn(params, x)  # type: ignore[operator]
+    with batch_norm_mode.FusedBatchNorm():
+        return fn(params, x)  # type: ignore[operator]
+
+
 def sequential_fn(model: nn.Module, channels_last_safe: bool) -> SequentialFn | None:
     """The direct function of ``model``, or None when it is not the same computation as
     the module's own call (see the module docstring)."""
@@ -139,4 +151,4 @@ def sequential_fn(model: nn.Module, channels_last_safe: bool) -> SequentialFn | 
     return SequentialFn(layers, channels_last_safe)
 
 
-__all__ = ["SequentialFn", "sequential_fn"]
+__all__ = ["SequentialFn", "call", "sequential_fn"]

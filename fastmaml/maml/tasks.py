@@ -155,11 +155,11 @@ def usable_cores() -> int:
 def module_fn(model: torch.nn.Module) -> PureFn:
     """``fn(params, x) = functional_call(model, params, x)``, safe to call from the task
     workers at the same time; for a plain ``nn.Sequential`` the same computation by direct
-    per-layer calls (:func:`fastmaml.maml.sequential_fn.sequential_fn`). ``functional_call`` swaps the parameters on the module
-    object while it runs, so two threads must not share one module: a worker thread gets
-    its own replica of the module's structure (made once per ``module_fn``), sharing the
-    parameter and buffer tensors with ``model`` (nothing is copied, the replica sees the
-    same buffers). The thread that called ``module_fn`` uses ``model`` itself; a module
+    per-layer calls (:func:`fastmaml.maml.sequential_fn.sequential_fn`). ``functional_call``
+    swaps the parameters on the module object while it runs, so two threads must not share
+    one module: a worker thread gets its own replica of the module's structure (made once
+    per ``module_fn``), sharing the parameter and buffer tensors with ``model`` (nothing is
+    copied, the replica sees the same buffers). The thread that called ``module_fn`` uses ``model`` itself; a module
     that cannot be deep-copied is shared, its calls made one at a time (correct, serial)."""
     if torch.compiler.is_compiling():
         # traced: one thread (no worker pool, which Dynamo cannot trace: thread ids, locks);

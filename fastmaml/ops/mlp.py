@@ -118,6 +118,11 @@ def check_layers(
     return ws, bs, dims, dtype, device
 
 
+def labels_outside(y: torch.Tensor, classes: int) -> bool:
+    """Whether the int64 labels ``y`` hold a value outside [0, classes)."""
+    return bool(y.numel()) and (int(y.min()) < 0 or int(y.max()) >= classes)
+
+
 def check_data(
     xname: str, x: object, yname: str, y: object, *, T: int | None, dims: list[int], loss: str,
     dtype: torch.dtype, device: torch.device, check_labels: bool = True,
@@ -144,7 +149,7 @@ def check_data(
         if y.dtype != torch.int64:
             raise TypeError(f"{yname} must be int64 class labels for loss='cross_entropy', got {y.dtype}")
         _checks.shape(yname, y, (T, N))
-        if check_labels and y.numel() and (int(y.min()) < 0 or int(y.max()) >= dims[-1]):
+        if check_labels and labels_outside(y, dims[-1]):
             raise ValueError(f"{yname} holds labels outside [0, {dims[-1]}): min {int(y.min())}, max {int(y.max())}")
     _checks.contiguous(xname, x)
     _checks.contiguous(yname, y)

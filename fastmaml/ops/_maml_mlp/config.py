@@ -39,6 +39,14 @@ class Cfg:
     shapes: list  # parameter shapes in flat order W_1, b_1, ...
     out: tuple | None = None  # (meta-gradient, lr gradient) from forward to setup_context
 
+    def replaced(self, **fields) -> "Cfg":
+        """A copy with ``fields`` set (a shallow copy of the rest; cheaper than
+        ``dataclasses.replace``, which re-runs ``__init__``)."""
+        c = Cfg.__new__(Cfg)
+        c.__dict__.update(self.__dict__)
+        c.__dict__.update(fields)
+        return c
+
 
 _MSL_CACHE: dict = {}
 

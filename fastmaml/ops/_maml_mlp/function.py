@@ -209,9 +209,7 @@ def relaunch(cfg0: Cfg, ws, bs, lrs, xs, ys, xq, yq, lr_value: float, first_orde
     order: the caller guarantees that every other input ``prepare`` read is as it was
     (shapes, dtypes, devices, contiguity, requires_grad, grad mode, backend; see
     :mod:`fastmaml.maml.mlp_replay`) and that the data, parameters and rates are finite."""
-    cfg = Cfg.__new__(Cfg)
-    cfg.__dict__.update(cfg0.__dict__)
-    cfg.xs, cfg.ys, cfg.xq, cfg.yq, cfg.lr_value, cfg.first_order, cfg.out = xs, ys, xq, yq, lr_value, first_order, None
+    cfg = cfg0.replaced(xs=xs, ys=ys, xq=xq, yq=yq, lr_value=lr_value, first_order=first_order, out=None)
     return launch(cfg, ws, bs, lrs)
 
 
