@@ -169,6 +169,12 @@ def mlp_route(
         return None, f"dtype {xs.dtype} of xs vs {p0.dtype} of the parameters (the generic path reports it)", st
     ok, why = maml_mlp_fit.fits_fused(list(st.dims), steps, xs.shape[1], xq.shape[1], dtype=p0.dtype,
                                       device=p0.device, lr_learned=lr_learned, n_msl=n_msl, backend=backend)
+    fac, why_fac = maml_mlp_fit.prefers_factored(st.dims, steps, xs.shape[1], "scalar",
+                                                 "cpu" if backend == "auto" else backend, p0.device)
+    if fac:  # the op's choice for one rate or a per-step table (per-element rates: as below)
+        return (FUSED if ok else LAYERWISE), (
+            f"MLP op ({dims}, {st.activation}), one call per meta-step: {why_fac} "
+            f"(per-element rates: {'the fused kernel' if ok else 'layer-wise ops'})"), st
     if ok:
         return FUSED, f"fused MLP kernel ({dims}, {st.activation}): one call per meta-step; {why}", st
     return LAYERWISE, f"MLP {dims} past the fused limits ({why}): layer-wise MLP ops, loop over steps", st

@@ -92,4 +92,36 @@ def fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, backend="cpu"
     return ok
 
 
-__all__ = ["FUSED_CPU_MAX_WORKSPACE_BYTES", "fused_workspace_bytes", "fused_limits", "fits_fused", "fits_cached"]
+# ---- the factored path (fastmaml.ops._maml_mlp.factored) ------------------------------------------
+FACTORED_MIN_PARAMS = 1 << 17  # 131,072 parameters: a task's copy of 512 KiB in float32
+
+
+def prefers_factored(dims: Sequence[int], steps: int, n_support: int, lr_kind: str, backend: str,
+                     device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """Whether ``maml_mlp`` runs its factored path (the inner steps as low-rank corrections of
+    the shared weights); (yes, reason). On the CPU backend, for one rate or a per-step,
+    per-tensor table (``lr_kind`` ``"float"``, ``"scalar"`` or ``"table"``; per-element rates
+    make every update full-rank), an MLP of at least ``FACTORED_MIN_PARAMS`` parameters
+    (below, one task's copies stay in the core's caches and the fused kernel is faster) whose
+    rank ``r = steps·n_support`` is small: ``r·Σ_l (in_l + out_l) ≤ ¼·Σ_l in_l·out_l``, the
+    per-task correction at most a quarter of the shared product. Measured on the benchmark's
+    wide MLP (benchmarks/RESULTS.md, "the factored path"): 1.7–1.8x the fused kernel at
+    r = 25, a loss past the rank bound (r = 125) and on the smaller nets."""
+    if backend != "cpu" or torch.device(device).type != "cpu":
+        return False, "the factored path runs on the CPU backend only"
+    if lr_kind not in ("float", "scalar", "table"):
+        return False, "per-element learning rates make every inner update full-rank"
+    L = len(dims) - 1
+    P = sum(dims[l] * dims[l + 1] + dims[l + 1] for l in range(L))
+    if P < FACTORED_MIN_PARAMS:
+        return False, f"{P} parameters (< {FACTORED_MIN_PARAMS}: the fused kernel keeps a task in cache)"
+    r = steps * n_support
+    corr = r * sum(dims[l] + dims[l + 1] for l in range(L))
+    dense = sum(dims[l] * dims[l + 1] for l in range(L))
+    if 4 * corr > dense:
+        return False, f"rank steps·n_support = {r} too high for widths {list(dims)} ({corr} > {dense}/4 per row)"
+    return True, f"factored inner steps: rank {r}, {corr} of {dense} multiply-adds per row per task"
+
+
+__all__ = ["FUSED_CPU_MAX_WORKSPACE_BYTES", "FACTORED_MIN_PARAMS", "fused_workspace_bytes", "fused_limits",
+           "fits_fused", "fits_cached", "prefers_factored"]

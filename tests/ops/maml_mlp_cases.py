@@ -11,7 +11,8 @@ from fastmaml.ops import maml_mlp, maml_mlp_fit
 from tests.helpers import assert_close
 
 TOL = {torch.float64: (1e-10, 1e-13), torch.float32: (2e-4, 1e-6)}
-PATHS = ["fused", "layerwise_cpu", "layerwise_reference"]
+PATHS = ["fused", "layerwise_cpu", "layerwise_reference", "factored"]
+LOW_RANK_LR = ("float", "scalar", "table")  # the rates the factored path takes (not per element)
 
 
 def close(name, got, want, dtype):
@@ -21,9 +22,16 @@ def close(name, got, want, dtype):
 
 
 def use_path(path, monkeypatch) -> str:
-    """The backend that runs maml_mlp on ``path``: the fused cpu kernel, or the layer-wise
-    path (cpu ops, reference ops) with the fused limit patched to 0 (nothing fits)."""
+    """The backend that runs maml_mlp on ``path``: the fused cpu kernel, the layer-wise
+    path (cpu ops, reference ops) with the fused limit patched to 0 (nothing fits), or the
+    factored path taken for every size (its size rule patched; per-element rates still
+    take the fused kernel)."""
     if path == "fused":
+        return "cpu"
+    if path == "factored":
+        monkeypatch.setattr(maml_mlp_fit, "prefers_factored",
+                            lambda dims, steps, ns, lr_kind, backend, device: (backend == "cpu" and lr_kind in
+                                                                               LOW_RANK_LR, "forced by the test"))
         return "cpu"
     monkeypatch.setattr(maml_mlp_fit, "FUSED_CPU_MAX_WORKSPACE_BYTES", 0)
     return "cpu" if path == "layerwise_cpu" else "reference"

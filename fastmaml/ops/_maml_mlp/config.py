@@ -37,6 +37,7 @@ class Cfg:
     fused: bool
     n_msl: int
     shapes: list  # parameter shapes in flat order W_1, b_1, ...
+    factored: bool = False  # the factored path (fastmaml.ops._maml_mlp.factored) instead of fused/layer-wise
     out: tuple | None = None  # (meta-gradient, lr gradient) from forward to setup_context
 
     def replaced(self, **fields) -> "Cfg":

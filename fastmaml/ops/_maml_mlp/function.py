@@ -60,6 +60,7 @@ from fastmaml import _checks, backends
 from fastmaml.ops import maml_mlp_fit
 from fastmaml.ops import mlp as mlp_ops
 from fastmaml.ops._maml_mlp.config import Cfg, check_lr, default_msl, unpack_dlr
+from fastmaml.ops._maml_mlp.factored import run_factored
 from fastmaml.ops._maml_mlp.fused import run_fused
 from fastmaml.ops._maml_mlp.layerwise import run_layerwise
 from fastmaml.ops._maml_mlp.library import maml_mlp_op
@@ -74,7 +75,9 @@ class _MamlMlp(torch.autograd.Function):
     def forward(cfg: Cfg, *tensors):
         L = cfg.L
         ws, bs, lrs = tensors[:L], tensors[L:2 * L], tensors[2 * L:]
-        if cfg.fused:
+        if cfg.factored:
+            loss, grads, dlr = run_factored(cfg, ws, bs, lrs)
+        elif cfg.fused:
             loss, grads, dlr = run_fused(cfg, ws, bs, lrs)
         else:
             loss, grads, dlr = run_layerwise(cfg, ws, bs, lrs)
@@ -189,9 +192,11 @@ def prepare(weights, biases, xs, ys, xq, yq, lr, *, steps, first_order=False, ac
     if msl is None:  # traced on the reference backend: plain torch code
         msl = default_msl(K, dtype, device)
     n_msl = sum(1 for w in msl_list if w != 0.0)
-    fused = be in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, K, Ns, Nq, dtype, device, lr_learned, n_msl, be)
+    factored = maml_mlp_fit.prefers_factored(dims, K, Ns, lr_kind, be, device)[0]
+    fused = not factored and be in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, K, Ns, Nq, dtype, device,
+                                                                                lr_learned, n_msl, be)
     cfg = Cfg(dims, L, T, K, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
-               lr_value, len(lrs), bool(first_order), need_grad, be, fused, n_msl, shapes)
+               lr_value, len(lrs), bool(first_order), need_grad, be, fused, n_msl, shapes, factored)
     return cfg, ws, bs, lrs
 
 

@@ -96,6 +96,8 @@ def maml_mlp_op(weights: list[Tensor], biases: list[Tensor], xs: Tensor, ys: Ten
     msl_list = [float(w) for w in (msl.tolist() if msl_host is None else msl_host)]
     n_msl = sum(1 for w in msl_list if w != 0.0)
     shapes = [p.shape for pair in zip(ws, bs) for p in pair]
+    # Never the factored path here: it differentiates with autograd, which does not record
+    # inside a custom op's implementation (the dispatcher runs it below the autograd keys).
     fused = backend in ("cpu", "cuda") and maml_mlp_fit.fits_cached(dims, steps, Ns, Nq, dtype, device, lr_learned,
                                                                     n_msl, backend)
     cfg = Cfg(dims, L, T, steps, Ns, Nq, activation, loss, dtype, device, xs, ys, xq, yq, msl, msl_list, lr_kind,
