@@ -69,11 +69,17 @@ def test_workspace_formula_matches_kernel(lr_learned, n_msl):
     assert FIT.fused_workspace_bytes([1, 40, 40, 1], 5, 10, 10, torch.float32) <= 227 * 1024 - 128 * 8
 
 
-def test_wide_model_past_default_limit_uses_layerwise():
+@pytest.mark.parametrize("lr_kind,runs", [("scalar", "run_factored"), ("elem", "run_layerwise")])
+def test_wide_model_past_default_limit(lr_kind, runs, monkeypatch):
+    """Past the fused limit: the factored path for one rate, the layer-wise path for per-element rates."""
     dims = [64, 1024, 1024, 5]  # ~4.5 MB of parameters per copy: past the 32 MiB workspace at K=5
     ok, why = supports(dims, "relu", steps=5, n_support=5, n_query=15)
     assert not ok and "exceeds" in why
-    check(dims, 2, 5, 4, 2, loss="cross_entropy", lr_kind="scalar", dtype=torch.float32)
+    calls = []
+    real = getattr(FN, runs)
+    monkeypatch.setattr(FN, runs, lambda *a: calls.append(1) or real(*a))
+    check(dims, 2, 5, 4, 2, loss="cross_entropy", lr_kind=lr_kind, dtype=torch.float32)
+    assert calls == [1]
 
 
 def test_bitwise_reproducible_and_thread_count_independent():

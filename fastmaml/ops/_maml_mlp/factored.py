@@ -25,6 +25,8 @@ with :func:`fastmaml.reference.maml_mlp`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -125,17 +127,19 @@ def meta_loss(cfg: Cfg, ws, bs, lrs) -> torch.Tensor:
     net = _Layers(ws, bs, cfg.xs, cfg.T)
     act, L = cfg.act, net.L
     meta = cfg.xs.new_zeros(())
+    # first order: the inner gradients are constants, computed without a graph (a learned
+    # rate still enters the graph through the update)
+    inner_mode = torch.no_grad if cfg.first_order or not torch.is_grad_enabled() else contextlib.nullcontext
     for k in range(cfg.K):
-        hs, pred = _forward(net, cfg.xs, act, first=net.xs_w0)
-        g = _loss_grad(pred, cfg.ys, cfg.loss)
-        steps = []
-        for l in range(L - 1, -1, -1):
-            steps.append((l, hs[l], g))
-            if l > 0:
-                g = _act_grad(net.input_grad(g, l), hs[l], act)
+        with inner_mode():
+            hs, pred = _forward(net, cfg.xs, act, first=net.xs_w0)
+            g = _loss_grad(pred, cfg.ys, cfg.loss)
+            steps = []
+            for l in range(L - 1, -1, -1):
+                steps.append((l, hs[l], g))
+                if l > 0:
+                    g = _act_grad(net.input_grad(g, l), hs[l], act)
         for l, h, g in steps:
-            if cfg.first_order:
-                h, g = h.detach(), g.detach()
             net.update(l, h, g, _rates(cfg, lrs, k, 2 * l), _rates(cfg, lrs, k, 2 * l + 1))
         w = cfg.msl_list[k]
         if w != 0.0:
