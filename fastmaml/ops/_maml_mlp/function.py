@@ -18,7 +18,8 @@ backward is the adjoint recursion with explicit Hessian-vector products, not a g
 so ``backward``/``autograd.grad`` with ``create_graph=True`` through it raises a
 RuntimeError.
 
-Two implementations, same numbers:
+Three implementations, the reference's numbers (the fused and layer-wise paths compute the
+same products in the same order; the factored path associates them differently):
 
 - **fused** (``cpu``, ``cuda``): ONE kernel call per meta-step. When a gradient is
   needed (grad mode on and an input requires grad) the call runs, per task, the K
@@ -47,6 +48,11 @@ Two implementations, same numbers:
   :func:`fastmaml.ops.mlp_loss_and_grad`, :func:`fastmaml.ops.sgd_step` and, for the
   adjoint (run in the forward as well, when a gradient is needed),
   :func:`fastmaml.ops.mlp_hvp` (:mod:`fastmaml.ops._maml_mlp.layerwise`).
+- **factored** (``cpu`` backend, eager calls, where
+  :func:`fastmaml.ops.maml_mlp_fit.prefers_factored` holds: a large MLP, few support points,
+  one rate or a per-step table): each task's weights kept as the shared ones plus a low-rank
+  correction, one matrix product per layer over all tasks' rows, the meta-gradient by autograd
+  through the written-out inner gradients (:mod:`fastmaml.ops._maml_mlp.factored`).
 """
 
 from __future__ import annotations
