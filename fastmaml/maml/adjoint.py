@@ -51,6 +51,7 @@ import torch
 from fastmaml import ops
 from fastmaml._autograd import once_differentiable as _once_differentiable
 from fastmaml.maml.plan import Plan
+from fastmaml.maml.tasks import confined
 
 _DOUBLE_BACKWARD = (
     "fastmaml: the MAML meta-loss is once-differentiable: its backward is the adjoint recursion run "
@@ -233,6 +234,11 @@ class MetaStep(torch.autograd.Function):
         need_f = grad_on and any(ctx.needs_input_grad[1 + na:1 + na + nf])
         need_lr = grad_on and any(ctx.needs_input_grad[1 + na + nf:1 + na + nf + plan.n_lr])
         flags = (need_a, need_f, need_lr)
+        with confined(plan.op_threads):
+            return MetaStep._forward(ctx, plan, flags, flat)
+
+    @staticmethod
+    def _forward(ctx: Any, plan: Plan, flags: tuple[bool, bool, bool], flat: tuple) -> torch.Tensor:
         device = flat[-1].device
         ctx.rng = rng_state(device)
         total, ctx.st, ctx.pre = _run(plan, flat, flags)
@@ -256,6 +262,11 @@ class MetaStep(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:  # type: ignore[override]
         plan: Plan = ctx.plan
         flat = ctx.saved_tensors  # raises if an input was modified in place, or the graph was freed
+        with confined(plan.op_threads):
+            return MetaStep._backward(ctx, plan, flat, grad_out)
+
+    @staticmethod
+    def _backward(ctx: Any, plan: Plan, flat: tuple, grad_out: torch.Tensor) -> tuple:
         if ctx.pre is None and ctx.st is None:
             # a second backward through a retained graph: the first one consumed the
             # forward's products (θ_k, kept graphs), so they are recomputed, from the

@@ -28,7 +28,7 @@ from fastmaml.maml.adjoint import MetaStep, inner_update, vmap_error
 from fastmaml.maml.hvp import choose_hvp
 from fastmaml.maml.plan import Plan
 from fastmaml.maml.problem import PureFn, check_model, check_problem, resolve_msl
-from fastmaml.maml.tasks import choose_workers, map_tasks
+from fastmaml.maml.tasks import choose_workers, confined, map_tasks, op_threads
 
 MAML_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 GRAPH_MEMORY_MB = dispatch.GRAPH_MEMORY_MB
@@ -121,9 +121,11 @@ def maml_loss(
         st = r.mlp
         msl = mlp_path.msl_tensor(resolve_msl(msl_weights, steps) if msl_weights is not None else None,
                                   params[st.weight_names[0]])
-        return mlp_path.run(st, [params[n] for n in st.weight_names], [params[n] for n in st.bias_names], lrs,
-                            xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,  # type: ignore[arg-type]
-                            msl_weights=msl, backend=backend)
+        nthreads = 0 if torch.compiler.is_compiling() else op_threads(task_threads, xs.device)
+        with confined(nthreads):  # the op's work is all in its forward
+            return mlp_path.run(st, [params[n] for n in st.weight_names], [params[n] for n in st.bias_names], lrs,
+                                xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,  # type: ignore[arg-type]
+                                msl_weights=msl, backend=backend)
     return run_generic(r, call, params, lrs, xs, ys, xq, yq, steps=steps, first_order=first_order, loss=loss,
                        msl_weights=msl_weights, adapt=adapt, backend=backend, hvp=hvp, hvp_map=hvp_map,
                        task_threads=task_threads, graph_memory_mb=graph_memory_mb, fused_batch_norm=fused_batch_norm)
@@ -157,7 +159,7 @@ def run_generic(r: dispatch.Route, fn: PureFn, params: Mapping[str, torch.Tensor
         xs, xq = dispatch.tasks_channels_last(xs), dispatch.tasks_channels_last(xq)
     plan = Plan(fn=fn, prob=prob, task_map=tm, hvp=choose_hvp(hvp), sgd_backend=_sgd_backend(backend),
                 grad_enabled=torch.is_grad_enabled(), hvp_map=dispatch.choose_hvp_map(hvp_map, tm, xs),
-                workers=choose_workers(task_threads, tm, fn, xs, xq),
+                workers=choose_workers(task_threads, tm, fn, xs, xq), op_threads=op_threads(task_threads, xs.device),
                 graph_budget=dispatch.graph_budget(graph_memory_mb), fused_bn=fused_bn, step_hook=step_hook)
     flat = [params[n] for n in prob.adapted] + [params[n] for n in prob.fixed] + list(prob.lr.tensors)
     try:

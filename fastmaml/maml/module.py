@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastmaml import _checks
-from fastmaml.maml import dispatch, functional, mlp_path, mlp_replay, modes
+from fastmaml.maml import dispatch, functional, mlp_path, mlp_replay, modes, tasks
 from fastmaml.maml.annealing import MetaState
 from fastmaml.maml.hvp import HVPS
 from fastmaml.maml.problem import check_model, resolve_loss, resolve_msl
@@ -322,8 +322,17 @@ def _run_mlp(m: MAML, r: dispatch.Route, ws: list, bs: list, first_order: bool, 
              key: tuple | None) -> torch.Tensor:
     """The meta-loss on the fused MLP route (its MSL weights as a tensor, cached): by the
     plan of an earlier call when nothing it depends on changed (:mod:`fastmaml.maml.mlp_replay`)."""
-    lrs = m._lrs_arg()
     eager = not torch.compiler.is_compiling()  # traced: the full path, and the plan left alone
+    n = tasks.op_threads(m.task_threads, ws[0].device) if eager else 0
+    if n:  # other processes hold cores: the op (all its work is in the forward) on the usable ones
+        with tasks.confined(n):
+            return _mlp_call(m, r, ws, bs, first_order, data, key, eager)
+    return _mlp_call(m, r, ws, bs, first_order, data, key, eager)
+
+
+def _mlp_call(m: MAML, r: dispatch.Route, ws: list, bs: list, first_order: bool, data: tuple,
+              key: tuple | None, eager: bool) -> torch.Tensor:
+    lrs = m._lrs_arg()
     sig = mlp_replay.signature(key, ws, bs, lrs, data) if eager else None
     out = mlp_replay.replay(m._mlp_plan, sig, ws, bs, lrs, data, first_order) if eager else None
     if out is not None:

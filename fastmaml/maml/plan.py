@@ -33,7 +33,8 @@ class Plan:
     ``hvp_map``: the task map of the backward's HVPs ('' = ``task_map``);
     ``sgd_backend``: ``ops.sgd_step``'s backend (None: automatic); ``grad_enabled``: the
     caller's grad mode when the meta-loss was built; ``workers``: tasks the per-task
-    loop runs at once; ``graph_budget``: bytes of support graphs kept beyond the last
+    loop runs at once; ``op_threads``: intra-op threads for the meta-step's forward and
+    backward (0: torch's setting; :func:`fastmaml.maml.tasks.op_threads`); ``graph_budget``: bytes of support graphs kept beyond the last
     step's; ``fused_bn``: route the model's batch-statistics ``F.batch_norm``;
     ``step_hook(k, support)``: called before every evaluation at inner step k (the
     support forward at θ_k with support=True, the query after step k and the backward's
@@ -48,6 +49,7 @@ class Plan:
     sgd_backend: str | None = None
     grad_enabled: bool = True
     workers: int = 1
+    op_threads: int = 0
     graph_budget: int = 0
     fused_bn: bool = False
     step_hook: Callable[[int, bool], None] | None = None

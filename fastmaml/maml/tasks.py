@@ -12,11 +12,13 @@ On CPU the loop runs its tasks concurrently, one per worker thread with one intr
 thread each (``task_threads``, :func:`run_tasks`), when ``fn`` is thread-safe
 (:func:`module_fn`, which the ``MAML`` wrapper uses) and each task's inputs are small
 (at most ``SMALL_TASK_INPUT`` elements); ``task_threads="auto"`` uses at most the cores
-left by other processes (:func:`usable_cores`). Measurements: benchmarks/RESULTS.md.
+left by other processes (:func:`usable_cores`), and the meta-step's ops run on at most that
+many intra-op threads (:func:`op_threads`, :func:`confined`). Measurements: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -150,6 +152,37 @@ def usable_cores() -> int:
     busy = 0.0 if now is None else min(avg, float(now)) * cores / max(cores, os.cpu_count() or cores)
     _USABLE_CORES = max(1, cores - int(busy + 0.5))
     return _USABLE_CORES
+
+
+def op_threads(task_threads: int | str, device: torch.device) -> int:
+    """The intra-op threads for a meta-step's ops with ``task_threads="auto"`` on the CPU when
+    other processes keep cores busy: :func:`usable_cores` where that is fewer than torch's
+    thread count, else 0 (torch's setting). An OpenMP region that spans a core another
+    process holds waits for that core's scheduler slices at every op: measured on 2 cores
+    with one kept busy, an Omniglot meta-step took 51 s on 2 intra-op threads
+    (benchmarks/RESULTS.md, "--load")."""
+    if task_threads != "auto" or device.type != "cpu":
+        return 0
+    n = torch.get_num_threads()
+    if n <= 1:
+        return 0
+    u = usable_cores()
+    return u if u < n else 0
+
+
+@contextlib.contextmanager
+def confined(n: int):
+    """Runs the block with ``n`` intra-op threads on this thread (``n`` from
+    :func:`op_threads`; 0: unchanged), torch's setting restored after."""
+    before = torch.get_num_threads()
+    if n <= 0 or n >= before or threading.current_thread().name.startswith(_WORKER_NAME):
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def module_fn(model: torch.nn.Module) -> PureFn:

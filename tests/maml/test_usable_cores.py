@@ -69,3 +69,88 @@ def test_measured_once_and_used_by_task_threads_auto(monkeypatch, tmp_path):
         assert tasks.choose_workers(4, "loop", safe, xs, xs) == 4  # an explicit count is taken as given
     finally:
         torch.set_num_threads(n)
+
+
+def test_op_threads_rule(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(tasks, "_USABLE_CORES", 3)
+    assert tasks.op_threads("auto", torch.device("cpu")) == 3
+    assert tasks.op_threads(2, torch.device("cpu")) == 0  # an explicit task_threads: torch's setting
+    assert tasks.op_threads("auto", torch.device("meta")) == 0
+    monkeypatch.setattr(tasks, "_USABLE_CORES", 4)
+    assert tasks.op_threads("auto", torch.device("cpu")) == 0  # nothing busy: unchanged
+
+
+def _conv_problem():
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    g = torch.Generator().manual_seed(1)
+    xs, xq = torch.randn(2, 3, 1, 8, 8, generator=g), torch.randn(2, 4, 1, 8, 8, generator=g)
+    ys, yq = torch.randint(0, 3, (2, 3), generator=g), torch.randint(0, 3, (2, 4), generator=g)
+    return net, (xs, ys, xq, yq)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 intra-op threads to confine to 1")
+def test_generic_meta_step_runs_on_the_usable_cores(monkeypatch):
+    """With other processes holding cores (usable_cores below torch's thread count), the
+    generic meta-step's forward and backward (adjoint._run, adjoint._adjoint) run on the
+    usable cores, torch's setting is restored after each, and the meta-gradient is the
+    unconfined one."""
+    import fastmaml
+    from fastmaml.maml import adjoint
+    net, data = _conv_problem()
+    seen = []
+    for name in ("_run", "_adjoint"):
+        real = getattr(adjoint, name)
+        monkeypatch.setattr(adjoint, name, lambda *a, _real=real, _name=name: (
+            seen.append((_name, torch.get_num_threads())), _real(*a))[1])
+    n0 = torch.get_num_threads()
+
+    def grads(usable, first_order):
+        monkeypatch.setattr(tasks, "_USABLE_CORES", usable)
+        seen.clear()
+        maml = fastmaml.MAML(net, inner_lr=0.1, inner_steps=2, loss="cross_entropy", first_order=first_order)
+        loss = maml(*data)
+        assert torch.get_num_threads() == n0
+        g = torch.autograd.grad(loss, list(net.parameters()))
+        assert torch.get_num_threads() == n0
+        assert maml.path == "generic"
+        return g, set(seen)
+
+    for first_order in (False, True):
+        g_free, seen_free = grads(n0, first_order)
+        g_busy, seen_busy = grads(1, first_order)
+        assert {n for _, n in seen_free} == {n0} and {n for _, n in seen_busy} == {1}
+        assert {"_run", "_adjoint"} <= {name for name, _ in seen_busy}
+        for a, b in zip(g_free, g_busy):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 intra-op threads to confine to 1")
+@pytest.mark.parametrize("front", ["MAML", "maml_loss"])
+def test_mlp_op_runs_on_the_usable_cores(monkeypatch, front):
+    """The MLP route's op (the factored path here: torch ops) runs on the usable cores too;
+    the replay of MAML's plan (the second call) as well."""
+    import fastmaml
+    from torch import nn
+    from fastmaml.ops._maml_mlp import function as FN
+    seen = []
+    real = FN.run_factored
+    monkeypatch.setattr(FN, "run_factored", lambda *a: (seen.append(torch.get_num_threads()), real(*a))[1])
+    monkeypatch.setattr(tasks, "_USABLE_CORES", 1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 5))  # 132,613 parameters: factored
+    xs, xq = torch.randn(2, 3, 512), torch.randn(2, 4, 512)
+    ys, yq = torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (2, 4))
+    n0 = torch.get_num_threads()
+    maml = fastmaml.MAML(net, inner_lr=0.1, inner_steps=2, loss="cross_entropy")
+    for _ in range(2):
+        if front == "MAML":
+            loss = maml(xs, ys, xq, yq)
+        else:
+            loss = fastmaml.maml_loss(net, dict(net.named_parameters()), 0.1, xs, ys, xq, yq, steps=2,
+                                      loss="cross_entropy")
+        assert torch.get_num_threads() == n0
+        loss.backward()
+    assert seen == [1, 1]
