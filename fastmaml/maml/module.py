@@ -182,7 +182,9 @@ class MAML(nn.Module):
         task_threads: how many tasks the CPU per-task loop runs at once: 'auto' (on
             CPU with small per-task inputs, as many as torch's intra-op threads and the
             cores available: the affinity mask less the cores other processes keep busy,
-            measured at first use, ``fastmaml.maml.tasks.usable_cores``) or an int.
+            measured at first use, ``fastmaml.maml.tasks.usable_cores``; where that leaves
+            fewer cores than torch's intra-op threads, the meta-step's ops run on those
+            cores, ``fastmaml.maml.tasks.op_threads``) or an int (torch's threads as set).
         graph_memory_mb: memory (MiB) the support graphs of the steps before the last
             may keep for the backward (per-task loop; 0: recompute them, least memory).
         fused_batch_norm: in the CPU per-task loop, run batch-statistics BatchNorm by

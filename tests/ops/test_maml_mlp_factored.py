@@ -25,18 +25,14 @@ BIG = [512, 256, 5]  # 132,613 parameters: just past FACTORED_MIN_PARAMS
 def calls(monkeypatch):
     """Counts the factored and fused runs of maml_mlp."""
     n = {"factored": 0, "fused": 0}
-    fac, fus = FN.run_factored, FN.run_fused
+    for name in n:
+        real = getattr(FN, f"run_{name}")
 
-    def counted_fac(*a, **k):
-        n["factored"] += 1
-        return fac(*a, **k)
+        def counted(*a, _real=real, _name=name, **k):
+            n[_name] += 1
+            return _real(*a, **k)
 
-    def counted_fus(*a, **k):
-        n["fused"] += 1
-        return fus(*a, **k)
-
-    monkeypatch.setattr(FN, "run_factored", counted_fac)
-    monkeypatch.setattr(FN, "run_fused", counted_fus)
+        monkeypatch.setattr(FN, f"run_{name}", counted)
     return n
 
 
