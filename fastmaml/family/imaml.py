@@ -41,6 +41,7 @@ from fastmaml._autograd import once_differentiable
 from fastmaml.family.cg import INDEFINITE, batched_cg
 from fastmaml.family.problem import check_choice, nonneg_float, positive_float, select_tasks
 from fastmaml.family.tasks import GenericTasks, MlpTasks, inner_loop
+from fastmaml.maml.tasks import confined, op_threads
 
 _DOUBLE_BACKWARD = ("fastmaml: the iMAML meta-loss is once-differentiable: its backward is a conjugate-gradient "
                     "solve run without an autograd graph. Use backend='reference' for higher derivatives.")
@@ -59,6 +60,7 @@ class _Run:
         self.tasks, self.xs, self.ys, self.xq, self.yq = tasks, xs, ys, xq, yq
         self.lr, self.steps, self.lam, self.cg_steps, self.cg_tol = lr, steps, lam, cg_steps, cg_tol
         self.indefinite, self.sgd_backend, self.info = indefinite, sgd_backend, info
+        self.op_threads = op_threads("auto", xs.device)  # the cores other processes leave (MAML's rule)
 
     def forward(self, theta: tuple) -> tuple[torch.Tensor, list, list]:
         phi = inner_loop(self.tasks, theta, self.xs, self.ys, lr=self.lr, steps=self.steps, lam=self.lam,
@@ -88,7 +90,8 @@ class _ImplicitStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, run: _Run, grad_on: bool, *theta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        value, phi, gq = run.forward(theta)
+        with confined(run.op_threads):
+            value, phi, gq = run.forward(theta)
         ctx.run = run
         ctx.st = (phi, gq) if grad_on and any(ctx.needs_input_grad[2:]) else None
         ctx.save_for_backward(*theta)  # version counters catch in-place edits of θ
@@ -102,7 +105,8 @@ class _ImplicitStep(torch.autograd.Function):
             raise RuntimeError("iMAML meta-loss built without grad mode: no meta-gradient was prepared")
         phi, gq = ctx.st
         ctx.st = None
-        grads = ctx.run.meta_grad(phi, gq)
+        with confined(ctx.run.op_threads):
+            grads = ctx.run.meta_grad(phi, gq)
         return (None, None, *[grad_out * g for g in grads])
 
 

@@ -25,6 +25,7 @@ from fastmaml import _checks
 from fastmaml.family.imaml import predict as _predict
 from fastmaml.family.problem import check_choice, positive_float, select_tasks
 from fastmaml.family.tasks import inner_loop
+from fastmaml.maml.tasks import confined, op_threads
 from fastmaml.reference import reptile as ref
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -58,10 +59,12 @@ def reptile_direction(fn: Any, params: Mapping[str, torch.Tensor], xs: torch.Ten
         # Reptile takes no HVP: on an MLP, the fused gradients only
         info.update(path="fused_mlp" if tasks.path == "fused_mlp_hvp" else tasks.path, path_reason=tasks.grad_reason)
     theta = list(params.values())
-    phi = inner_loop(tasks, theta, xs, ys, lr=lr, steps=K, lam=0.0, sgd_backend=None if backend == "auto" else backend)
-    with torch.no_grad():
-        val = tasks.losses(phi, xs, ys).mean()
-        d = {n: th.detach() - p.mean(0) for n, th, p in zip(params, theta, phi)}
+    with confined(op_threads("auto", xs.device)):  # the cores other processes leave (MAML's rule)
+        phi = inner_loop(tasks, theta, xs, ys, lr=lr, steps=K, lam=0.0,
+                         sgd_backend=None if backend == "auto" else backend)
+        with torch.no_grad():
+            val = tasks.losses(phi, xs, ys).mean()
+            d = {n: th.detach() - p.mean(0) for n, th, p in zip(params, theta, phi)}
     return d, val
 
 
