@@ -174,7 +174,7 @@ def op_threads(task_threads: int | str, device: torch.device) -> int:
 def confined(n: int):
     """Runs the block with ``n`` intra-op threads on this thread (``n`` from
     :func:`op_threads`; 0: unchanged), torch's setting restored after."""
-    before = torch.get_num_threads()
+    before = torch.get_num_threads() if n > 0 else 0
     if n <= 0 or n >= before or threading.current_thread().name.startswith(_WORKER_NAME):
         yield
         return

@@ -130,8 +130,8 @@ def test_generic_meta_step_runs_on_the_usable_cores(monkeypatch):
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 intra-op threads to confine to 1")
 @pytest.mark.parametrize("front", ["MAML", "maml_loss"])
 def test_mlp_op_runs_on_the_usable_cores(monkeypatch, front):
-    """The MLP route's op (the factored path here: torch ops) runs on the usable cores too;
-    the replay of MAML's plan (the second call) as well."""
+    """The MLP route's op (the factored path here: torch ops) runs on the usable cores too,
+    on every call of one MAML or maml_loss."""
     import fastmaml
     from torch import nn
     from fastmaml.ops._maml_mlp import function as FN

@@ -101,8 +101,8 @@ def _wide(dtype):
 
 @pytest.mark.parametrize("first_order", [False, True])
 def test_maml_on_the_wide_mlp_matches_the_reference_backend(calls, first_order):
-    """The MAML layer (its replay of the op's plan included: the second batch) on the
-    benchmark's network, float64, against backend='reference'."""
+    """The MAML layer on the benchmark's network, float64, against backend='reference',
+    over two batches (MAML replays only fused-kernel plans: each call here is a full one)."""
     net = _wide(torch.float64)
     fast = fastmaml.MAML(net, inner_lr=0.4, inner_steps=2, loss="cross_entropy", first_order=first_order)
     slow = fastmaml.MAML(net, inner_lr=0.4, inner_steps=2, loss="cross_entropy", first_order=first_order,
@@ -139,3 +139,30 @@ def test_learned_rates_on_the_wide_mlp(calls):
     for x, y in zip(ga, gb):
         close("meta-gradient", x, y, torch.float64)
     assert calls["factored"] == 1
+
+
+def test_maml_strided_and_nan_inputs_on_the_factored_route(calls):
+    """What users pass through MAML on a network that takes the factored path: a strided
+    slice of a larger batch gives the numbers of its contiguous copy; NaN in the data or a
+    parameter is refused by name before the op runs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(BIG[0], BIG[1]), nn.ReLU(), nn.Linear(BIG[1], BIG[2])).double()
+    maml = fastmaml.MAML(net, inner_lr=0.1, inner_steps=2, loss="cross_entropy")
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(4, 6, BIG[0], generator=g, dtype=torch.float64)
+    xs, xq = big[::2, :3], big[1::2, 2:]  # strided views, T = 2
+    ys, yq = torch.randint(0, 5, (2, 3), generator=g), torch.randint(0, 5, (2, 4), generator=g)
+    assert not xs.is_contiguous()
+    a = torch.autograd.grad(maml(xs, ys, xq, yq), list(net.parameters()))
+    b = torch.autograd.grad(maml(xs.contiguous(), ys, xq.contiguous(), yq), list(net.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert calls["factored"] == 2
+    bad = xq.clone()
+    bad[1, 0, 7] = float("nan")
+    with pytest.raises(ValueError, match="xq"):
+        maml(xs, ys, bad, yq)
+    with torch.no_grad():
+        net[2].bias[0] = float("inf")
+    with pytest.raises(ValueError, match="2.bias"):
+        maml(xs, ys, xq, yq)
+    assert calls["factored"] == 2

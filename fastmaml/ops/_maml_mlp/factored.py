@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmaml.ops._maml_mlp.config import Cfg
+from fastmaml.reference.mlp import task_losses  # the per-task mean losses, plain torch
 
 
 class _Layers:
@@ -98,13 +99,6 @@ def _forward(net: _Layers, x: torch.Tensor, act: str, first: torch.Tensor | None
     return hs, z
 
 
-def _task_losses(pred: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
-    if loss == "mse":
-        return ((pred - y) ** 2).mean(dim=(1, 2))
-    T, N, C = pred.shape
-    return F.cross_entropy(pred.reshape(T * N, C), y.reshape(T * N), reduction="none").view(T, N).mean(1)
-
-
 def _loss_grad(pred: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """∂L_t/∂pred of each task's mean loss."""
     if loss == "mse":
@@ -144,7 +138,7 @@ def meta_loss(cfg: Cfg, ws, bs, lrs) -> torch.Tensor:
         w = cfg.msl_list[k]
         if w != 0.0:
             _, pq = _forward(net, cfg.xq, act)
-            meta = meta + w * _task_losses(pq, cfg.yq, cfg.loss).mean()
+            meta = meta + w * task_losses(pq, cfg.yq, cfg.loss).mean()
     return meta
 
 
